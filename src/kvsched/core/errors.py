@@ -1,0 +1,35 @@
+"""Typed errors of the core. Every error names the problem; none leaves state half-changed."""
+
+from __future__ import annotations
+
+
+class KVSchedError(Exception):
+    """Base class of every error kvsched raises on purpose."""
+
+
+class ConfigError(KVSchedError, ValueError):
+    """A configuration value is invalid (names the field and the value)."""
+
+
+class InvalidRequestError(KVSchedError, ValueError):
+    """A request cannot be served as given (empty prompt, too long, bad sampling values...)."""
+
+
+class DuplicateRequestError(KVSchedError, KeyError):
+    """A request id is already known to the component."""
+
+
+class UnknownRequestError(KVSchedError, KeyError):
+    """An operation names a request id that is not (or no longer) known."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request needs more KV blocks than the whole device pool holds."""
+
+
+class UnsupportedFeatureError(KVSchedError, NotImplementedError):
+    """A feature the seed also rejects (e.g. beam width > 1)."""
+
+
+class SchedulerDeadlockError(KVSchedError, RuntimeError):
+    """Generation requests exist but none can be scheduled or evicted because KV ran out."""
