@@ -1,0 +1,140 @@
+"""Engine configuration: one flat, validated dataclass that `LLM(**kwargs)` and the CLI both fill.
+
+The KV pools may be sized in blocks or as byte budgets; bytes become blocks only once the model is
+known (a block's size depends on layers, KV heads and head dim), in :meth:`EngineArgs.cache_config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvsched.core.config import CacheConfig, SchedulerConfig
+from kvsched.core.errors import ConfigError
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_POLICIES = ("guaranteed_no_evict", "max_utilization", "static_batch")
+DEFAULT_DEVICE_KV_BYTES = 1 << 30
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    """Everything the engine needs to start; ``model=None`` is the default SmolLM2 GGUF."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    tokens_per_block: int = 16
+    num_device_blocks: int | None = None
+    num_host_blocks: int | None = None
+    device_kv_bytes: int | None = None
+    host_kv_bytes: int | None = None
+    enable_block_reuse: bool = True
+    max_util_for_resume: float = 1.0
+    scheduler: str = "unified"
+    capacity_policy: str = "max_utilization"
+    max_batch_size: int = 64
+    max_num_tokens: int | None = 2048
+    chunk_unit_size: int | None = None
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is invalid: must be one of {', '.join(_DTYPES)}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device={self.device!r} is invalid: must be 'cpu' or 'cuda[:N]'")
+        if self.num_device_blocks is not None and self.device_kv_bytes is not None:
+            raise ConfigError("give num_device_blocks or device_kv_bytes, not both")
+        if self.num_host_blocks is not None and self.host_kv_bytes is not None:
+            raise ConfigError("give num_host_blocks or host_kv_bytes, not both")
+        for name in ("device_kv_bytes", "host_kv_bytes"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 0")
+        if self.capacity_policy not in _POLICIES:
+            raise ConfigError(
+                f"capacity_policy={self.capacity_policy!r} is invalid: must be one of {', '.join(_POLICIES)}"
+            )
+        if self.max_model_len is not None and (
+            not isinstance(self.max_model_len, int) or self.max_model_len < 2
+        ):
+            raise ConfigError(f"max_model_len={self.max_model_len!r} is invalid: must be an integer >= 2")
+        if self.chunk_unit_size is not None and self.chunk_unit_size % self.tokens_per_block:
+            raise ConfigError(
+                f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "
+                f"tokens_per_block={self.tokens_per_block}"
+            )
+        # The shared configs check the remaining fields and name them in their errors.
+        self.scheduler_config()
+        self.cache_config(bytes_per_block=1)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
+        """Build from `LLM(...)` keywords; an unknown keyword is a ConfigError that lists the valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine argument(s) {unknown}; valid: {sorted(known)}")
+        return cls(model=model, **kwargs)
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return SchedulerConfig(
+            scheduler=self.scheduler,  # type: ignore[arg-type]
+            max_batch_size=self.max_batch_size,
+            max_num_tokens=self.max_num_tokens,
+            chunk_unit_size=self.chunk_unit_size,
+            capacity_policy=self.capacity_policy,
+        )
+
+    def cache_config(self, bytes_per_block: int) -> CacheConfig:
+        """Block counts per tier; byte budgets are divided by ``bytes_per_block`` (the model's)."""
+        if bytes_per_block < 1:
+            raise ConfigError(f"bytes_per_block must be >= 1, got {bytes_per_block}")
+        device = self.num_device_blocks
+        if device is None:
+            budget = DEFAULT_DEVICE_KV_BYTES if self.device_kv_bytes is None else self.device_kv_bytes
+            device = budget // bytes_per_block
+            if device < 1:
+                raise ConfigError(
+                    f"device_kv_bytes={budget} is invalid: smaller than one KV block ({bytes_per_block} bytes)"
+                )
+        host = self.num_host_blocks
+        if host is None:
+            host = 0 if self.host_kv_bytes is None else self.host_kv_bytes // bytes_per_block
+        return CacheConfig(
+            tokens_per_block=self.tokens_per_block,
+            num_device_blocks=device,
+            num_host_blocks=host,
+            enable_block_reuse=self.enable_block_reuse,
+            max_util_for_resume=self.max_util_for_resume,
+        )
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--flag` per EngineArgs field (defaults from the dataclass), for the CLIs."""
+    group = parser.add_argument_group("engine")
+    for f in fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
+        choices = {"scheduler": ("unified", "two-stage", "recompute"), "capacity_policy": _POLICIES}
+        group.add_argument(
+            flag,
+            dest=f.name,
+            type=kind,
+            default=default,
+            choices=choices.get(f.name),
+            help=f"(default {default})",
+        )
+
+
+def engine_args_from_namespace(ns: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs)})

@@ -1,0 +1,78 @@
+"""What the engine hands back: per-step deltas (for streaming) and finished results (vLLM-shaped)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Wall-clock times (``time.monotonic``) and scheduling counters of one request."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished_time: float | None = None
+    num_suspends: int = 0
+    num_resumes: int = 0
+    num_preemptions: int = 0
+    num_recomputed_tokens: int = 0
+    num_reused_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token, from arrival."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first."""
+        if len(self.token_times) < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+
+    @property
+    def e2e_latency(self) -> float | None:
+        return None if self.finished_time is None else self.finished_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one step produced for one request: the delta a streaming client sends on."""
+
+    request_id: Hashable
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[float] | None = None
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One generated sequence (``n=1`` only, so always index 0)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(self.logprobs)
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """A finished request as `LLM.generate` returns it; shaped like vLLM's ``RequestOutput``."""
+
+    request_id: Hashable
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0

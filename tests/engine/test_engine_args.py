@@ -1,0 +1,66 @@
+import argparse
+
+import pytest
+
+from kvsched.core.errors import ConfigError
+from kvsched.engine.engine_args import EngineArgs, add_engine_flags, engine_args_from_namespace
+
+
+def test_defaults_are_valid_and_size_the_pool_from_the_default_budget():
+    args = EngineArgs()
+    cfg = args.cache_config(bytes_per_block=1 << 20)
+    assert cfg.num_device_blocks == 1024 and cfg.num_host_blocks == 0
+    assert cfg.enable_block_reuse
+
+
+def test_byte_budgets_become_blocks():
+    args = EngineArgs(device_kv_bytes=10_000, host_kv_bytes=25_000)
+    cfg = args.cache_config(bytes_per_block=1000)
+    assert (cfg.num_device_blocks, cfg.num_host_blocks) == (10, 25)
+
+
+def test_block_counts_win_when_given():
+    cfg = EngineArgs(num_device_blocks=7, num_host_blocks=3).cache_config(bytes_per_block=10**9)
+    assert (cfg.num_device_blocks, cfg.num_host_blocks) == (7, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "int3"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"scheduler": "fifo"}, "scheduler"),
+        ({"capacity_policy": "greedy"}, "capacity_policy"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"num_device_blocks": 0}, "num_device_blocks"),
+        ({"num_device_blocks": 4, "device_kv_bytes": 100}, "not both"),
+        ({"num_host_blocks": 4, "host_kv_bytes": 100}, "not both"),
+        ({"device_kv_bytes": -1}, "device_kv_bytes"),
+        ({"max_model_len": 1}, "max_model_len"),
+        ({"tokens_per_block": 16, "chunk_unit_size": 24}, "multiple"),
+    ],
+)
+def test_bad_values_name_the_field(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        EngineArgs(**kwargs)
+
+
+def test_budget_below_one_block_is_an_error():
+    with pytest.raises(ConfigError, match="smaller than one KV block"):
+        EngineArgs(device_kv_bytes=10).cache_config(bytes_per_block=100)
+
+
+def test_unknown_keyword_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown engine argument.*max_batch_size"):
+        EngineArgs.from_kwargs(None, max_batch=3)
+
+
+def test_cli_flags_round_trip():
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    ns = parser.parse_args(
+        ["--scheduler", "two-stage", "--num-device-blocks", "12", "--no-enable-block-reuse", "--seed", "5"]
+    )
+    args = engine_args_from_namespace(ns)
+    assert args.scheduler == "two-stage" and args.num_device_blocks == 12
+    assert not args.enable_block_reuse and args.seed == 5 and args.model is None
