@@ -1,0 +1,175 @@
+"""Step cost: how long one scheduled batch takes on the modelled GPUs.
+
+`StepShape` is the batch reduced to a few sums (built in O(batch) by the executor); a cost model maps it
+to seconds. `RooflineCostModel` is analytic (public peaks x efficiency factors); `LinearCostModel` is a
+least-squares fit to measured step times (used to calibrate against a real engine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from kvsched.core.errors import ConfigError
+from kvsched.sim.hardware import GpuSpec
+from kvsched.sim.models import ModelSpec
+
+
+@dataclass(slots=True)
+class StepShape:
+    """One step's batch as sums: what a roofline needs, independent of the scheduler."""
+
+    num_tokens: int = 0  # query tokens run this step
+    num_seqs: int = 0
+    num_logits: int = 0  # rows that go through the LM head
+    attn_pairs: int = 0  # causal (query, key) pairs
+    kv_read_tokens: int = 0  # per sequence: its KV length after the step, summed
+    h2d_bytes: float = 0.0  # host -> device copies (resumes, host-tier prefix hits)
+    d2h_bytes: float = 0.0  # device -> host copies (suspends)
+
+    def reset(self) -> None:
+        self.num_tokens = self.num_seqs = self.num_logits = 0
+        self.attn_pairs = self.kv_read_tokens = 0
+        self.h2d_bytes = self.d2h_bytes = 0.0
+
+    def add_context(self, start: int, chunk: int, last: bool) -> None:
+        """A prefill chunk of `chunk` tokens at positions [start, start + chunk)."""
+        self.num_tokens += chunk
+        self.num_seqs += 1
+        self.attn_pairs += chunk * start + chunk * (chunk + 1) // 2
+        self.kv_read_tokens += start + chunk
+        if last:
+            self.num_logits += 1
+
+    def add_decode(self, kv_len: int, num_new: int = 1) -> None:
+        """A decode of `num_new` tokens (1 + drafts) after `kv_len` cached tokens."""
+        self.num_tokens += num_new
+        self.num_seqs += 1
+        self.attn_pairs += num_new * kv_len + num_new * (num_new + 1) // 2
+        self.kv_read_tokens += kv_len + num_new
+        self.num_logits += num_new
+
+    def features(self) -> list[float]:
+        """Regressors of `LinearCostModel` (the constant term first)."""
+        return [
+            1.0,
+            float(self.num_tokens),
+            float(self.attn_pairs),
+            float(self.kv_read_tokens),
+            float(self.num_seqs),
+            float(self.num_logits),
+        ]
+
+
+FEATURE_NAMES = ("step", "token", "attn_pair", "kv_token", "seq", "logit")
+
+
+class CostModel(Protocol):
+    def step_time(self, shape: StepShape) -> float: ...
+
+
+@dataclass(slots=True)
+class RooflineCostModel:
+    """Linear layers: max(FLOPs, weight bytes); attention: max(FLOPs, KV bytes); plus overheads.
+
+    Weights are read once per step whatever the batch, KV once per sequence, so the model captures both
+    why batching pays off and why long contexts make decode memory-bound.
+    """
+
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int = 1
+    step_overhead: float = 2e-3  # s: scheduling, input preparation, launches, sampling
+    allreduce_latency: float = 8e-6  # s per all-reduce
+    overlap_copies: bool = True  # host<->device copies run on their own stream
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ConfigError(f"tp={self.tp!r} is invalid: must be an integer >= 1")
+        if self.model.num_heads % self.tp:
+            raise ConfigError(
+                f"tp={self.tp} does not divide num_heads={self.model.num_heads} of {self.model.name}"
+            )
+        if self.step_overhead < 0 or self.allreduce_latency < 0:
+            raise ConfigError("step_overhead and allreduce_latency must be >= 0")
+        if self.tp > 1 and self.gpu.gpu_link_bandwidth <= 0:
+            raise ConfigError(f"gpu {self.gpu.name} has no GPU link bandwidth: tp must be 1")
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV bytes of one token on one GPU (what the block pool is sized by)."""
+        return self.model.kv_bytes_per_token_per_gpu(self.tp)
+
+    def breakdown(self, s: StepShape) -> dict[str, float]:
+        m, g, tp = self.model, self.gpu, self.tp
+        peak = g.fp8_flops if m.fp8_compute else g.bf16_flops
+        out = {"linear": 0.0, "attention": 0.0, "allreduce": 0.0, "overhead": 0.0, "copy": 0.0}
+        if s.num_tokens > 0:
+            flops = s.num_tokens * m.linear_flops_per_token + s.num_logits * m.lm_head_flops_per_token
+            out["linear"] = max(
+                flops / (tp * peak * g.mfu),
+                m.weight_bytes_per_step / (tp * g.hbm_bandwidth * g.hbm_efficiency),
+            )
+            kv_bytes = (s.kv_read_tokens + s.num_tokens) * self.kv_bytes_per_token
+            attn_flops = s.attn_pairs * m.attn_flops_per_pair / tp
+            eff = g.attention_efficiency
+            out["attention"] = max(attn_flops / (g.bf16_flops * eff), kv_bytes / (g.hbm_bandwidth * eff))
+            if tp > 1:
+                size = s.num_tokens * m.hidden_size * 2.0  # bf16 activations
+                ring = 2.0 * (tp - 1) / tp * size / (g.gpu_link_bandwidth * g.gpu_link_efficiency)
+                out["allreduce"] = 2 * m.num_layers * (ring + self.allreduce_latency)
+            out["overhead"] = self.step_overhead
+        link = g.host_link_bandwidth * g.host_link_efficiency  # each direction has its own lanes
+        out["copy"] = max(s.h2d_bytes, s.d2h_bytes) / link
+        return out
+
+    def step_time(self, shape: StepShape) -> float:
+        b = self.breakdown(shape)
+        compute = b["linear"] + b["attention"] + b["allreduce"] + b["overhead"]
+        return max(compute, b["copy"]) if self.overlap_copies else compute + b["copy"]
+
+    def copy_time(self, num_bytes: float) -> float:
+        return num_bytes / (self.gpu.host_link_bandwidth * self.gpu.host_link_efficiency)
+
+
+@dataclass(slots=True)
+class LinearCostModel:
+    """t = c . features(shape) + copy bytes / link; coefficients fitted to measured step times."""
+
+    coefficients: tuple[float, ...]
+    host_link_bandwidth: float = 55e9  # effective B/s per direction
+    overlap_copies: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.coefficients) != len(FEATURE_NAMES):
+            raise ConfigError(f"LinearCostModel needs {len(FEATURE_NAMES)} coefficients {FEATURE_NAMES}")
+
+    def step_time(self, shape: StepShape) -> float:
+        compute = sum(c * f for c, f in zip(self.coefficients, shape.features())) if shape.num_tokens else 0.0
+        copy = max(shape.h2d_bytes, shape.d2h_bytes) / self.host_link_bandwidth
+        return max(compute, copy) if self.overlap_copies else compute + copy
+
+    @classmethod
+    def fit(cls, shapes: Sequence[StepShape], times: Sequence[float], **kwargs: object) -> LinearCostModel:
+        """Non-negative least squares on relative error (each row weighted by 1/t), so short steps count."""
+        if len(shapes) != len(times) or len(shapes) < len(FEATURE_NAMES):
+            raise ConfigError(f"fit needs >= {len(FEATURE_NAMES)} (shape, time) pairs of equal count")
+        x = np.array([s.features() for s in shapes], dtype=np.float64)
+        y = np.asarray(times, dtype=np.float64)
+        w = 1.0 / np.maximum(y, 1e-9)
+        x, y = x * w[:, None], y * w
+        scale = np.maximum(np.abs(x).max(axis=0), 1e-30)
+        active = list(range(x.shape[1]))
+        coef = np.zeros(x.shape[1])
+        while active:  # drop negative coefficients one at a time (a small active-set NNLS)
+            sol, *_ = np.linalg.lstsq(x[:, active] / scale[active], y, rcond=None)
+            sol = sol / scale[active]
+            if (sol >= 0).all():
+                coef[:] = 0.0
+                coef[active] = sol
+                break
+            active.pop(int(np.argmin(sol)))
+        return cls(tuple(float(c) for c in coef), **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,94 @@
+"""Workload descriptions: what arrives when, with which tokens, wanting how many outputs.
+
+A prompt is a tuple of token *segments* `(base, length)` meaning tokens `base, base+1, ...`; equal
+segments give equal tokens, so prefix sharing (trace hash blocks, system prompts, earlier turns of a
+conversation) is exact and the token lists are built only when a request arrives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain
+
+from kvsched.core.errors import ConfigError
+
+# Token-id ranges that never overlap: unique prompt text, outputs, shared prefixes (trace blocks use h * 512).
+UNIQUE_BASE = 1 << 44
+OUTPUT_BASE = 1 << 46
+PREFIX_BASE = 1 << 48
+SEGMENT_SPAN = 1 << 24  # room for one request's tokens inside a range
+
+
+def mix_token(x: int, vocab_size: int) -> int:
+    """Map a synthetic token id into [0, vocab) with a multiplicative hash (for engines with a real vocab)."""
+    return ((x * 0x9E3779B97F4A7C15) >> 11) % vocab_size
+
+
+@dataclass(slots=True)
+class RequestSpec:
+    """One request of a workload.
+
+    `arrival_time` is absolute (seconds) unless `parent` is set: then it is the think time after the
+    parent request finishes (a closed-loop conversation turn).
+    """
+
+    request_id: int
+    arrival_time: float
+    segments: tuple[tuple[int, int], ...]
+    output_len: int
+    lora_id: int | None = None
+    parent: int | None = None
+    vocab_size: int | None = None
+    prompt_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_len = sum(n for _, n in self.segments)
+        if self.prompt_len <= 0:
+            raise ConfigError(f"request {self.request_id}: the prompt is empty")
+        if self.output_len < 1:
+            raise ConfigError(f"request {self.request_id}: output_len must be >= 1, got {self.output_len}")
+        if self.arrival_time < 0 or not math.isfinite(self.arrival_time):
+            raise ConfigError(f"request {self.request_id}: arrival_time={self.arrival_time} is invalid")
+
+    def prompt_tokens(self) -> list[int]:
+        toks = list(chain.from_iterable(range(b, b + n) for b, n in self.segments))
+        if self.vocab_size is not None:
+            v = self.vocab_size
+            return [mix_token(t, v) for t in toks]
+        return toks
+
+    @property
+    def output_base(self) -> int:
+        return OUTPUT_BASE + self.request_id * SEGMENT_SPAN
+
+    def output_token(self, index: int) -> int:
+        """The token the simulated model emits at output position `index` (deterministic)."""
+        t = self.output_base + index
+        return t if self.vocab_size is None else mix_token(t, self.vocab_size)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_len + self.output_len
+
+
+def time_scaled(specs: Iterable[RequestSpec], time_scale: float) -> list[RequestSpec]:
+    """Multiply arrival times (and think times) by `time_scale`: 0.5 replays twice as fast."""
+    if not time_scale > 0 or not math.isfinite(time_scale):
+        raise ConfigError(f"time_scale={time_scale!r} is invalid: must be > 0")
+    return [replace(s, arrival_time=s.arrival_time * time_scale) for s in specs]
+
+
+def workload_summary(specs: Sequence[RequestSpec]) -> dict[str, float]:
+    """Size of a workload: counts, mean lengths and the arrival span."""
+    n = len(specs)
+    if n == 0:
+        return {"requests": 0}
+    roots = [s.arrival_time for s in specs if s.parent is None]
+    return {
+        "requests": n,
+        "mean_prompt_len": sum(s.prompt_len for s in specs) / n,
+        "mean_output_len": sum(s.output_len for s in specs) / n,
+        "arrival_span_s": (max(roots) - min(roots)) if roots else 0.0,
+    }
