@@ -1,0 +1,153 @@
+"""The tiered block store: pools per tier, the reuse index, eviction, migration, events and counters.
+
+Everything that moves or frees a page goes through here, so the accounting (free + used + cached ==
+total per tier) has one owner. Making room on the device evicts cached pages least-recently-used
+(lowest retention priority first); an evicted page moves to the host tier when the host has room
+(one batched copy) and stays reusable there, otherwise it is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvsched.core.kvcache.pages import Page, TierPool
+from kvsched.core.kvcache.storage import KVStorage
+from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats, KVEvent, Tier
+
+MAX_EVENTS = 65536
+
+
+class BlockStore:
+    """Pools of both tiers, the key -> page index of reusable blocks, and the copy path."""
+
+    __slots__ = ("device", "host", "index", "storage", "counters", "events", "num_locked")
+
+    def __init__(self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage) -> None:
+        self.device = TierPool(DEVICE, num_device_blocks)
+        self.host = TierPool(HOST, num_host_blocks)
+        # Every published page by key; a key lives on exactly one tier at a time.
+        self.index: dict[bytes, Page] = {}
+        self.storage = storage
+        self.counters = KVCacheStats(num_device_blocks=num_device_blocks, num_host_blocks=num_host_blocks)
+        self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
+        # Device pages with at least one lock (used by active requests).
+        self.num_locked = 0
+
+    def pool(self, tier: int) -> TierPool:
+        return self.device if tier == DEVICE else self.host
+
+    # -- references ----------------------------------------------------------------------------
+    def hold(self, page: Page) -> None:
+        """Add a suspended-style reference; a cached page leaves the LRU."""
+        if page.bucket is not None:
+            self.pool(page.tier).remove_cached(page)
+        page.holds += 1
+
+    def release(self, page: Page, locked: bool, priority: int) -> None:
+        """Drop one reference; an unreferenced page becomes cached (if published) or free."""
+        if locked:
+            page.locks -= 1
+            if page.locks == 0:
+                self.num_locked -= 1
+        else:
+            page.holds -= 1
+        if page.locks or page.holds:
+            return
+        pool = self.pool(page.tier)
+        if page.key is not None:
+            page.priority = priority
+            pool.push_cached(page)
+        else:
+            pool.free.append(page.slot)
+
+    def new_device_pages(self, n: int) -> list[Page]:
+        """``n`` fresh locked device pages; the caller has reserved the room."""
+        self.num_locked += n
+        self.counters.allocated_blocks += n
+        return [Page(DEVICE, slot, 1) for slot in self.device.alloc(n)]
+
+    # -- publishing ----------------------------------------------------------------------------
+    def publish(self, page: Page, key: bytes, parent: bytes | None) -> bool:
+        """Make ``page`` reusable under ``key``; False if another page already holds that key."""
+        if key in self.index:
+            return False
+        page.key = key
+        self.index[key] = page
+        self._event("stored", key, page.tier, parent)
+        return True
+
+    def lookup(self, key: bytes) -> Page | None:
+        return self.index.get(key)
+
+    def _event(self, kind: str, key: bytes, tier: int, parent: bytes | None = None) -> None:
+        self.events.append(KVEvent(kind, key, Tier(tier), parent))
+        self.counters.num_events += 1
+
+    # -- making room ---------------------------------------------------------------------------
+    def reserve(self, tier: int, n: int) -> bool:
+        """Ensure ``n`` free slots on ``tier`` by evicting cached pages; all or nothing."""
+        pool = self.pool(tier)
+        deficit = n - len(pool.free)
+        if deficit <= 0:
+            return True
+        if deficit > pool.num_cached:
+            return False
+        victims = pool.pop_victims(deficit)  # oldest first
+        if tier == DEVICE:
+            room = self.host.available
+            keep = min(room, deficit)
+            for page in victims[: deficit - keep]:
+                self._drop(page)
+            if keep:
+                movers = victims[deficit - keep :]
+                self.migrate(movers, HOST)
+                for page in movers:
+                    self.host.push_cached(page)
+        else:
+            for page in victims:
+                self._drop(page)
+        return True
+
+    def _drop(self, page: Page) -> None:
+        """Forget a cached page: its key leaves the index and its slot is freed."""
+        key = page.key
+        if key is not None and self.index.get(key) is page:
+            del self.index[key]
+            self._event("removed", key, page.tier)
+        page.key = None
+        self.pool(page.tier).free.append(page.slot)
+        if page.tier == DEVICE:
+            self.counters.dropped_device_blocks += 1
+        else:
+            self.counters.dropped_host_blocks += 1
+
+    def migrate(self, pages: list[Page], dst: int) -> None:
+        """Move pages (all on the other tier, none cached) to ``dst`` with one batched copy.
+
+        The caller has made sure ``dst`` can take them (``reserve``); this call reserves again,
+        which is then a no-op or evicts what the caller counted as evictable.
+        """
+        n = len(pages)
+        src = HOST if dst == DEVICE else DEVICE
+        if not self.reserve(dst, n):
+            raise RuntimeError(f"migrate: {n} pages do not fit tier {Tier(dst).name}")  # caller bug
+        dst_pool = self.pool(dst)
+        src_pool = self.pool(src)
+        dst_slots = dst_pool.alloc(n)
+        src_slots = [p.slot for p in pages]
+        self.storage.copy_blocks(Tier(src), src_slots, Tier(dst), dst_slots)
+        src_pool.free.extend(src_slots)
+        for page, slot in zip(pages, dst_slots):
+            page.tier = dst
+            page.slot = slot
+            if page.key is not None:
+                self._event("removed", page.key, src)
+                self._event("stored", page.key, dst)
+        nbytes = n * self.storage.bytes_per_block
+        c = self.counters
+        if dst == HOST:
+            c.offload_blocks += n
+            c.offload_bytes += nbytes
+        else:
+            c.onboard_blocks += n
+            c.onboard_bytes += nbytes

@@ -1,0 +1,289 @@
+"""KVCacheManager: the seed's scheduling API over a two-tier paged block store (see lifecycle.py
+for the suspend policy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from kvsched.core.config import CacheConfig
+from kvsched.core.errors import (
+    ConfigError,
+    DuplicateRequestError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    UnknownRequestError,
+    UnsupportedFeatureError,
+)
+from kvsched.core.kvcache.block_store import BlockStore
+from kvsched.core.kvcache.keys import root_key
+from kvsched.core.kvcache.lifecycle import attach_prefix, discard_cache, resume_cache, suspend_cache
+from kvsched.core.kvcache.prefix import commit_blocks
+from kvsched.core.kvcache.request_cache import RequestCache
+from kvsched.core.kvcache.storage import KVStorage, MetadataStorage
+from kvsched.core.kvcache.types import DEVICE, KVCacheStats, KVEvent
+
+
+class KVCacheManager:
+    """Paged KV cache with a device and a host tier, prefix reuse and suspend/resume."""
+
+    __slots__ = ("_config", "_tpb", "_reuse", "_store", "_caches", "_max_util", "_roots")
+
+    def __init__(self, config: CacheConfig, storage: KVStorage | None = None) -> None:
+        if not isinstance(config, CacheConfig):
+            raise ConfigError(f"config must be a CacheConfig, got {type(config).__name__}")
+        if storage is None:
+            storage = MetadataStorage()
+        elif not (hasattr(storage, "copy_blocks") and hasattr(storage, "bytes_per_block")):
+            raise ConfigError("storage must provide copy_blocks(...) and bytes_per_block")
+        for attr, want in (
+            ("num_device_blocks", config.num_device_blocks),
+            ("num_host_blocks", config.num_host_blocks),
+        ):
+            have = getattr(storage, attr, None)
+            if have is not None and have < want:
+                raise ConfigError(f"storage has {attr}={have}, fewer than the config's {want}")
+        self._config = config
+        self._tpb = config.tokens_per_block
+        self._reuse = bool(config.enable_block_reuse)
+        self._store = BlockStore(config.num_device_blocks, config.num_host_blocks, storage)
+        self._caches: dict[int, RequestCache] = {}
+        self._max_util = config.max_util_for_resume
+        self._roots: dict[tuple[Any, Any], bytes] = {}
+
+    # -- scheduling API (the seed's) -----------------------------------------------------------
+    def prepare_context(self, req: Any) -> bool:
+        """Create the cache on the first chunk (with prefix lookup), or resume it; never grows."""
+        c = self._caches.get(req.request_id)
+        if c is None:
+            c = self._new_cache(req)
+        elif c.req is not req:
+            raise DuplicateRequestError(f"request id {req.request_id} already has a KV cache")
+        if c.pending:
+            attach_prefix(self._store, c, req, self._tpb, self._reuse)
+            if resume_cache(self._store, c, self._max_util):
+                return True
+            discard_cache(self._store, c, req)
+            return False
+        return c.active or resume_cache(self._store, c, self._max_util)
+
+    def resize_context(self, req: Any, num_tokens: int) -> bool:
+        """Grow capacity to ``context_current_position + num_tokens``; a failed first chunk lets go."""
+        c = self._caches.get(req.request_id)
+        if c is None or not c.active:
+            return False
+        if num_tokens < 0:
+            raise InvalidRequestError(f"request {req.request_id}: resize_context by {num_tokens} < 0")
+        target = req.context_current_position + num_tokens
+        if target <= c.capacity:
+            return True
+        if target <= c.alloc_tokens:
+            c.capacity = target
+            return True
+        if self._grow(c, target):
+            return True
+        if c.history == c.num_reused:
+            discard_cache(self._store, c, req)
+        return False
+
+    def try_allocate_generation(self, req: Any) -> bool:
+        """Resume if suspended, then make room for this decode step: ``1 + len(draft_tokens)`` tokens.
+
+        Capacity becomes ``max(capacity, history + 1 + drafts)``: a repeated call before ``advance``
+        does not grow twice (use ``revert`` to give back a step that was dropped).
+        """
+        c = self._caches.get(req.request_id)
+        if c is None:
+            return False
+        if not c.active and (c.pending or not resume_cache(self._store, c, self._max_util)):
+            return False
+        need = c.history + 1 + len(req.draft_tokens)
+        if need <= c.capacity:
+            return True
+        if need <= c.alloc_tokens:
+            c.capacity = need
+            return True
+        return self._grow(c, need)
+
+    def suspend_request(self, req: Any) -> None:
+        """Move the request's device-only blocks to the host tier; no-op when not active."""
+        c = self._caches.get(req.request_id)
+        if c is None or not c.active:
+            return
+        if c.history == c.num_reused:
+            discard_cache(self._store, c, req)
+            return
+        suspend_cache(self._store, c)
+
+    def is_request_active(self, request_id: int) -> bool:
+        c = self._caches.get(request_id)
+        return c is not None and c.active
+
+    # -- executor API --------------------------------------------------------------------------
+    def advance(self, req: Any, num_tokens: int) -> None:
+        """``num_tokens`` more tokens of KV were written; with reuse on, full blocks get published."""
+        c = self._caches.get(req.request_id)
+        if c is None:
+            raise UnknownRequestError(f"request {req.request_id} has no KV cache")
+        h = c.history + num_tokens
+        if num_tokens < 0 or h > c.capacity or not c.active:
+            raise InvalidRequestError(
+                f"request {req.request_id}: cannot advance by {num_tokens} (history {c.history}, "
+                f"capacity {c.capacity}, active {c.active})"
+            )
+        c.history = h
+        if self._reuse and h - c.committed >= self._tpb:
+            commit_blocks(self._store, c, req, self._tpb)
+
+    def free_request(self, req: Any) -> None:
+        """Release everything; published blocks stay cached (tail blocks are evicted first)."""
+        c = self._caches.pop(req.request_id, None)
+        if c is None:
+            raise UnknownRequestError(f"request {req.request_id} has no KV cache (unknown or freed)")
+        if self._reuse and not c.pending:
+            commit_blocks(self._store, c, req, self._tpb)
+        release = self._store.release
+        for p in reversed(c.pages):
+            release(p, c.active, c.priority)
+
+    def revert(self, req: Any, capacity: int) -> None:
+        """Shrink capacity back to ``max(history, capacity)`` (a step that was grown, then dropped)."""
+        c = self._cache(req.request_id)
+        new_cap = max(c.history, capacity)
+        if new_cap >= c.capacity:
+            return
+        nb = -(-new_cap // self._tpb)
+        extra = c.pages[nb:]
+        del c.pages[nb:]
+        if c.active:
+            del c.table[nb:]
+        for p in reversed(extra):
+            self._store.release(p, c.active, c.priority)
+        c.capacity = new_cap
+        c.alloc_tokens = nb * self._tpb
+
+    def block_table(self, req: Any) -> list[int]:
+        """Device block ids of an active request, one per block of its capacity."""
+        c = self._cache(req.request_id)
+        if not c.active:
+            raise InvalidRequestError(f"request {req.request_id} is suspended: it has no device blocks")
+        return list(c.table)
+
+    def build_block_tables(self, reqs: Any, width: int) -> np.ndarray:
+        """``[len(reqs), width]`` int32 block tables, padded with 0 (a valid index, never read)."""
+        out = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, req in enumerate(reqs):
+            c = self._cache(req.request_id)
+            t = c.table
+            if not c.active or len(t) > width:
+                raise InvalidRequestError(
+                    f"request {req.request_id}: block table of {len(t)} blocks (active {c.active}) "
+                    f"does not fit width {width}"
+                )
+            if t:
+                out[i, : len(t)] = t
+        return out
+
+    # -- introspection -------------------------------------------------------------------------
+    @property
+    def config(self) -> CacheConfig:
+        return self._config
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self._tpb
+
+    @property
+    def num_device_blocks(self) -> int:
+        return self._store.device.size
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self._store.host.size
+
+    @property
+    def num_free_device_blocks(self) -> int:
+        """Device blocks that could be allocated now: free plus evictable cached ones."""
+        return self._store.device.available
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self._store.host.available
+
+    def device_usage(self) -> float:
+        """Fraction of device blocks locked by active requests."""
+        return self._store.num_locked / self._store.device.size
+
+    def has_request(self, request_id: int) -> bool:
+        return request_id in self._caches
+
+    def capacity(self, req: Any) -> int:
+        return self._cache(req.request_id).capacity
+
+    def history(self, req: Any) -> int:
+        return self._cache(req.request_id).history
+
+    def committed(self, req: Any) -> int:
+        return self._cache(req.request_id).committed
+
+    def stats(self) -> KVCacheStats:
+        from kvsched.core.kvcache.invariants import snapshot_stats
+
+        return snapshot_stats(self._store, self._caches)
+
+    def drain_events(self) -> list[KVEvent]:
+        events = list(self._store.events)
+        self._store.events.clear()
+        return events
+
+    # -- internals -----------------------------------------------------------------------------
+    def _cache(self, request_id: int) -> RequestCache:
+        c = self._caches.get(request_id)
+        if c is None:
+            raise UnknownRequestError(f"request {request_id} has no KV cache (unknown or freed)")
+        return c
+
+    def _new_cache(self, req: Any) -> RequestCache:
+        """Validate a new request (no state changes on error) and register an empty, pending cache."""
+        rid = req.request_id
+        if getattr(req, "beam_width", 1) != 1:
+            raise UnsupportedFeatureError(f"request {rid}: beam width {req.beam_width} > 1 is not supported")
+        n_ctx = req.num_context_tokens
+        if n_ctx < 1:
+            raise InvalidRequestError(f"request {rid}: empty context")
+        remaining = getattr(req, "max_new_tokens", 1) - len(getattr(req, "output_token_ids", ()))
+        worst = n_ctx + max(0, remaining - 1)
+        blocks = -(-worst // self._tpb)
+        if blocks > self._store.device.size:
+            raise RequestTooLargeError(
+                f"request {rid}: up to {worst} tokens of KV need {blocks} blocks, more than the "
+                f"{self._store.device.size} blocks of the device pool"
+            )
+        root = b""
+        if self._reuse:
+            scope = (getattr(req, "lora_id", None), getattr(req, "cache_salt", None))
+            root = self._roots.get(scope) or self._roots.setdefault(scope, root_key(*scope))
+        c = RequestCache(rid, req, root, getattr(req, "priority", 0), last_key=root)
+        self._caches[rid] = c
+        return c
+
+    def _grow(self, c: RequestCache, need: int) -> bool:
+        """Add device blocks so that capacity reaches ``need``; all or nothing."""
+        tpb = self._tpb
+        nb = -(-need // tpb)
+        store = self._store
+        if nb > store.device.size:
+            raise RequestTooLargeError(
+                f"request {c.request_id}: {need} tokens need {nb} blocks, more than the "
+                f"{store.device.size} blocks of the device pool"
+            )
+        add = nb - len(c.pages)
+        if not store.reserve(DEVICE, add):
+            return False
+        pages = store.new_device_pages(add)
+        c.pages.extend(pages)
+        c.table.extend([p.slot for p in pages])
+        c.capacity = need
+        c.alloc_tokens = nb * tpb
+        return True

@@ -1,0 +1,92 @@
+"""Physical blocks ("pages") and the per-tier pool: an O(1) free list plus priority-bucketed LRU lists.
+
+Ownership is explicit: ``locks`` counts active requests using the page (it is then pinned on the
+device tier), ``holds`` counts suspended requests keeping it. A page referenced by nobody either
+carries a reuse key and waits in its tier's LRU ("cached"), or its slot goes straight back to the
+free list.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, eq=False)
+class Page:
+    """One block of KV data at one tier; ``slot`` indexes that tier's storage. Moves keep the object."""
+
+    tier: int
+    slot: int
+    locks: int = 0
+    holds: int = 0
+    key: bytes | None = None
+    # Retention priority used when the page becomes cached (higher survives longer).
+    priority: int = 0
+    # LRU bucket the page sits in while cached, else None.
+    bucket: int | None = None
+
+
+class TierPool:
+    """Slots of one tier: free slots (a stack) and cached pages (LRU lists keyed by priority)."""
+
+    __slots__ = ("tier", "size", "free", "buckets", "num_cached")
+
+    def __init__(self, tier: int, size: int) -> None:
+        self.tier = tier
+        self.size = size
+        # Popped from the end, so low slot ids are handed out first.
+        self.free: list[int] = list(range(size - 1, -1, -1))
+        self.buckets: dict[int, OrderedDict[Page, None]] = {}
+        self.num_cached = 0
+
+    @property
+    def available(self) -> int:
+        """Slots obtainable now: free plus evictable cached ones."""
+        return len(self.free) + self.num_cached
+
+    def alloc(self, n: int) -> list[int]:
+        """Take ``n`` free slots; the caller has checked that there are enough."""
+        free = self.free
+        out = free[len(free) - n :]
+        del free[len(free) - n :]
+        out.reverse()
+        return out
+
+    def push_cached(self, page: Page) -> None:
+        """Make ``page`` the most recently used cached page of its priority."""
+        bucket = self.buckets.get(page.priority)
+        if bucket is None:
+            bucket = self.buckets[page.priority] = OrderedDict()
+        bucket[page] = None
+        page.bucket = page.priority
+        self.num_cached += 1
+
+    def remove_cached(self, page: Page) -> None:
+        """Take ``page`` out of the LRU (it is being reused or moved)."""
+        bucket = self.buckets[page.bucket]  # type: ignore[index]
+        del bucket[page]
+        if not bucket:
+            del self.buckets[page.bucket]  # type: ignore[arg-type]
+        page.bucket = None
+        self.num_cached -= 1
+
+    def pop_victims(self, n: int) -> list[Page]:
+        """Remove and return ``n`` cached pages: lowest priority first, oldest first within it."""
+        out: list[Page] = []
+        buckets = self.buckets
+        while len(out) < n:
+            prio = min(buckets)
+            bucket = buckets[prio]
+            while bucket and len(out) < n:
+                page, _ = bucket.popitem(last=False)
+                page.bucket = None
+                out.append(page)
+            if not bucket:
+                del buckets[prio]
+        self.num_cached -= n
+        return out
+
+    def cached_pages(self) -> list[Page]:
+        """Every cached page (for checks and stats; not a hot path)."""
+        return [p for bucket in self.buckets.values() for p in bucket]

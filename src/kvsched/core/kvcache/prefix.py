@@ -1,0 +1,63 @@
+"""Prefix reuse: match a prompt against published blocks, and publish a request's newly full blocks.
+
+Only whole blocks are keyed and shared, so a reused block is never written again (no copy-on-write).
+When a request completes a block whose key another page already holds (two requests computed the
+same prefix at the same time), its own copy stays private and unpublished; the chain continues.
+"""
+
+from __future__ import annotations
+
+from hashlib import sha256
+from typing import Any
+
+from kvsched.core.kvcache.block_store import BlockStore
+from kvsched.core.kvcache.keys import chain_keys, pack_tokens
+from kvsched.core.kvcache.pages import Page
+from kvsched.core.kvcache.request_cache import RequestCache
+
+
+def match_prefix(
+    index: dict[bytes, Page], parent: bytes, tokens: list[int], tokens_per_block: int
+) -> tuple[list[Page], bytes]:
+    """Pages of the longest run of whole blocks of ``tokens`` that is published, and the last key.
+
+    Hashes block by block and stops at the first miss, so a cold prompt costs one hash.
+    """
+    packed = pack_tokens(tokens)
+    mv = memoryview(packed)
+    step = tokens_per_block * 4
+    pages: list[Page] = []
+    get = index.get
+    for start in range(0, len(packed) - step + 1, step):
+        h = sha256(parent)
+        h.update(mv[start : start + step])
+        key = h.digest()
+        page = get(key)
+        if page is None:
+            break
+        pages.append(page)
+        parent = key
+    return pages, parent
+
+
+def commit_blocks(store: BlockStore, cache: RequestCache, req: Any, tokens_per_block: int) -> None:
+    """Publish every block that became full since the last commit and whose tokens are known.
+
+    Tokens of accepted draft tokens may be written to KV before they are appended to the request, so
+    only ``min(history, req.num_tokens)`` tokens count; a later call catches up.
+    """
+    start = cache.committed
+    end = min(cache.history, req.num_tokens) // tokens_per_block * tokens_per_block
+    if end <= start:
+        return
+    keys = chain_keys(cache.last_key, pack_tokens(req.token_slice(start, end)), tokens_per_block * 4)
+    first = start // tokens_per_block
+    pages = cache.pages
+    parent: bytes | None = None if first == 0 else cache.last_key
+    for i, key in enumerate(keys):
+        page = pages[first + i]
+        if page.key is None:
+            store.publish(page, key, parent)
+        parent = key
+    cache.last_key = keys[-1]
+    cache.committed = end

@@ -1,0 +1,35 @@
+"""Per-request KV state, kept in one small slots object so the decode hot path touches few attributes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.core.kvcache.pages import Page
+
+
+@dataclass(slots=True, eq=False)
+class RequestCache:
+    """Lengths in tokens, always ``committed <= history <= capacity <= len(pages) * tokens_per_block``.
+
+    ``table`` mirrors the device slots of ``pages`` while the cache is active (locked pages never
+    move). ``pending`` marks a cache whose prefix lookup is still to be done (new, or discarded
+    after its first chunk failed to get blocks).
+    """
+
+    request_id: int
+    req: Any
+    root: bytes
+    priority: int
+    pages: list[Page] = field(default_factory=list)
+    table: list[int] = field(default_factory=list)
+    capacity: int = 0
+    history: int = 0
+    committed: int = 0
+    num_reused: int = 0
+    # Tokens the allocated blocks can hold (len(pages) * tokens_per_block).
+    alloc_tokens: int = 0
+    last_key: bytes = b""
+    active: bool = False
+    pending: bool = True
+    was_suspended: bool = False

@@ -1,0 +1,35 @@
+"""Storage backends: where block data lives. The manager only asks them to copy blocks between tiers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from kvsched.core.errors import ConfigError
+from kvsched.core.kvcache.types import Tier
+
+
+@runtime_checkable
+class KVStorage(Protocol):
+    """What the manager needs from a backend: the size of a block and a batched cross-tier copy."""
+
+    bytes_per_block: int
+
+    def copy_blocks(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None: ...
+
+
+class MetadataStorage:
+    """No data at all (simulation): copies are free, but their bytes are still counted in the stats."""
+
+    __slots__ = ("bytes_per_block", "num_copies")
+
+    def __init__(self, bytes_per_block: int = 0) -> None:
+        if not isinstance(bytes_per_block, int) or bytes_per_block < 0:
+            raise ConfigError(f"bytes_per_block={bytes_per_block!r} is invalid: must be an integer >= 0")
+        self.bytes_per_block = bytes_per_block
+        self.num_copies = 0
+
+    def copy_blocks(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None:
+        if len(src) != len(dst):
+            raise ValueError(f"copy_blocks: {len(src)} sources but {len(dst)} destinations")
+        self.num_copies += 1
