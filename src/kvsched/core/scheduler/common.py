@@ -1,0 +1,82 @@
+"""Helpers shared by the three schedulers: budget validation, ordering, the "started" predicate."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from kvsched.core.errors import ConfigError
+from kvsched.core.request import Request, RequestState
+
+#: Stand-in for "no token budget": every comparison against it succeeds without a None check.
+UNLIMITED = sys.maxsize
+
+CONTEXT_INIT = RequestState.CONTEXT_INIT
+GENERATION_IN_PROGRESS = RequestState.GENERATION_IN_PROGRESS
+GENERATION_TO_COMPLETE = RequestState.GENERATION_TO_COMPLETE
+GENERATION_COMPLETE = RequestState.GENERATION_COMPLETE
+
+
+def check_budgets(max_batch_size: int, max_num_tokens: int | None, chunk_unit_size: int | None) -> int:
+    """Validate the per-step budgets; return the token budget with None mapped to ``UNLIMITED``.
+
+    Zero budgets are allowed (they schedule nothing, as in the seed); negative ones are errors.
+    """
+    if not isinstance(max_batch_size, int) or max_batch_size < 0:
+        raise ConfigError(f"max_batch_size={max_batch_size!r} is invalid: must be an integer >= 0")
+    if max_num_tokens is not None and (not isinstance(max_num_tokens, int) or max_num_tokens < 0):
+        raise ConfigError(
+            f"max_num_tokens={max_num_tokens!r} is invalid: must be an integer >= 0 or None (unlimited)"
+        )
+    if chunk_unit_size is not None and (not isinstance(chunk_unit_size, int) or chunk_unit_size <= 0):
+        raise ConfigError(
+            f"chunk_unit_size={chunk_unit_size!r} is invalid: must be an integer > 0 or None (no chunking)"
+        )
+    return UNLIMITED if max_num_tokens is None else max_num_tokens
+
+
+def is_started(req: Request) -> bool:
+    """A request that already computed something: a decode, or a context past its first chunk."""
+    state = req.state
+    if state == GENERATION_IN_PROGRESS:
+        return True
+    return state == CONTEXT_INIT and not req.is_first_context_chunk
+
+
+def lora_key(req: Request) -> tuple[int, int]:
+    """Requests without LoRA first, then ascending adapter id (C++ ``std::optional`` order)."""
+    lora = req.lora_id
+    return (0, 0) if lora is None else (1, lora)
+
+
+def priority_key(req: Request) -> tuple[int, float]:
+    """Priority mode order: higher ``priority`` first, then earlier arrival."""
+    return (-req.priority, req.arrival_time)
+
+
+def order_requests(requests: Sequence[Request], priority_mode: bool) -> Sequence[Request]:
+    """The list a pass walks: as given (arrival order), or stably sorted by priority."""
+    if priority_mode:
+        return sorted(requests, key=priority_key)
+    return requests
+
+
+def sort_output(
+    context_requests: list[Request], generation_requests: list[Request], has_lora: bool, chunked: bool
+) -> list[Request]:
+    """LoRA-aware order (in place for generations); returns the context list to emit.
+
+    When a context was chunked, non-last chunks come before last chunks, each group in LoRA order.
+    """
+    if has_lora:
+        generation_requests.sort(key=lora_key)
+    if chunked:
+        first = [r for r in context_requests if not r.is_last_context_chunk]
+        last = [r for r in context_requests if r.is_last_context_chunk]
+        if has_lora:
+            first.sort(key=lora_key)
+            last.sort(key=lora_key)
+        return first + last
+    if has_lora:
+        context_requests.sort(key=lora_key)
+    return context_requests
