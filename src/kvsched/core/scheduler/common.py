@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from kvsched.core.errors import ConfigError
+from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.request import Request, RequestState
 
 #: Stand-in for "no token budget": every comparison against it succeeds without a None check.
@@ -33,6 +33,22 @@ def check_budgets(max_batch_size: int, max_num_tokens: int | None, chunk_unit_si
             f"chunk_unit_size={chunk_unit_size!r} is invalid: must be an integer > 0 or None (no chunking)"
         )
     return UNLIMITED if max_num_tokens is None else max_num_tokens
+
+
+def check_fits_budget(req: Request, max_tokens: int, unit: int | None) -> None:
+    """Without chunking a context runs whole: one larger than the whole token budget never could.
+
+    With a recomputing scheduler this also catches a preempted request whose prompt + outputs
+    outgrew the budget; without chunking, ``max_num_tokens`` must cover prompt + max_new_tokens.
+    """
+    remaining = req.context_remaining_length
+    if unit is None and 0 < max_tokens < remaining:
+        what = "prompt + outputs (recompute after preemption)" if req.num_preemptions else "prompt"
+        raise InvalidRequestError(
+            f"request {req.request_id}: its {what} needs {remaining} tokens in one step but "
+            f"max_num_tokens is {max_tokens}; set chunk_unit_size to enable chunked prefill or raise "
+            "max_num_tokens"
+        )
 
 
 def is_started(req: Request) -> bool:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import Request
+from kvsched.core.scheduler.common import check_fits_budget
 
 
 class ContextPhase:
@@ -68,12 +68,7 @@ class ContextPhase:
                 remaining = req.context_remaining_length
                 cost = remaining + len(req.draft_tokens)
                 if num_tokens + cost > max_tokens:
-                    if 0 < max_tokens < remaining:
-                        raise InvalidRequestError(
-                            f"request {req.request_id}: its context needs {remaining} tokens in one step but "
-                            f"max_num_tokens is {max_tokens}; set chunk_unit_size to enable chunked "
-                            "prefill or raise max_num_tokens"
-                        )
+                    check_fits_budget(req, max_tokens, None)
                     break
                 if capacity is not None:
                     old_capacity[req.request_id] = capacity(req)
