@@ -8,6 +8,7 @@ import random
 import pytest
 
 from kvsched.core.config import CacheConfig
+from kvsched.core.errors import SchedulerDeadlockError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.kvcache.invariants import check_invariants
 from kvsched.core.request import Request
@@ -67,11 +68,19 @@ def check_step(kv: KVCacheManager, out, unit: int | None, max_tokens: int) -> No
         assert kv.capacity(r) >= r.num_tokens + len(r.draft_tokens)  # room for what is fed this step
 
 
-def run(kind: str, policy: str | None, unit: int | None, reuse: bool, seed: int = 0, drafts: int = 0):
+def run(
+    kind: str,
+    policy: str | None,
+    unit: int | None,
+    reuse: bool,
+    seed: int = 0,
+    drafts: int = 0,
+    host_blocks: int = HOST_BLOCKS,
+):
     config = CacheConfig(
         tokens_per_block=TPB,
         num_device_blocks=DEVICE_BLOCKS,
-        num_host_blocks=HOST_BLOCKS,
+        num_host_blocks=host_blocks,
         enable_block_reuse=reuse,
     )
     kv = KVCacheManager(config, storage=None)
@@ -108,7 +117,7 @@ def run(kind: str, policy: str | None, unit: int | None, reuse: bool, seed: int 
     stats = kv.stats()
     assert stats.num_requests == 0
     assert stats.used_device_blocks == 0 and stats.used_host_blocks == 0 and stats.active_device_blocks == 0
-    assert kv.num_free_device_blocks == DEVICE_BLOCKS and kv.num_free_host_blocks == HOST_BLOCKS
+    assert kv.num_free_device_blocks == DEVICE_BLOCKS and kv.num_free_host_blocks == host_blocks
     return reqs, stats, paused, preempted
 
 
@@ -147,3 +156,11 @@ def test_speculative_drafts_under_pressure(kind, seed):
         assert paused > 0 and preempted == 0 and stats.num_resumes > 0
     else:
         assert preempted > 0
+
+
+@pytest.mark.parametrize("unit", [None, 16])
+def test_without_a_host_tier_unified_reports_the_deadlock_and_recompute_completes(unit):
+    with pytest.raises(SchedulerDeadlockError, match="host tier"):
+        run("unified", None, unit, False, host_blocks=0)
+    reqs, stats, paused, preempted = run("recompute", None, unit, False, host_blocks=0)
+    assert preempted > 0
