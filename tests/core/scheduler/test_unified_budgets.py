@@ -171,3 +171,35 @@ def test_make_scheduler_builds_by_name_and_rejects_unknown_kinds():
     assert isinstance(make_scheduler("unified", kv, max_batch_size=4), UnifiedScheduler)
     with pytest.raises(ConfigError, match="scheduler"):
         make_scheduler("fifo", kv, max_batch_size=4)
+
+
+def test_a_draft_kv_manager_is_suspended_alongside_the_main_one():
+    kv, draft = FakeKV(num_device_blocks=4), FakeKV()
+    g0, v1 = running(kv, 0, prompt=8), running(kv, 1, prompt=8)
+    running(draft, 1, prompt=8)
+    out = make(kv, draft_kv_cache_manager=draft).schedule([g0, v1])
+    assert ids(out.paused_requests) == [1]
+    assert ("suspend", 1) in draft.calls and not draft.is_request_active(1)
+
+
+def test_drop_scheduled_with_the_real_manager_gives_the_blocks_back():
+    from kvsched.core.config import CacheConfig
+    from kvsched.core.kvcache import KVCacheManager
+    from kvsched.core.kvcache.invariants import check_invariants
+    from kvsched.core.step import apply_step
+
+    kv = KVCacheManager(CacheConfig(tokens_per_block=4, num_device_blocks=16), storage=None)
+    sched = make(kv)
+    g, c = ctx(0, prompt=8), ctx(1, prompt=8)
+    out = sched.schedule([g])
+    apply_step(out, {0: [5]}, kv)  # g decodes from now on; its KV holds 8 tokens in 2 blocks
+    free = kv.num_free_device_blocks
+    out = sched.schedule([g, c])
+    assert ids(out.generation_requests) == [0] and ids(out.context_requests) == [1]
+    assert kv.num_free_device_blocks == free - 3
+    sched.drop_scheduled(out, [g, c])
+    check_invariants(kv)
+    assert kv.num_free_device_blocks == free and kv.capacity(g) == 8 and kv.capacity(c) == 0
+    assert out.is_empty and out.num_scheduled_tokens == 0
+    out = sched.schedule([g, c])  # both come back next step
+    assert ids(out.generation_requests) == [0] and ids(out.context_requests) == [1]
