@@ -3,8 +3,8 @@
 Real KVCacheManager in metadata mode (storage=None); every request is decoding; the pool is large
 enough that nothing is evicted, so this measures the hot path itself (block growth included: every
 16th step each request takes a new block). Prints microseconds per running request per step, split into
-schedule and step update: the best step (least disturbed by other processes on a shared machine) and
-the median step.
+schedule and step update: the best step and the median step. Time is this thread's CPU time
+(``time.thread_time``), so other processes on a shared machine do not inflate it.
 
     python benchmarks/scheduler_step.py [--sizes 256 1024 4096 16384] [--steps 32]
 """
@@ -51,11 +51,11 @@ def run(kind: str, extra: dict, n: int, steps: int) -> tuple[float, float, float
     gc.disable()
     try:
         for s in range(steps):
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             out = sched.schedule(reqs)
-            t1 = time.perf_counter()
+            t1 = time.thread_time()
             apply_step(out, sampled, kv, now=float(s))
-            t2 = time.perf_counter()
+            t2 = time.thread_time()
             assert len(out.generation_requests) == n, (kind, len(out.generation_requests))
             sched_t.append(t1 - t0)
             step_t.append(t2 - t1)

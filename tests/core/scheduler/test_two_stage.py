@@ -118,5 +118,7 @@ def test_policy_by_name_and_bad_names():
     kv = FakeKV()
     sched = make_scheduler("two-stage", kv, policy="guaranteed-no-evict", max_batch_size=2)
     assert sched.policy is CapacityPolicy.GUARANTEED_NO_EVICT
+    default = make_scheduler("two-stage", kv, policy=None, max_batch_size=2)
+    assert default.policy is CapacityPolicy.MAX_UTILIZATION
     with pytest.raises(ConfigError, match="policy"):
         make_scheduler("two-stage", kv, policy="greedy", max_batch_size=2)

@@ -67,6 +67,8 @@ def test_inflight_requests_are_skipped_and_cost_nothing():
     assert ids(out.generation_requests) == [1]
     assert ids(out.context_requests) == [2]
     assert ("alloc", 0) not in kv.calls
+    again = make(kv, max_num_tokens=3, max_batch_size=2).schedule(reqs, inflight_request_ids=[1, 0])
+    assert ids(again.context_requests) == [2] and again.generation_requests == []
 
 
 def test_draft_tokens_cost_and_grow_the_allocation():

@@ -33,6 +33,8 @@ def make_scheduler(kind: str, kv_cache_manager: Any, **kwargs: Any) -> Any:
         kwargs.pop("policy", None)  # the seed, too, ignores the capacity policy
         return UnifiedScheduler(kv_cache_manager, **kwargs)
     if kind == "two-stage":
+        if kwargs.get("policy") is None:
+            kwargs.pop("policy", None)  # default: MAX_UTILIZATION
         return TwoStageScheduler(kv_cache_manager, **kwargs)
     if kind == "recompute":
         kwargs.pop("policy", None)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.request import Request, RequestState
@@ -49,6 +50,13 @@ def check_fits_budget(req: Request, max_tokens: int, unit: int | None) -> None:
             f"max_num_tokens is {max_tokens}; set chunk_unit_size to enable chunked prefill or raise "
             "max_num_tokens"
         )
+
+
+def as_id_set(ids: Iterable[int]) -> AbstractSet[int] | None:
+    """In-flight ids as a set (None when empty) so membership stays O(1) whatever the caller passed."""
+    if not ids:
+        return None
+    return ids if isinstance(ids, (set, frozenset)) else frozenset(ids)
 
 
 def is_started(req: Request) -> bool:

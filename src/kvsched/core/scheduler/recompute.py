@@ -22,6 +22,7 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_COMPLETE,
     GENERATION_IN_PROGRESS,
+    as_id_set,
     check_budgets,
     check_fits_budget,
     order_requests,
@@ -61,7 +62,7 @@ class RecomputeScheduler:
     def schedule(
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
-        inflight = inflight_request_ids or frozenset()
+        inflight = as_id_set(inflight_request_ids) or frozenset()
         self._prune()
         pages = PageBudget(self.peft_cache)
         max_reqs = self.max_batch_size

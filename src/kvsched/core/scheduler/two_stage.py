@@ -22,6 +22,7 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_IN_PROGRESS,
     GENERATION_TO_COMPLETE,
+    as_id_set,
     check_budgets,
     is_started,
     order_requests,
@@ -63,7 +64,7 @@ class TwoStageScheduler:
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
         reqs = order_requests(active_requests, self.priority_mode)
-        inflight = inflight_request_ids or frozenset()
+        inflight = as_id_set(inflight_request_ids) or frozenset()
         preempted: list[Request] = []
         if self.policy is CapacityPolicy.MAX_UTILIZATION:
             fitting = self._max_utilization(reqs, inflight, preempted)

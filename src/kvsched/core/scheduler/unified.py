@@ -23,6 +23,7 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_IN_PROGRESS,
     GENERATION_TO_COMPLETE,
+    as_id_set,
     check_budgets,
     is_started,
     order_requests,
@@ -78,7 +79,7 @@ class UnifiedScheduler:
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
         reqs = order_requests(active_requests, self.priority_mode)
-        inflight = inflight_request_ids or None
+        inflight = as_id_set(inflight_request_ids)
         max_tokens = self._max_tokens
         max_reqs = self.max_batch_size
         peft = self.peft_cache
