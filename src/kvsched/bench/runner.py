@@ -4,8 +4,10 @@ one streaming request per prompt, a progress bar; then aggregate."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from kvsched.bench.client import RequestResult, RequestSpec, send_request
 from kvsched.bench.datasets import SampleRequest
 from kvsched.bench.metrics import BenchmarkMetrics, compute_metrics
 from kvsched.core.errors import ConfigError
+
+_SHARD = 8  # connections per httpx pool
 
 
 class ServerUnreachableError(RuntimeError):
@@ -71,6 +75,25 @@ async def _check_server(client: httpx.AsyncClient, spec: RequestSpec, sample: Sa
         raise ServerUnreachableError(f"initial test request to {spec.api_url} failed: {res.error}")
 
 
+def _client_slots(limit: int, timeout: httpx.Timeout) -> tuple[list[httpx.AsyncClient], asyncio.Queue]:
+    """``limit`` slots over small connection pools: httpcore scans its whole pool for every request,
+    so one pool of hundreds of connections makes the client, not the server, the bottleneck."""
+    ctx = ssl.create_default_context()  # shared: building one per client costs ~100 ms
+    clients = [
+        httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=_SHARD, max_keepalive_connections=_SHARD),
+            timeout=timeout,
+            trust_env=False,
+            verify=ctx,
+        )
+        for _ in range(-(-limit // _SHARD))
+    ]
+    slots: asyncio.Queue = asyncio.Queue()
+    for i in range(limit):
+        slots.put_nowait(clients[i % len(clients)])
+    return clients, slots
+
+
 async def run_load(
     spec: RequestSpec, samples: Sequence[SampleRequest], load: LoadConfig
 ) -> tuple[list[RequestResult], float]:
@@ -79,12 +102,13 @@ async def run_load(
         raise ConfigError("the dataset is empty")
     offsets = arrival_offsets(samples, load)
     limit = load.max_concurrency or len(samples)
-    limits = httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
     timeout = httpx.Timeout(load.timeout_s, connect=min(30.0, load.timeout_s))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
+    clients, slots = _client_slots(limit, timeout)
+    async with contextlib.AsyncExitStack() as stack:
+        for client in clients:
+            await stack.enter_async_context(client)
         if load.initial_test:
-            await _check_server(client, spec, samples[0])
-        sem = asyncio.Semaphore(limit)
+            await _check_server(clients[0], spec, samples[0])
         bar = tqdm(total=len(samples), disable=not load.progress, desc="requests")
         start = time.perf_counter()
 
@@ -92,8 +116,11 @@ async def run_load(
             delay = start + offset - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            async with sem:
+            client = await slots.get()  # the concurrency cap
+            try:
                 res = await send_request(client, spec, sample)
+            finally:
+                slots.put_nowait(client)
             bar.update(1)
             return res
 

@@ -1,0 +1,163 @@
+"""The FastAPI app: OpenAI routes, /health, /metrics, and the engine's lifespan.
+
+``build_app(backend, model_name)`` takes any :class:`~kvsched.serve.backend.Backend`; the CLI passes an
+ExecutorBackend over the real engine, tests may pass one over a fake executor.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from kvsched.serve.async_engine import AsyncEngine, RequestHandle
+from kvsched.serve.backend import Backend
+from kvsched.serve.errors import APIError, install_error_handlers, status_of
+from kvsched.serve.generation import Formatter, check_context, collect, sampling_params, sse_stream, usage
+from kvsched.serve.metrics import CONTENT_TYPE, ServerMetrics
+from kvsched.serve.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+)
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(slots=True)
+class ServerOptions:
+    max_waiting: int = 1024  # requests without a first token before new ones get 429
+    drain_timeout_s: float = 10.0  # on shutdown, how long running requests may finish
+
+
+def build_app(backend: Backend, model_name: str, options: ServerOptions | None = None) -> FastAPI:
+    opts = options or ServerOptions()
+    metrics = ServerMetrics(model_name)
+    engine = AsyncEngine(backend, metrics, max_waiting=opts.max_waiting)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await engine.shutdown(opts.drain_timeout_s)
+
+    app = FastAPI(title="kvsched", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(
+                404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "model"
+            )
+
+    async def start(token_ids: list[int], params) -> RequestHandle:
+        handle = engine.submit(token_ids, params)
+        try:
+            await handle.accepted()
+        except Exception as exc:
+            handle.close()
+            status, message = status_of(exc)
+            raise APIError(status, message) from exc
+        return handle
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            return Response("engine not running", status_code=503)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=model_name, max_model_len=backend.max_model_len)])
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request):
+        check_model(req.model)
+        ids = backend.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
+        if not ids:
+            raise APIError(400, "the prompt encodes to zero tokens", "prompt")
+        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
+        handle = await start(ids, sampling_params(req, max_tokens, req.logprobs))
+        rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
+        want_lp = req.logprobs is not None
+        if req.stream:
+            offset = [0]
+
+            def chunk(d) -> str | None:
+                if not d.text_delta and not d.finished:
+                    return None
+                lp = (
+                    fmt.completion_logprobs(d.new_token_ids, d.logprobs or [], offset[0]) if want_lp else None
+                )
+                offset[0] += len(d.text_delta)
+                choice = CompletionChoice(text=d.text_delta, logprobs=lp, finish_reason=d.finish_reason)
+                return CompletionResponse(id=rid, model=model_name, choices=[choice]).model_dump_json()
+
+            def usage_chunk() -> str:
+                return CompletionResponse(
+                    id=rid, model=model_name, choices=[], usage=usage(handle)
+                ).model_dump_json()
+
+            body = sse_stream(handle, chunk, usage_chunk if req.include_usage else None)
+            return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+        got = await collect(handle, raw.is_disconnected)
+        lp = fmt.completion_logprobs(got.token_ids, got.logprobs, 0) if want_lp else None
+        choice = CompletionChoice(text=got.text, logprobs=lp, finish_reason=got.finish_reason)
+        return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request):
+        check_model(req.model)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = backend.encode_chat(messages)
+        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
+        num_top = (req.top_logprobs or 0) if req.logprobs else 0
+        handle = await start(ids, sampling_params(req, max_tokens, num_top if req.logprobs else None))
+        rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
+        if req.stream:
+            first = [True]
+
+            def chunk(d) -> str | None:
+                if not d.text_delta and not d.finished and not first[0]:
+                    return None
+                role = "assistant" if first[0] else None
+                first[0] = False
+                lp = fmt.chat_logprobs(d.new_token_ids, d.logprobs or []) if req.logprobs else None
+                delta = DeltaMessage(role=role, content=d.text_delta)
+                choice = ChatStreamChoice(delta=delta, logprobs=lp, finish_reason=d.finish_reason)
+                return ChatCompletionChunk(id=rid, model=model_name, choices=[choice]).model_dump_json()
+
+            def usage_chunk() -> str:
+                return ChatCompletionChunk(
+                    id=rid, model=model_name, choices=[], usage=usage(handle)
+                ).model_dump_json()
+
+            body = sse_stream(handle, chunk, usage_chunk if req.include_usage else None)
+            return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
+        got = await collect(handle, raw.is_disconnected)
+        lp = fmt.chat_logprobs(got.token_ids, got.logprobs) if req.logprobs else None
+        choice = ChatChoice(
+            message=ChatResponseMessage(content=got.text), logprobs=lp, finish_reason=got.finish_reason
+        )
+        return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
+
+    return app

@@ -1,0 +1,88 @@
+"""What the server needs from an engine, and the adapter over :class:`kvsched.engine.executor.Executor`.
+
+The adapter only uses the Executor's public seam (``add_request``, ``abort_request``, ``step``,
+``has_unfinished_requests``, ``pop_output``, ``tokenizer``, ``max_model_len``, ``kv``), so any object
+with that seam works — the tests' fake executor included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Protocol
+
+from kvsched.core.errors import UnknownRequestError
+from kvsched.core.request import SamplingParams
+from kvsched.engine.outputs import StepOutput
+from kvsched.serve.metrics import EngineSnapshot
+
+
+class Backend(Protocol):
+    max_model_len: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
+    def token_text(self, token_id: int) -> str: ...
+    def add_request(self, token_ids: list[int], params: SamplingParams, request_id: Hashable) -> None: ...
+    def abort_request(self, request_id: Hashable) -> None: ...
+    def release(self, request_id: Hashable) -> None: ...
+    def step(self) -> list[StepOutput]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def snapshot(self) -> EngineSnapshot: ...
+
+
+class ExecutorBackend:
+    """Engine-thread side of the server over an Executor (tokenizing is safe from the loop thread)."""
+
+    def __init__(self, executor: Any) -> None:
+        self.executor = executor
+        self.max_model_len: int = executor.max_model_len
+        self._tokenizer = executor.tokenizer
+        if self._tokenizer is None:
+            raise ValueError("the model has no tokenizer; the server needs one to read text prompts")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return list(self.executor.core.apply_chat_template(messages, True))
+
+    def token_text(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+    def add_request(self, token_ids: list[int], params: SamplingParams, request_id: Hashable) -> None:
+        self.executor.add_request(token_ids, params, request_id=request_id)
+
+    def abort_request(self, request_id: Hashable) -> None:
+        """Abort and drop the result; a request that already finished is just dropped."""
+        with contextlib.suppress(UnknownRequestError):
+            self.executor.abort_request(request_id)
+        self.release(request_id)
+
+    def release(self, request_id: Hashable) -> None:
+        with contextlib.suppress(UnknownRequestError):
+            self.executor.pop_output(request_id)
+
+    def step(self) -> list[StepOutput]:
+        return self.executor.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.executor.has_unfinished_requests()
+
+    def snapshot(self) -> EngineSnapshot:
+        kv = self.executor.kv
+        s = kv.stats()
+        unfinished = self.executor.num_unfinished_requests
+        hits = s.reuse_hit_tokens_device + s.reuse_hit_tokens_host
+        return EngineSnapshot(
+            num_running=s.num_active_requests,
+            num_waiting=max(0, unfinished - s.num_requests),
+            num_paused=s.num_requests - s.num_active_requests,
+            device_kv_usage=s.used_device_blocks / max(1, s.num_device_blocks),
+            host_kv_usage=s.used_host_blocks / max(1, s.num_host_blocks) if s.num_host_blocks else 0.0,
+            prefix_queries=hits + s.reuse_miss_tokens,
+            prefix_hits=hits,
+            num_suspends=s.num_suspends,
+            num_resumes=s.num_resumes,
+            num_preemptions=getattr(self.executor.stats, "num_preempted", 0),
+        )

@@ -1,0 +1,61 @@
+"""`kvsched serve`: the OpenAI-compatible server over the engine (flags: server + every engine flag)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from kvsched.engine.engine_args import add_engine_flags  # torch-free: flags only
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None, help="name clients send (default: from --model)")
+    p.add_argument("--max-waiting", type=int, default=1024, help="requests without a first token before 429s")
+    p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_engine_flags(p)
+    p.set_defaults(func=run)
+
+
+def served_name(model: str | None, override: str | None) -> str:
+    if override:
+        return override
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvsched.core.errors import KVSchedError
+    from kvsched.engine.engine_args import engine_args_from_namespace
+    from kvsched.engine.executor import Executor
+    from kvsched.serve.app import ServerOptions, build_app
+    from kvsched.serve.backend import ExecutorBackend
+
+    try:
+        engine_args = engine_args_from_namespace(args)
+        executor = Executor(engine_args)
+    except (KVSchedError, OSError, ValueError) as exc:
+        print(f"kvsched serve: error: {exc}", file=sys.stderr)
+        return 2
+    name = served_name(engine_args.model, args.served_model_name)
+    options = ServerOptions(max_waiting=args.max_waiting, drain_timeout_s=args.drain_timeout)
+    app = build_app(ExecutorBackend(executor), name, options)
+    print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+    )
+    return 0

@@ -1,0 +1,149 @@
+"""Request -> engine input, and engine output -> OpenAI bodies, shared by both endpoints.
+
+Completions and chat differ only in how a delta is wrapped (``text`` vs ``delta.content``) and how
+logprobs are shaped; :class:`Formatter` holds those differences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from kvsched.core.request import SamplingParams
+from kvsched.engine.outputs import StepOutput
+from kvsched.serve.async_engine import RequestHandle
+from kvsched.serve.errors import APIError, sse_error
+from kvsched.serve.protocol import (
+    ChatChoiceLogprobs,
+    ChatLogprob,
+    CompletionLogprobs,
+    UsageInfo,
+    _SamplingFields,
+)
+
+
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The max_tokens to use; a prompt that leaves no room is a 400 that names the numbers."""
+    if max_tokens is None:
+        max_tokens = max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len or max_tokens < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the messages/prompt, {max_tokens} in the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            "max_tokens" if num_prompt < max_model_len else "prompt",
+        )
+    return max_tokens
+
+
+def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        seed=req.seed,
+        stop=req.stop_list or None,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+@dataclass(slots=True)
+class Collected:
+    """A finished request, gathered from its deltas (non-streaming responses)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def collect(handle: RequestHandle, is_disconnected: Callable) -> Collected:
+    """Gather every delta; abort (via the handle) if the client goes away meanwhile."""
+    out = Collected()
+    parts: list[str] = []
+    iterator = handle.__aiter__()
+    try:
+        while True:
+            nxt = asyncio.ensure_future(iterator.__anext__())
+            while True:
+                done, _ = await asyncio.wait({nxt}, timeout=1.0)
+                if done:
+                    break
+                if await is_disconnected():
+                    nxt.cancel()
+                    raise APIError(499, "client disconnected")
+            try:
+                delta: StepOutput = nxt.result()
+            except StopAsyncIteration:
+                break
+            parts.append(delta.text_delta)
+            out.token_ids.extend(delta.new_token_ids)
+            if delta.logprobs:
+                out.logprobs.extend(delta.logprobs)
+            if delta.finished:
+                out.finish_reason = delta.finish_reason
+                break
+    finally:
+        handle.close()
+    out.text = "".join(parts)
+    return out
+
+
+def usage(handle: RequestHandle) -> UsageInfo:
+    n_in, n_out = handle.num_prompt_tokens, handle.num_output_tokens
+    return UsageInfo(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
+
+
+class Formatter:
+    """Turns token ids and logprobs into the logprobs objects of each endpoint."""
+
+    def __init__(self, token_text: Callable[[int], str], num_top: int) -> None:
+        self.token_text = token_text
+        self.num_top = num_top
+
+    def completion_logprobs(self, token_ids: list[int], lps: list[float], offset: int) -> CompletionLogprobs:
+        toks = [self.token_text(t) for t in token_ids]
+        offsets, pos = [], offset
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        top = [{t: lp} for t, lp in zip(toks, lps)] if self.num_top > 0 else []
+        return CompletionLogprobs(tokens=toks, token_logprobs=lps, top_logprobs=top, text_offset=offsets)
+
+    def chat_logprobs(self, token_ids: list[int], lps: list[float]) -> ChatChoiceLogprobs:
+        content = []
+        for t, lp in zip(token_ids, lps):
+            text = self.token_text(t)
+            raw = list(text.encode("utf-8"))
+            top = [{"token": text, "logprob": lp, "bytes": raw}] if self.num_top > 0 else []
+            content.append(ChatLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=top))
+        return ChatChoiceLogprobs(content=content)
+
+
+async def sse_stream(
+    handle: RequestHandle,
+    make_chunk: Callable[[StepOutput], str | None],
+    make_usage_chunk: Callable[[], str] | None,
+) -> AsyncIterator[str]:
+    """``data: ...`` events for each delta, an optional usage event, then ``data: [DONE]``.
+
+    Cancellation (the client disconnected) and errors end in ``handle.close()``, which aborts the
+    request in the engine if it had not finished.
+    """
+    try:
+        async for delta in handle:
+            body = make_chunk(delta)
+            if body is not None:
+                yield f"data: {body}\n\n"
+        if make_usage_chunk is not None:
+            yield f"data: {make_usage_chunk()}\n\n"
+    except Exception as exc:  # the status line is sent: report in-band, as OpenAI does
+        yield sse_error(exc)
+    finally:
+        handle.close()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,105 @@
+"""One request as the HTTP layer sees it: an async iterator of deltas that aborts when closed early."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from kvsched.core.errors import KVSchedError
+from kvsched.engine.outputs import StepOutput
+from kvsched.serve.stops import StopBuffer
+
+if TYPE_CHECKING:
+    from kvsched.serve.async_engine import AsyncEngine
+
+
+class QueueFullError(KVSchedError):
+    """Too many requests are waiting for their first token (HTTP 429)."""
+
+
+class EngineClosedError(KVSchedError):
+    """The server is shutting down, or the engine failed (HTTP 503)."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    accepted: asyncio.Future
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    waiting: bool = True
+    finished: bool = False
+
+
+class RequestHandle:
+    """Async iterator over one request's :class:`StepOutput` deltas; ``close()`` ends it (aborting if
+    unfinished) and records its latencies."""
+
+    __slots__ = ("_engine", "request_id", "_stream", "num_prompt_tokens", "num_output_tokens", "arrival",
+                 "first_token_time", "finish_reason", "_closed", "_stops")  # fmt: skip
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: int,
+        stream: _Stream,
+        num_prompt_tokens: int,
+        stops: Sequence[str] | None = None,
+    ) -> None:
+        self._engine = engine
+        self._stops = StopBuffer(stops) if stops else None
+        self.request_id = request_id
+        self._stream = stream
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_output_tokens = 0
+        self.arrival = time.monotonic()
+        self.first_token_time: float | None = None
+        self.finish_reason: str | None = None
+        self._closed = False
+
+    async def accepted(self) -> None:
+        """Returns once the engine took the request; raises the engine's error if it refused it."""
+        await self._stream.accepted
+
+    def __aiter__(self) -> RequestHandle:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self._stream.finished and self._stream.queue.empty():
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            self._stream.finished = True
+            raise item
+        if item.new_token_ids:
+            if self.first_token_time is None:
+                self.first_token_time = time.monotonic()
+            self.num_output_tokens += len(item.new_token_ids)
+        if self._stops is not None:
+            text, hit = self._stops.push(item.text_delta)
+            if hit:  # finished here; close() aborts the engine side
+                item.finished, item.finish_reason = True, "stop"
+                self._stream.finished = True
+                self._stream.queue = asyncio.Queue()  # drop anything already routed
+            elif item.finished:
+                text += self._stops.flush()
+            item.text_delta = text
+        if item.finished:
+            self.finish_reason = item.finish_reason
+        return item
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        aborted = self._engine._release(self.request_id, self._stream)
+        metrics = self._engine.metrics
+        if metrics is not None:
+            metrics.observe_finished(
+                self.finish_reason or ("abort" if aborted else "error"),
+                num_prompt=self.num_prompt_tokens,
+                num_output=self.num_output_tokens,
+                ttft=None if self.first_token_time is None else self.first_token_time - self.arrival,
+                e2e=time.monotonic() - self.arrival,
+            )

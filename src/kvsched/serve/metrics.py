@@ -1,0 +1,133 @@
+"""Prometheus metrics of one server (names shaped like vLLM's ``vllm:*``, prefixed ``kvsched:``).
+
+Each server owns its CollectorRegistry, so several servers in one process (tests) do not collide.
+Gauges are set by the engine thread after each step from an :class:`EngineSnapshot`; cumulative engine
+counters (suspends, resumes, prefix hits) are advanced by their deltas; latency histograms are
+observed by the HTTP layer when a request ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+@dataclass(slots=True)
+class EngineSnapshot:
+    """Engine state after a step; counters are cumulative since start."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_paused: int = 0
+    device_kv_usage: float = 0.0
+    host_kv_usage: float = 0.0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    num_suspends: int = 0
+    num_resumes: int = 0
+    num_preemptions: int = 0
+
+
+class ServerMetrics:
+    """All metrics of one server; ``render()`` is the /metrics body."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        reg, labels = self.registry, {"model_name": model_name}
+        self._last = EngineSnapshot()
+
+        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"kvsched:{name}", doc, ("model_name", *extra), registry=reg)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"kvsched:{name}", doc, ("model_name", *extra), registry=reg)
+
+        self.running = gauge("num_requests_running", "Requests scheduled in the engine.").labels(**labels)
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.").labels(**labels)
+        self.paused = gauge("num_requests_paused", "Requests suspended to the host tier.").labels(**labels)
+        kv = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use, per tier.", ("tier",))
+        self.kv_device = kv.labels(tier="device", **labels)
+        self.kv_host = kv.labels(tier="host", **labels)
+        self.prefix_hit_rate = gauge(
+            "prefix_cache_hit_rate", "Prefix-cache hits / queries since start."
+        ).labels(**labels)
+        self.prefix_queries = counter("prefix_cache_queries", "Prefix-cache lookups.").labels(**labels)
+        self.prefix_hits = counter("prefix_cache_hits", "Prefix-cache lookups that hit.").labels(**labels)
+        self.suspends = counter("num_suspends", "Requests suspended to the host tier.").labels(**labels)
+        self.resumes = counter("num_resumes", "Suspended requests resumed.").labels(**labels)
+        self.preemptions = counter("num_preemptions", "Requests preempted for recompute.").labels(**labels)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.").labels(**labels)
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(**labels)
+        self._success = counter("request_success", "Finished requests by reason.", ("finished_reason",))
+        self._labels = labels
+        self.rejected = counter("request_rejected", "Requests refused (429, queue full).").labels(**labels)
+        self.ttft = Histogram(
+            "kvsched:time_to_first_token_seconds",
+            "Time to first token.",
+            ("model_name",),
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ).labels(**labels)
+        self.tpot = Histogram(
+            "kvsched:time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            ("model_name",),
+            buckets=_TPOT_BUCKETS,
+            registry=reg,
+        ).labels(**labels)
+        self.e2e = Histogram(
+            "kvsched:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            ("model_name",),
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        ).labels(**labels)
+
+    def update_engine(self, snap: EngineSnapshot) -> None:
+        """Called by the engine thread after each step."""
+        self.running.set(snap.num_running)
+        self.waiting.set(snap.num_waiting)
+        self.paused.set(snap.num_paused)
+        self.kv_device.set(snap.device_kv_usage)
+        self.kv_host.set(snap.host_kv_usage)
+        last = self._last
+        for counter, now, before in (
+            (self.prefix_queries, snap.prefix_queries, last.prefix_queries),
+            (self.prefix_hits, snap.prefix_hits, last.prefix_hits),
+            (self.suspends, snap.num_suspends, last.num_suspends),
+            (self.resumes, snap.num_resumes, last.num_resumes),
+            (self.preemptions, snap.num_preemptions, last.num_preemptions),
+        ):
+            if now > before:
+                counter.inc(now - before)
+        if snap.prefix_queries:
+            self.prefix_hit_rate.set(snap.prefix_hits / snap.prefix_queries)
+        self._last = snap
+
+    def observe_finished(
+        self,
+        finish_reason: str,
+        *,
+        num_prompt: int,
+        num_output: int,
+        ttft: float | None,
+        e2e: float,
+    ) -> None:
+        """Called by the HTTP layer when a request ends (aborted ones count as ``abort``)."""
+        self._success.labels(finished_reason=finish_reason, **self._labels).inc()
+        self.prompt_tokens.inc(num_prompt)
+        self.generation_tokens.inc(num_output)
+        self.e2e.observe(e2e)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if num_output > 1:
+                self.tpot.observe((e2e - ttft) / (num_output - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

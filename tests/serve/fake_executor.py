@@ -1,0 +1,153 @@
+"""A torch-free stand-in with the Executor's seam, so the HTTP layer is tested fast and exactly.
+
+Bytes are tokens (ids 0..255). Output token ``i`` of a prompt is ``a..z`` chosen from the prompt's
+byte sum, so every prompt has a known continuation. KV is counted in 16-token blocks; a request is
+admitted FIFO when its blocks fit, holds them until it finishes or is aborted. A prompt that starts
+with ``hang`` never finishes on its own (only an abort ends it), for disconnect tests.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+from kvsched.core.errors import DuplicateRequestError, InvalidRequestError, UnknownRequestError
+from kvsched.core.request import SamplingParams
+from kvsched.engine.outputs import StepOutput
+
+TPB = 16
+
+
+def expected_text(prompt_ids: list[int], n: int) -> str:
+    base = sum(prompt_ids)
+    return "".join(chr(97 + (base + i) % 26) for i in range(n))
+
+
+class ByteTokenizer:
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
+
+
+@dataclass
+class _Req:
+    ids: list[int]
+    params: SamplingParams
+    out: list[int] = field(default_factory=list)
+    text: str = ""
+    blocks: int = 0
+
+
+class FakeExecutor:
+    def __init__(
+        self,
+        num_device_blocks: int = 4096,
+        max_batch_size: int = 64,
+        max_model_len: int = 512,
+        step_delay_s: float = 0.0,
+    ) -> None:
+        self.step_delay_s = step_delay_s
+        self.tokenizer = ByteTokenizer()
+        self.core = SimpleNamespace(apply_chat_template=self._chat)
+        self.max_model_len = max_model_len
+        self.max_batch_size = max_batch_size
+        self.kv = SimpleNamespace(
+            stats=self._stats, num_device_blocks=num_device_blocks, tokens_per_block=TPB
+        )
+        self.stats = SimpleNamespace(num_preempted=0)
+        self._reqs: dict[object, _Req] = {}
+        self._finished: dict[object, str] = {}
+        self.used_blocks = 0
+        self.num_aborted = 0
+        self.step_gate = threading.Event()  # tests may clear it to hold the engine
+        self.step_gate.set()
+
+    @staticmethod
+    def _chat(messages, add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return list((text + ("<assistant>" if add_generation_prompt else "")).encode())
+
+    def _stats(self) -> SimpleNamespace:
+        running = sum(1 for r in self._reqs.values() if r.blocks)
+        return SimpleNamespace(
+            num_device_blocks=self.kv.num_device_blocks,
+            num_host_blocks=0,
+            used_device_blocks=self.used_blocks,
+            used_host_blocks=0,
+            num_requests=running,
+            num_active_requests=running,
+            reuse_hit_tokens_device=0,
+            reuse_hit_tokens_host=0,
+            reuse_miss_tokens=0,
+            num_suspends=0,
+            num_resumes=0,
+        )
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._reqs)
+
+    def add_request(self, prompt, sampling_params=None, request_id=None, **_: object):
+        params = sampling_params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if request_id in self._reqs:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in use")
+        if not ids or min(ids) < 0 or max(ids) > 255:
+            raise InvalidRequestError(f"request {request_id!r}: prompt token ids must be in [0, 256)")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(f"request {request_id!r}: exceeds max_model_len={self.max_model_len}")
+        self._reqs[request_id] = _Req(ids, params)
+        return request_id
+
+    def abort_request(self, request_id) -> None:
+        req = self._reqs.pop(request_id, None)
+        if req is None:
+            raise UnknownRequestError(f"unknown request id {request_id!r}")
+        self.used_blocks -= req.blocks
+        self.num_aborted += 1
+        self._finished[request_id] = "abort"
+
+    def pop_output(self, request_id):
+        try:
+            return self._finished.pop(request_id)
+        except KeyError:
+            raise UnknownRequestError(f"no finished request {request_id!r}") from None
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._reqs)
+
+    def step(self) -> list[StepOutput]:
+        self.step_gate.wait()
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        outputs = []
+        for rid, req in list(self._reqs.items())[: self.max_batch_size]:
+            need = -(-(len(req.ids) + len(req.out) + 1) // TPB)
+            if need > req.blocks:
+                if self.used_blocks + need - req.blocks > self.kv.num_device_blocks:
+                    continue
+                self.used_blocks += need - req.blocks
+                req.blocks = need
+            tok = 97 + (sum(req.ids) + len(req.out)) % 26
+            req.out.append(tok)
+            delta = chr(tok)
+            req.text += delta
+            reason = "length" if len(req.out) >= req.params.max_tokens else None
+            if req.ids[:4] == list(b"hang"):
+                reason = None
+            for stop in req.params.stop or ():
+                cut = req.text.find(stop)
+                if cut >= 0:
+                    delta = delta[: max(0, len(delta) - (len(req.text) - cut))]
+                    req.text, reason = req.text[:cut], "stop"
+            if reason is not None:
+                self.used_blocks -= req.blocks
+                del self._reqs[rid]
+                self._finished[rid] = reason
+            lp = [-0.5] if req.params.logprobs is not None else None
+            outputs.append(StepOutput(rid, [tok], delta, reason is not None, reason, lp))
+        return outputs
