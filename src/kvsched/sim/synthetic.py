@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvsched.core.errors import ConfigError
-from kvsched.sim.workload import PREFIX_BASE, SEGMENT_SPAN, UNIQUE_BASE, RequestSpec
+from kvsched.sim.workload import SEGMENT_SPAN, RequestSpec, prefix_base, unique_base
 
 
 @dataclass(slots=True, frozen=True)
@@ -19,7 +19,7 @@ class LengthDist:
     kind: str
     a: float
     b: float = 0.0
-    max_len: int = 1 << 20
+    max_len: int = SEGMENT_SPAN
 
     def __post_init__(self) -> None:
         if self.kind not in ("fixed", "uniform", "lognormal"):
@@ -108,8 +108,8 @@ def synthetic_workload(
     for i in range(n):
         segs: list[tuple[int, int]] = []
         if shared_prefix_len:
-            segs.append((PREFIX_BASE + int(which[i]) * SEGMENT_SPAN, shared_prefix_len))
-        segs.append((UNIQUE_BASE + i * SEGMENT_SPAN, int(p[i])))
+            segs.append((prefix_base(int(which[i])), shared_prefix_len))
+        segs.append((unique_base(i), int(p[i])))
         specs.append(RequestSpec(i, float(t[i]), tuple(segs), int(o[i]), loras[i], None, vocab_size))
     return specs
 
@@ -137,7 +137,9 @@ def multi_turn_workload(
     starts = arrival_times(num_conversations, rate, rng)
     specs: list[RequestSpec] = []
     for c in range(num_conversations):
-        segs: tuple[tuple[int, int], ...] = ((PREFIX_BASE, system_prompt_len),) if system_prompt_len else ()
+        segs: tuple[tuple[int, int], ...] = (
+            ((prefix_base(0), system_prompt_len),) if system_prompt_len else ()
+        )
         prev: RequestSpec | None = None
         u = user_len.sample(rng, turns)
         o = output_len.sample(rng, turns)
@@ -145,7 +147,7 @@ def multi_turn_workload(
             rid = len(specs)
             if prev is not None:
                 segs = segs + ((prev.output_base, prev.output_len),)
-            segs = segs + ((UNIQUE_BASE + rid * SEGMENT_SPAN, int(u[k])),)
+            segs = segs + ((unique_base(rid), int(u[k])),)
             arrival = float(starts[c]) if prev is None else think_time
             spec = RequestSpec(
                 rid, arrival, segs, int(o[k]), None, None if prev is None else prev.request_id, vocab_size

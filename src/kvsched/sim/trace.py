@@ -12,7 +12,7 @@ from itertools import islice
 from pathlib import Path
 
 from kvsched.core.errors import ConfigError
-from kvsched.sim.workload import PREFIX_BASE, RequestSpec
+from kvsched.sim.workload import TRACE_LIMIT, RequestSpec
 
 MOONCAKE_BLOCK = 512
 
@@ -55,7 +55,7 @@ def iter_mooncake(
                     f"{path}:{lineno}: {len(ids)} hash_ids do not cover input_length={n_in} "
                     f"in blocks of {block_size}"
                 )
-            if min(ids) < 0 or max(ids) * block_size >= PREFIX_BASE:
+            if min(ids) < 0 or (max(ids) + 1) * block_size > TRACE_LIMIT:
                 raise ConfigError(f"{path}:{lineno}: hash_ids out of range")
             if t0 is None:
                 t0 = ts

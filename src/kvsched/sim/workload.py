@@ -14,11 +14,30 @@ from itertools import chain
 
 from kvsched.core.errors import ConfigError
 
-# Token-id ranges that never overlap: unique prompt text, outputs, shared prefixes (trace blocks use h * 512).
-UNIQUE_BASE = 1 << 44
-OUTPUT_BASE = 1 << 46
-PREFIX_BASE = 1 << 48
-SEGMENT_SPAN = 1 << 24  # room for one request's tokens inside a range
+# Token ids must fit the KV manager's int32 block keys, so the sources get disjoint ranges below 2**31:
+# trace blocks h * 512 (h < 2**20), shared prefixes, unique prompt text, outputs. Keys are chained, so two
+# requests only share a block if everything before it matches: a segment's base only has to differ from
+# the other segments that can follow the same prefix.
+TRACE_LIMIT = 1 << 29
+PREFIX_BASE = 1 << 29
+UNIQUE_BASE = 1 << 30
+OUTPUT_BASE = (1 << 30) + (1 << 29)
+SEGMENT_SPAN = 1 << 17  # the most tokens one segment may hold
+_STRIDE = 4099  # odd: ``rid * _STRIDE`` differs modulo a power of two for every rid below it
+
+
+def unique_base(request_id: int) -> int:
+    return UNIQUE_BASE + (request_id * _STRIDE) % (1 << 29)
+
+
+def output_base(request_id: int) -> int:
+    return OUTPUT_BASE + (request_id * _STRIDE) % (1 << 28)
+
+
+def prefix_base(index: int) -> int:
+    if not 0 <= index < (1 << 29) // SEGMENT_SPAN:
+        raise ConfigError(f"shared prefix index {index} out of range")
+    return PREFIX_BASE + index * SEGMENT_SPAN
 
 
 def mix_token(x: int, vocab_size: int) -> int:
@@ -45,10 +64,14 @@ class RequestSpec:
 
     def __post_init__(self) -> None:
         self.prompt_len = sum(n for _, n in self.segments)
+        if any(n > SEGMENT_SPAN for _, n in self.segments):
+            raise ConfigError(f"request {self.request_id}: a prompt segment exceeds {SEGMENT_SPAN} tokens")
         if self.prompt_len <= 0:
             raise ConfigError(f"request {self.request_id}: the prompt is empty")
-        if self.output_len < 1:
-            raise ConfigError(f"request {self.request_id}: output_len must be >= 1, got {self.output_len}")
+        if not 1 <= self.output_len <= SEGMENT_SPAN:
+            raise ConfigError(
+                f"request {self.request_id}: output_len must be in [1, {SEGMENT_SPAN}], got {self.output_len}"
+            )
         if self.arrival_time < 0 or not math.isfinite(self.arrival_time):
             raise ConfigError(f"request {self.request_id}: arrival_time={self.arrival_time} is invalid")
 
@@ -61,7 +84,7 @@ class RequestSpec:
 
     @property
     def output_base(self) -> int:
-        return OUTPUT_BASE + self.request_id * SEGMENT_SPAN
+        return output_base(self.request_id)
 
     def output_token(self, index: int) -> int:
         """The token the simulated model emits at output position `index` (deterministic)."""

@@ -1,0 +1,125 @@
+"""A deployment to simulate: model x GPU x parallelism x memory split x scheduler budgets.
+
+Turns "Llama-3.1-8B on one H200 with 200 GB of host memory" into a cost model, a `CacheConfig` and a
+`Simulator` per policy, so several policies run on exactly the same deployment and workload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvsched.core.config import CacheConfig
+from kvsched.core.errors import ConfigError
+from kvsched.sim.cost import RooflineCostModel
+from kvsched.sim.executor import Simulator
+from kvsched.sim.hardware import GpuSpec
+from kvsched.sim.metrics import SLO
+from kvsched.sim.models import ModelSpec
+from kvsched.sim.workload import RequestSpec
+
+POLICIES = (
+    "unified",
+    "two-stage:max_utilization",
+    "two-stage:guaranteed_no_evict",
+    "two-stage:static_batch",
+    "recompute",
+    "oracle",
+)
+
+
+def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
+    """`unified` | `recompute` | `two-stage[:policy]` | `oracle` -> (scheduler kind, extra keywords)."""
+    kind, _, policy = text.partition(":")
+    if kind in ("unified", "recompute", "oracle") and not policy:
+        return kind, {}
+    if kind == "two-stage":
+        return kind, {"policy": policy or "max_utilization"}
+    raise ConfigError(f"policy {text!r} is invalid: one of {', '.join(POLICIES)}")
+
+
+@dataclass(slots=True)
+class Scenario:
+    """Everything but the workload and the policy."""
+
+    model: ModelSpec
+    gpu: GpuSpec
+    tp: int = 1
+    tokens_per_block: int = 32
+    gpu_memory_fraction: float = 0.9  # of HBM usable for weights + KV (the rest: activations, runtime)
+    num_device_blocks: int | None = None  # None: what the HBM left after weights holds
+    host_memory_gb: float = 0.0  # host tier per GPU (0 = no host tier)
+    enable_block_reuse: bool = True
+    max_batch_size: int = 256
+    max_num_tokens: int | None = 8192
+    chunk_unit_size: int | None = 256
+    step_overhead: float = 2e-3
+    overlap_copies: bool = True
+    slo: SLO = field(default_factory=SLO)
+
+    def cost_model(self) -> RooflineCostModel:
+        return RooflineCostModel(
+            self.model,
+            self.gpu,
+            tp=self.tp,
+            step_overhead=self.step_overhead,
+            overlap_copies=self.overlap_copies,
+        )
+
+    @property
+    def block_bytes(self) -> float:
+        """KV bytes of one block on one GPU."""
+        return self.tokens_per_block * self.model.kv_bytes_per_token_per_gpu(self.tp)
+
+    def device_blocks(self) -> int:
+        if self.num_device_blocks is not None:
+            return self.num_device_blocks
+        free = self.gpu.hbm_bytes * self.gpu_memory_fraction - self.model.weight_bytes_total / self.tp
+        blocks = int(free // self.block_bytes)
+        if blocks < 1:
+            raise ConfigError(
+                f"{self.model.name} ({self.model.weight_bytes_total / 1e9:.1f} GB) does not fit "
+                f"{self.tp} x {self.gpu.name} at gpu_memory_fraction={self.gpu_memory_fraction}"
+            )
+        return blocks
+
+    def host_blocks(self) -> int:
+        if self.host_memory_gb < 0:
+            raise ConfigError(f"host_memory_gb={self.host_memory_gb} must be >= 0")
+        return int(self.host_memory_gb * 1e9 // self.block_bytes)
+
+    def oracle_blocks(self, specs: Sequence[RequestSpec]) -> int:
+        """A device pool no request of `specs` ever waits for (capped by what a batch can hold)."""
+        tpb = self.tokens_per_block
+        per = [-(-s.total_tokens // tpb) + 1 for s in specs] or [1]
+        return max(self.device_blocks(), min(sum(per), 2 * self.max_batch_size * max(per)))
+
+    def cache_config(self, device_blocks: int, host_blocks: int) -> CacheConfig:
+        return CacheConfig(
+            tokens_per_block=self.tokens_per_block,
+            num_device_blocks=device_blocks,
+            num_host_blocks=host_blocks,
+            enable_block_reuse=self.enable_block_reuse,
+        )
+
+    def simulator(self, specs: Sequence[RequestSpec], policy: str, **kwargs: Any) -> Simulator:
+        kind, extra = parse_policy(policy)
+        if kind == "oracle":
+            kind, cache = "unified", self.cache_config(self.oracle_blocks(specs), 0)
+        else:
+            cache = self.cache_config(self.device_blocks(), self.host_blocks())
+        return Simulator(
+            specs,
+            self.cost_model(),
+            cache,
+            scheduler=kind,
+            block_bytes=self.block_bytes,
+            slo=self.slo,
+            name=policy,
+            max_batch_size=self.max_batch_size,
+            max_num_tokens=self.max_num_tokens,
+            chunk_unit_size=self.chunk_unit_size,
+            **extra,
+            **kwargs,
+        )
