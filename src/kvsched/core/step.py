@@ -104,31 +104,28 @@ def apply_step(
             finished.append(req)
 
     for req in output.generation_requests:
-        drafts = req.draft_tokens
-        tokens = sampled.get(req.request_id)
-        if tokens is not None and len(tokens) == 1 and not drafts:
-            # Fast path: one token, no speculation.
-            token = tokens[0]
+        try:
+            (token,) = sampled[req.request_id]  # fast path: exactly one token
+        except (KeyError, ValueError, TypeError):
+            tokens = _sampled_for(req, sampled)
+            n, reason = _append(req, tokens)
+            advance(req, n)
+            req.metrics["last_token"] = now
+            if req.draft_tokens:
+                req.draft_tokens = []
+        else:
             out = req.output_token_ids
             out.append(token)
             advance(req, 1)
             req.metrics["last_token"] = now
+            if req.draft_tokens:
+                req.draft_tokens = []  # proposed drafts, none accepted
             if len(out) < req.max_new_tokens and token not in req.eos_token_ids:
                 sp = req.sampling_params
                 if sp is None or not sp.stop_token_ids or token not in sp.stop_token_ids:
                     continue
             reason = _stop_reason(req, token)
-            if reason is None:
-                continue  # EOS with ignore_eos
-        else:
-            tokens = _sampled_for(req, sampled)
-            n, reason = _append(req, tokens)
-            advance(req, n)
-            req.metrics["last_token"] = now
-            if drafts:
-                req.draft_tokens = []
-            if reason is None:
-                continue
-        finish_request(req, reason, kv_cache_manager, now=now)
-        finished.append(req)
+        if reason is not None:
+            finish_request(req, reason, kv_cache_manager, now=now)
+            finished.append(req)
     return finished

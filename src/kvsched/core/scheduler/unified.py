@@ -118,31 +118,39 @@ class UnifiedScheduler:
                     stop = _BUDGET
                     break
                 lora = req.lora_id
-                pages = 0
-                if lora is not None:
-                    has_lora = True
-                    if peft is not None and lora not in lora_ids:
-                        pages = peft.num_pages(req)
-                        if claimed + pages > max_pages:
-                            stop = _BUDGET
+                if lora is None:
+                    if not try_alloc(req):
+                        ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
+                        if not ok:
+                            self._self_evict(req, paused)
+                            stop = _KV
                             break
+                    gen_append(req)
+                    num_tokens += cost
+                    num_reqs += 1
+                    continue
+                # With a LoRA adapter: pages are checked before and committed after the allocation.
+                has_lora = True
+                pages = 0
+                if peft is not None and lora not in lora_ids:
+                    pages = peft.num_pages(req)
+                    if claimed + pages > max_pages:
+                        stop = _BUDGET
+                        break
                 if not try_alloc(req):
                     ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
                     if not ok:
-                        if self._is_active(req.request_id):
-                            self._suspend(req)
-                            paused.append(req)
+                        self._self_evict(req, paused)
                         stop = _KV
                         break
                 gen_append(req)
                 num_tokens += cost
                 num_reqs += 1
-                if lora is not None:
-                    if pages:
-                        claimed += pages
-                        lora_ids.add(lora)
-                    if peft_acquire is not None:
-                        peft_acquire(req)
+                if pages:
+                    claimed += pages
+                    lora_ids.add(lora)
+                if peft_acquire is not None:
+                    peft_acquire(req)
             elif state == ctx_state:
                 pending_append(req)
 
@@ -180,6 +188,12 @@ class UnifiedScheduler:
             self._draft_suspend(req)
         if self._peft_release is not None:
             self._peft_release(req)
+
+    def _self_evict(self, req: Request, paused: list[Request]) -> None:
+        """Nothing after it could make room: suspend the failing request itself (if it holds KV)."""
+        if self._is_active(req.request_id):
+            self._suspend(req)
+            paused.append(req)
 
     def _evict_tail(
         self,
