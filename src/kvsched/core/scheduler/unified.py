@@ -6,8 +6,9 @@ the host tier (KV kept) and resume by themselves the next time they are allocate
 the pass stopped come second and take the token budget the generations left.
 
 KV manager members used: ``prepare_context``, ``resize_context``, ``try_allocate_generation``,
-``suspend_request``, ``is_request_active``, ``tokens_per_block``; ``revert`` and (if present)
-``capacity`` only by :meth:`UnifiedScheduler.drop_scheduled`. PEFT cache: ``max_device_pages``,
+``suspend_request``, ``is_request_active``, ``tokens_per_block``; read-only ``capacity(req)`` (if
+present) for each scheduled context, and ``revert`` — both only so that
+:meth:`UnifiedScheduler.drop_scheduled` can undo a step. PEFT cache: ``max_device_pages``,
 ``num_pages(req)`` and, if present, ``acquire(req)`` (a request was scheduled with its adapter) and
 ``release(req)`` (a request was suspended: it no longer pins its adapter).
 """
