@@ -65,6 +65,7 @@ class FakeExecutor:
         self.num_aborted = 0
         self.step_gate = threading.Event()  # tests may clear it to hold the engine
         self.step_gate.set()
+        self.fail_next_step = False
 
     @staticmethod
     def _chat(messages, add_generation_prompt: bool = True) -> list[int]:
@@ -122,6 +123,9 @@ class FakeExecutor:
 
     def step(self) -> list[StepOutput]:
         self.step_gate.wait()
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("injected engine failure")
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         outputs = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -93,3 +94,25 @@ def test_shutdown_aborts_unfinished_requests() -> None:
     assert fake.num_aborted == 1
     # the client saw an error event or a cut connection, never a normal finish of 400 tokens
     assert "error" in outcome or '"finish_reason":"length"' not in "".join(outcome.get("lines", []))
+
+
+def test_non_streaming_client_gone_is_aborted() -> None:
+    fake = FakeExecutor(step_delay_s=0.002)
+    with LiveServer(fake) as srv:
+        body = {"model": MODEL, "prompt": "hang on", "max_tokens": 10}
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.post(srv.url + "/v1/completions", json=body, trust_env=False, timeout=0.5)
+        assert _wait_for(lambda: fake.num_aborted == 1)
+        assert _wait_for(lambda: fake.used_blocks == 0 and not fake.has_unfinished_requests())
+
+
+def test_engine_failure_fails_requests_and_keeps_serving() -> None:
+    fake = FakeExecutor()
+    with LiveServer(fake) as srv:
+        fake.fail_next_step = True
+        body = {"model": MODEL, "prompt": "boom", "max_tokens": 5}
+        r = httpx.post(srv.url + "/v1/completions", json=body, trust_env=False, timeout=30)
+        assert r.status_code == 503 and "injected engine failure" in r.json()["error"]["message"]
+        assert not fake.has_unfinished_requests() and fake.used_blocks == 0
+        r = httpx.post(srv.url + "/v1/completions", json=body, trust_env=False, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(list(b"boom"), 5)

@@ -7,6 +7,7 @@ logprobs are shaped; :class:`Formatter` holds those differences.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -62,21 +63,27 @@ class Collected:
     finish_reason: str | None = None
 
 
-async def collect(handle: RequestHandle, is_disconnected: Callable) -> Collected:
-    """Gather every delta; abort (via the handle) if the client goes away meanwhile."""
+async def collect(handle: RequestHandle, is_disconnected: Callable, poll_s: float = 0.5) -> Collected:
+    """Gather every delta; abort (via the handle) if the client goes away meanwhile.
+
+    The client is polled at most every ``poll_s`` seconds, whether deltas are flowing or not.
+    """
     out = Collected()
     parts: list[str] = []
     iterator = handle.__aiter__()
+    next_poll = time.monotonic() + poll_s
     try:
         while True:
             nxt = asyncio.ensure_future(iterator.__anext__())
             while True:
-                done, _ = await asyncio.wait({nxt}, timeout=1.0)
+                done, _ = await asyncio.wait({nxt}, timeout=max(0.0, next_poll - time.monotonic()))
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + poll_s
+                    if await is_disconnected():
+                        nxt.cancel()
+                        raise APIError(499, "client disconnected")
                 if done:
                     break
-                if await is_disconnected():
-                    nxt.cancel()
-                    raise APIError(499, "client disconnected")
             try:
                 delta: StepOutput = nxt.result()
             except StopAsyncIteration:
