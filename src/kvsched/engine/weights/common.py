@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from kvsched.engine.model.layers import RotaryEmbedding
 from kvsched.engine.model.llama import LlamaForCausalLM
@@ -12,14 +14,27 @@ from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.weights.errors import WeightShapeError
 
 
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip nn.Linear/nn.Embedding random init (weights are overwritten right after).
+
+    A ``torch.device("meta")`` context would do the same but imports torch's reference decompositions
+    on first use (about 8 s on a small CPU).
+    """
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved  # type: ignore[method-assign]
+
+
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> LlamaForCausalLM:
-    """Allocate the model without running any initializer (weights are overwritten right after)."""
-    with torch.device("meta"):
+    """Allocate the model with uninitialised weights, in ``dtype`` on ``device``."""
+    with _no_init():
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device=device).to(dtype)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    # The rotary table is derived, not loaded: rebuild it in fp32 on the target device.
+    model = model.to(device=device, dtype=dtype)
+    # The rotary table is derived, not loaded: keep it fp32 whatever the weights' dtype.
     model.model.rotary = RotaryEmbedding(config.head_dim, config.rope_theta).to(device)
     return model.eval()
 
@@ -49,4 +64,6 @@ def fill_parameters(
                     f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                     f"the config expects {tuple(param.shape)}"
                 )
-            param.copy_(tensor.to(param.dtype))
+            # Adopt the loaded tensor (no copy when dtype and device already match; tied weights
+            # share the Parameter object, so they stay tied).
+            param.data = tensor.to(device=param.device, dtype=param.dtype).contiguous()

@@ -10,13 +10,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kvsched.engine.model.llama import LlamaForCausalLM
 from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.weights.common import empty_model, fill_parameters, parameter_names
-from kvsched.engine.weights.errors import ModelLoadError, ModelNotFoundError
+from kvsched.engine.weights.gguf_file import GGUFFile
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -37,28 +36,6 @@ _GLOBAL_NAMES = {
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
-def open_gguf(path: Path) -> Any:
-    import gguf
-
-    if not path.is_file():
-        raise ModelNotFoundError(f"GGUF file not found: {path}")
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as exc:  # the reader raises bare ValueError/struct errors on bad files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
-
-
-def gguf_metadata(reader: Any) -> dict[str, Any]:
-    """Key/values as Python objects (strings, numbers, lists)."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        try:
-            meta[key] = field.contents()
-        except Exception:  # an exotic field type we never read
-            continue
-    return meta
-
-
 def hf_name(gguf_name: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
@@ -68,36 +45,32 @@ def hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row permutation (works for weights [rows, cols] and biases [rows])."""
     rows = w.shape[0]
     rest = w.shape[1:]
-    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
 def load_gguf(
     path: Path, *, dtype: torch.dtype, device: str | torch.device
 ) -> tuple[LlamaForCausalLM, ModelConfig, dict[str, Any]]:
     """Returns the model, its config and the raw metadata (the tokenizer is built from it)."""
-    from gguf import quants
-
-    reader = open_gguf(path)
-    meta = gguf_metadata(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    config = ModelConfig.from_gguf_metadata(meta, has_output_tensor="output.weight" in tensors)
-    by_hf = {name: t for t in reader.tensors if (name := hf_name(t.name)) is not None}
+    gf = GGUFFile(path)
+    config = ModelConfig.from_gguf_metadata(gf.metadata, has_output_tensor="output.weight" in gf.tensors)
+    by_hf = {name: t for t in gf.tensors if (name := hf_name(t)) is not None}
     model = empty_model(config, dtype, device)
 
     def fetch(name: str) -> torch.Tensor | None:
-        t = by_hf.get(name)
-        if t is None:
+        gname = by_hf.get(name)
+        if gname is None:
             return None
-        w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        w = gf.tensor(gname)
         if ".q_proj." in name:
             w = unpermute(w, config.num_heads)
         elif ".k_proj." in name:
             w = unpermute(w, config.num_kv_heads)
-        return torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=not w.flags.writeable))
+        return w
 
     fill_parameters(model, parameter_names(model), fetch, str(path))
-    return model, config, meta
+    return model, config, gf.metadata

@@ -36,7 +36,11 @@ def _load_tokenizer(path: Path, gguf_meta: dict[str, Any] | None) -> Any:
     except ImportError:  # tokenizer module not available yet
         return None
     if gguf_meta is not None:
+        if "tokenizer.ggml.tokens" not in gguf_meta:  # weights-only GGUF
+            return None
         return tokenizer.Tokenizer.from_gguf_metadata(gguf_meta)
+    if not (path / "tokenizer.json").is_file():  # weights-only folder (e.g. a test checkpoint)
+        return None
     return tokenizer.Tokenizer.from_folder(path)
 
 
@@ -83,6 +87,6 @@ def load_model(
 
 
 def _gguf_meta_only(path: Path) -> dict[str, Any]:
-    from kvsched.engine.weights.gguf_loader import gguf_metadata, open_gguf
+    from kvsched.engine.weights.gguf_file import GGUFFile
 
-    return gguf_metadata(open_gguf(path))
+    return GGUFFile(path).metadata
