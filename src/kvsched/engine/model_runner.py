@@ -1,0 +1,60 @@
+"""Turns one scheduler step into one forward: which tokens each scheduled request feeds, where its
+K/V goes (its block table), and which rows need logits.
+
+Context request: tokens ``[context_current_position, + context_chunk_size)`` of prompt + outputs (a
+recompute context includes earlier outputs); logits only for the last chunk. Generation request: the last
+token plus its draft tokens at position ``num_tokens - 1``; logits for all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from kvsched.core.config import CacheConfig
+from kvsched.engine.forward_batch import ForwardBatch, SeqInput
+from kvsched.engine.model.llama import KVTensors, LlamaForCausalLM
+
+
+class _BlockTables(Protocol):
+    def block_table(self, req: Any) -> list[int]: ...
+
+
+class ModelRunner:
+    """Runs the model on a ``SchedulerOutput``; owns nothing but references."""
+
+    def __init__(self, model: LlamaForCausalLM, storage: KVTensors, cache_config: CacheConfig) -> None:
+        self.model = model
+        self.storage = storage
+        self.tokens_per_block = cache_config.tokens_per_block
+        self.device = next(model.parameters()).device
+        self.vocab_size = model.config.vocab_size
+
+    def build_batch(self, scheduled: Any, kv: _BlockTables) -> tuple[ForwardBatch | None, list[Any]]:
+        """The flattened batch and, per logits row, the request it belongs to (1 + drafts rows each)."""
+        seqs: list[SeqInput] = []
+        rows: list[Any] = []
+        for req in scheduled.context_requests:
+            start, n = req.context_current_position, req.context_chunk_size
+            last = req.is_last_context_chunk
+            seqs.append(SeqInput(req.token_slice(start, start + n), start, kv.block_table(req), int(last)))
+            if last:
+                rows.append(req)
+        for req in scheduled.generation_requests:
+            pos = req.num_tokens - 1
+            drafts: Sequence[int] = req.draft_tokens
+            tokens = [req.token_at(pos), *drafts] if drafts else [req.token_at(pos)]
+            seqs.append(SeqInput(tokens, pos, kv.block_table(req), len(tokens)))
+            rows.extend([req] * len(tokens))
+        if not seqs:
+            return None, rows
+        return ForwardBatch.build(seqs, self.tokens_per_block, self.device), rows
+
+    def run(self, scheduled: Any, kv: _BlockTables) -> tuple[list[Any], torch.Tensor]:
+        """Forward one step -> (request per logits row, logits ``[rows, vocab]`` fp32)."""
+        batch, rows = self.build_batch(scheduled, kv)
+        if batch is None:
+            return rows, torch.empty(0, self.vocab_size, device=self.device)
+        return rows, self.model(batch, self.storage)
