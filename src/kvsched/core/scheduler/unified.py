@@ -34,6 +34,7 @@ from kvsched.core.scheduler.contexts import ContextPhase
 from kvsched.core.scheduler.output import SchedulerOutput
 
 _RUN, _BUDGET, _KV = 0, 1, 2  # why the generation phase ended
+_NO_IDS: Any = frozenset()
 
 
 class UnifiedScheduler:
@@ -95,9 +96,10 @@ class UnifiedScheduler:
         gen_append = gen.append
         pending_append = pending.append
         num_tokens = num_reqs = claimed = max_pages = 0
-        lora_ids: set[int] = set()
+        lora_ids: set[int] = _NO_IDS  # only grows when a PEFT cache counts pages
         has_lora = False
         if peft is not None:
+            lora_ids = set()
             max_pages = peft.max_device_pages
             claimed = self._pre_claim(reqs, lora_ids)
 
