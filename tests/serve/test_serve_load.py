@@ -11,7 +11,7 @@ import httpx
 from fake_executor import FakeExecutor, expected_text
 from live_server import MODEL, LiveServer
 
-NUM_CLIENTS = 200
+NUM_CLIENTS = 120
 DROP_EVERY = 4  # every 4th client disconnects after a few tokens
 
 
