@@ -16,20 +16,18 @@ from fastapi.responses import Response, StreamingResponse
 
 from kvsched.serve.async_engine import AsyncEngine, RequestHandle
 from kvsched.serve.backend import Backend
+from kvsched.serve.chunks import ChatChunks, CompletionChunks
 from kvsched.serve.errors import APIError, install_error_handlers, status_of
 from kvsched.serve.generation import Formatter, check_context, collect, sampling_params, sse_stream, usage
 from kvsched.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kvsched.serve.protocol import (
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatResponseMessage,
-    ChatStreamChoice,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelList,
 )
@@ -100,24 +98,19 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
-            offset = [0]
+            offset, enc = [0], CompletionChunks(rid, model_name)
 
             def chunk(d) -> str | None:
                 if not d.text_delta and not d.finished:
                     return None
-                lp = (
-                    fmt.completion_logprobs(d.new_token_ids, d.logprobs or [], offset[0]) if want_lp else None
-                )
+                lp = None
+                if want_lp:
+                    lp = fmt.completion_logprobs(d.new_token_ids, d.logprobs or [], offset[0])
                 offset[0] += len(d.text_delta)
-                choice = CompletionChoice(text=d.text_delta, logprobs=lp, finish_reason=d.finish_reason)
-                return CompletionResponse(id=rid, model=model_name, choices=[choice]).model_dump_json()
+                return enc.delta(d.text_delta, d.finish_reason, lp)
 
-            def usage_chunk() -> str:
-                return CompletionResponse(
-                    id=rid, model=model_name, choices=[], usage=usage(handle)
-                ).model_dump_json()
-
-            body = sse_stream(handle, chunk, usage_chunk if req.include_usage else None)
+            usage_chunk = (lambda: enc.usage(usage(handle))) if req.include_usage else None
+            body = sse_stream(handle, chunk, usage_chunk)
             return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
         got = await collect(handle, raw.is_disconnected)
         lp = fmt.completion_logprobs(got.token_ids, got.logprobs, 0) if want_lp else None
@@ -134,24 +127,18 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         handle = await start(ids, sampling_params(req, max_tokens, num_top if req.logprobs else None))
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
-            first = [True]
+            first, enc = [True], ChatChunks(rid, model_name)
 
             def chunk(d) -> str | None:
                 if not d.text_delta and not d.finished and not first[0]:
                     return None
-                role = "assistant" if first[0] else None
-                first[0] = False
                 lp = fmt.chat_logprobs(d.new_token_ids, d.logprobs or []) if req.logprobs else None
-                delta = DeltaMessage(role=role, content=d.text_delta)
-                choice = ChatStreamChoice(delta=delta, logprobs=lp, finish_reason=d.finish_reason)
-                return ChatCompletionChunk(id=rid, model=model_name, choices=[choice]).model_dump_json()
+                body = enc.delta(d.text_delta, d.finish_reason, lp, first=first[0])
+                first[0] = False
+                return body
 
-            def usage_chunk() -> str:
-                return ChatCompletionChunk(
-                    id=rid, model=model_name, choices=[], usage=usage(handle)
-                ).model_dump_json()
-
-            body = sse_stream(handle, chunk, usage_chunk if req.include_usage else None)
+            usage_chunk = (lambda: enc.usage(usage(handle))) if req.include_usage else None
+            body = sse_stream(handle, chunk, usage_chunk)
             return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
         got = await collect(handle, raw.is_disconnected)
         lp = fmt.chat_logprobs(got.token_ids, got.logprobs) if req.logprobs else None
