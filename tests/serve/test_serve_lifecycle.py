@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 
 import httpx
@@ -116,3 +117,27 @@ def test_engine_failure_fails_requests_and_keeps_serving() -> None:
         assert not fake.has_unfinished_requests() and fake.used_blocks == 0
         r = httpx.post(srv.url + "/v1/completions", json=body, trust_env=False, timeout=30)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected_text(list(b"boom"), 5)
+
+
+def test_stop_string_hit_aborts_engine_request_and_frees_kv() -> None:
+    fake = FakeExecutor(step_delay_s=0.001)
+    with LiveServer(fake) as srv:
+        full = expected_text(list(b"hang stop"), 30)
+        stop = full[8:10]
+        for stream in (False, True):
+            body = {"model": MODEL, "prompt": "hang stop", "max_tokens": 30, "stop": stop, "stream": stream}
+            r = httpx.post(srv.url + "/v1/completions", json=body, trust_env=False, timeout=30)
+            if stream:
+                text = "".join(
+                    json.loads(ln[6:])["choices"][0]["text"]
+                    for ln in r.text.splitlines()
+                    if ln.startswith("data: {")
+                )
+            else:
+                text = r.json()["choices"][0]["text"]
+            assert text == full[: full.index(stop)]
+        # "hang" requests never finish on their own: only the server's abort on the stop ends them
+        assert _wait_for(lambda: fake.num_aborted == 2)
+        assert _wait_for(lambda: fake.used_blocks == 0 and not fake.has_unfinished_requests())
+        metrics = httpx.get(srv.url + "/metrics", trust_env=False).text
+        assert 'kvsched:request_success_total{finished_reason="stop",model_name="fake-model"} 2.0' in metrics

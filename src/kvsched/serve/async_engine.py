@@ -129,7 +129,8 @@ class AsyncEngine:
             if stream.waiting:
                 stream.waiting = False
                 self._num_waiting -= 1
-            stream.finished = out.finished
+            if out.finished:
+                stream.finished = True
             stream.queue.put_nowait(out)
 
     def _accept(self, rids: list[int]) -> None:

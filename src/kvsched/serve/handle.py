@@ -66,11 +66,11 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> StepOutput:
-        if self._stream.finished and self._stream.queue.empty():
+        if self.finish_reason is not None:  # the last delta was returned (engine or stop string)
             raise StopAsyncIteration
         item = await self._stream.queue.get()
         if isinstance(item, BaseException):
-            self._stream.finished = True
+            self.finish_reason = "error"
             raise item
         if item.new_token_ids:
             if self.first_token_time is None:
@@ -78,10 +78,8 @@ class RequestHandle:
             self.num_output_tokens += len(item.new_token_ids)
         if self._stops is not None:
             text, hit = self._stops.push(item.text_delta)
-            if hit:  # finished here; close() aborts the engine side
+            if hit:  # finished here; the engine has not, so close() aborts it there (frees its KV)
                 item.finished, item.finish_reason = True, "stop"
-                self._stream.finished = True
-                self._stream.queue = asyncio.Queue()  # drop anything already routed
             elif item.finished:
                 text += self._stops.flush()
             item.text_delta = text
@@ -96,8 +94,9 @@ class RequestHandle:
         aborted = self._engine._release(self.request_id, self._stream)
         metrics = self._engine.metrics
         if metrics is not None:
+            reason = self.finish_reason if self.finish_reason in ("stop", "length") else None
             metrics.observe_finished(
-                self.finish_reason or ("abort" if aborted else "error"),
+                reason or ("abort" if aborted else "error"),
                 num_prompt=self.num_prompt_tokens,
                 num_output=self.num_output_tokens,
                 ttft=None if self.first_token_time is None else self.first_token_time - self.arrival,
