@@ -30,7 +30,7 @@ def test_sim_trace_slice_table_json_plots(tmp_path, capsys):
 def test_sim_synthetic_sweep(tmp_path, capsys):
     rc = main(
         ["sim", "--synthetic", "--num-requests", "20", "--prompt-len", "fixed:64", "--output-len", "fixed:4",
-         "--model", "smollm2-135m", "--gpu", "l40s", "--policies", "unified,two-stage:guaranteed_no_evict",
+         "--model", "smollm2-135m", "--gpu", "l40s", "--replicas", "2", "--policies", "unified,two-stage:guaranteed_no_evict",
          "--sweep-rates", "5,50", "--plot-dir", str(tmp_path), "--no-progress"]
     )  # fmt: skip
     assert rc == 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from kvsched.core.config import CacheConfig
+from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.scheduler import make_scheduler
 from kvsched.core.step import apply_step
@@ -127,3 +130,21 @@ def test_too_large_request_is_rejected_and_multi_turn_children_follow_parents():
     big = synthetic_workload(2, 1.0, LengthDist("fixed", 2000), LengthDist("fixed", 4))
     res = Simulator(big, COST, _cache(device=50), **SCHED).run()
     assert res.summary["rejected"] == 2 and res.summary["requests"] == 0
+
+
+def test_replicas_are_independent_engines_behind_a_router():
+    specs = _workload(n=30, rate=200.0, seed=7)
+    cache = _cache(device=60, host=100)
+    res = Simulator(
+        specs, COST, cache, num_replicas=2, router="round_robin", record_decisions=True, **SCHED
+    ).run()
+    assert res.summary["requests"] == 30 and res.summary["replicas"] == 2
+    order = sorted(specs, key=lambda s: (s.arrival_time, s.request_id))
+    for k in (0, 1):
+        mine = [s for i, s in enumerate(order) if (i + 1) % 2 == k]  # round robin starts at replica 1
+        got = [replace(d, replica=0) for d in res.decisions if d.replica == k]
+        assert got == _hand_loop(mine, cache, "unified")
+    one = Simulator(specs, COST, cache, **SCHED).run().summary
+    assert res.summary["e2e"]["mean"] < one["e2e"]["mean"]
+    with pytest.raises(ConfigError):
+        Simulator(specs, COST, cache, router="random")

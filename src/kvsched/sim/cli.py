@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.errors import KVSchedError
+from kvsched.sim.executor import ROUTERS
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS, load_model
@@ -32,6 +33,8 @@ def add_parser(subparsers: Any) -> None:
     )
     d.add_argument("--gpu", default="h200", help=f"preset {sorted(GPU_PRESETS)} or a JSON file")
     d.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
+    d.add_argument("--replicas", type=int, default=1, help="data-parallel instances behind a router")
+    d.add_argument("--router", choices=ROUTERS, default="least_loaded")
     d.add_argument("--tokens-per-block", type=int, default=32)
     d.add_argument(
         "--num-device-blocks", type=int, default=None, help="default: what HBM holds after weights"
@@ -101,6 +104,8 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
         step_overhead=a.step_overhead,
         overlap_copies=not a.serial_copies,
         slo=SLO(a.slo_ttft, a.slo_tpot),
+        num_replicas=a.replicas,
+        router=a.router,
     )
 
 
@@ -159,7 +164,8 @@ def run(a: argparse.Namespace) -> int:
         return 2
     info = workload_summary(specs)
     print(
-        f"{scenario.model.name} on {scenario.tp} x {scenario.gpu.name}: {scenario.device_blocks()} device blocks "
+        f"{scenario.model.name} on {scenario.num_replicas} x {scenario.tp} x {scenario.gpu.name}: "
+        f"{scenario.device_blocks()} device blocks "
         f"x {scenario.tokens_per_block} tokens, {scenario.host_blocks()} host blocks; workload "
         f"{info['requests']} requests, mean prompt {info.get('mean_prompt_len', 0):.0f}, "
         f"mean output {info.get('mean_output_len', 0):.0f}, arrivals over {info.get('arrival_span_s', 0):.0f} s"

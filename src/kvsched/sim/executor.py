@@ -1,14 +1,15 @@
 """The simulated executor: the real scheduler and KV manager (metadata only) over virtual time.
 
-Each loop iteration is one engine step with the same contract as the engine: admit arrivals, call
-`scheduler.schedule(active)`, charge the batch to the cost model instead of running a forward, feed
-deterministic tokens to `core.step.apply_step`, drop finished requests. Nothing here re-implements a
-scheduling decision.
+Arrivals are events by timestamp; each replica (`replica.Replica`) steps with the engine's contract and
+its own clock; the replica whose clock is earliest runs next, after every arrival up to that instant was
+routed. Nothing here re-implements a scheduling decision: with one replica the step sequence is exactly
+what an engine loop over the same scheduler would do (see tests/sim/test_executor.py).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,24 +17,14 @@ from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError, SchedulerDeadlockError
-from kvsched.core.kvcache import KVCacheManager
-from kvsched.core.request import Request
-from kvsched.core.scheduler import make_scheduler
-from kvsched.core.step import apply_step
-from kvsched.sim.cost import CostModel, StepShape
+from kvsched.sim.cost import CostModel
 from kvsched.sim.metrics import SLO, MetricsRecorder
+from kvsched.sim.replica import Replica, StepDecision, decision_of, make_request
 from kvsched.sim.workload import RequestSpec
 
+__all__ = ["ROUTERS", "SimResult", "Simulator", "StepDecision", "decision_of", "make_request"]
 
-@dataclass(slots=True, frozen=True)
-class StepDecision:
-    """What the scheduler decided in one step (compared against the engine's in identity tests)."""
-
-    step: int
-    context: tuple[tuple[int, int], ...]  # (request id, chunk size)
-    generation: tuple[int, ...]
-    paused: tuple[int, ...]
-    preempted: tuple[int, ...]
+ROUTERS = ("least_loaded", "round_robin", "sticky")
 
 
 @dataclass(slots=True)
@@ -48,24 +39,12 @@ class SimResult:
     wall_s: float = 0.0
 
 
-def decision_of(step: int, out: Any) -> StepDecision:
-    return StepDecision(
-        step,
-        tuple((r.request_id, r.context_chunk_size) for r in out.context_requests),
-        tuple(r.request_id for r in out.generation_requests),
-        tuple(r.request_id for r in out.paused_requests),
-        tuple(r.request_id for r in getattr(out, "preempted_requests", ())),
-    )
-
-
-def make_request(spec: RequestSpec, now: float) -> Request:
-    return Request(
-        spec.request_id, spec.prompt_tokens(), spec.output_len, lora_id=spec.lora_id, arrival_time=now
-    )
-
-
 class Simulator:
-    """Runs one workload through one scheduler configuration; `run()` may be called once."""
+    """Runs one workload through `num_replicas` identical instances; `run()` may be called once.
+
+    Routers: `least_loaded` (fewest active requests), `round_robin`, `sticky` (a conversation turn goes
+    where its previous turn ran, so its prefix is cached there; first turns least-loaded).
+    """
 
     def __init__(
         self,
@@ -79,6 +58,8 @@ class Simulator:
         record_decisions: bool = False,
         progress: bool = False,
         name: str | None = None,
+        num_replicas: int = 1,
+        router: str = "least_loaded",
         **scheduler_kwargs: Any,
     ) -> None:
         ids = [s.request_id for s in specs]
@@ -88,25 +69,42 @@ class Simulator:
         for s in specs:
             if s.parent is not None and s.parent not in self.specs:
                 raise ConfigError(f"request {s.request_id}: parent {s.parent} is not in the workload")
-        self.cost_model = cost_model
-        self.kv = KVCacheManager(cache_config)
-        self.scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
+        if not isinstance(num_replicas, int) or num_replicas < 1:
+            raise ConfigError(f"num_replicas={num_replicas!r} is invalid: must be an integer >= 1")
+        if router not in ROUTERS:
+            raise ConfigError(f"router={router!r} is invalid: one of {', '.join(ROUTERS)}")
+        self.rec = MetricsRecorder()
+        self.decisions: list[StepDecision] | None = [] if record_decisions else None
+        self.replicas = [
+            Replica(i, cache_config, scheduler, cost_model, self.specs, self.rec, block_bytes, self.decisions,
+                    **scheduler_kwargs)
+            for i in range(num_replicas)
+        ]  # fmt: skip
+        self.kv = self.replicas[0].kv
+        self.scheduler = self.replicas[0].scheduler
+        self.router = router
         self.block_bytes = block_bytes
         self.slo = slo or SLO()
-        self.record_decisions = record_decisions
         self.progress = progress
         self.name = name or scheduler
         self.max_blocks = cache_config.num_device_blocks
         self.tpb = cache_config.tokens_per_block
-        self._preemptions = 0
-        self._reused = 0
-        self._context_tokens = 0
-        self._recomputed = 0
+        self._rr = 0
+        self._placed: dict[int, int] = {}
+
+    def _route(self, spec: RequestSpec) -> Replica:
+        reps = self.replicas
+        if len(reps) == 1:
+            return reps[0]
+        if self.router == "round_robin":
+            self._rr = (self._rr + 1) % len(reps)
+            return reps[self._rr]
+        if self.router == "sticky" and spec.parent is not None and spec.parent in self._placed:
+            return reps[self._placed[spec.parent]]
+        return min(reps, key=lambda r: (len(r.active), r.index))
 
     def run(self) -> SimResult:
-        kv, sched, cost, specs = self.kv, self.scheduler, self.cost_model, self.specs
-        rec = MetricsRecorder()
-        decisions: list[StepDecision] = []
+        specs, reps = self.specs, self.replicas
         children: dict[int, list[RequestSpec]] = {}
         heap: list[tuple[float, int]] = []
         for s in specs.values():
@@ -115,129 +113,93 @@ class Simulator:
             else:
                 children.setdefault(s.parent, []).append(s)
         heapq.heapify(heap)
-        shape = StepShape()
-        active: list[Request] = []
-        last_tok: dict[int, float] = {}
-        itl = rec.itl
-        tpb, block_bytes = self.tpb, self.block_bytes
+        placed = self._placed
+        sticky = self.router == "sticky"
         rejected = 0
-        now = 0.0
-        step = 0
-        stats = kv.stats()
-        off_blocks, on_blocks = stats.offload_blocks, stats.onboard_blocks
         bar = _progress(len(specs)) if self.progress else None
         t_wall = time.perf_counter()
-        while heap or active:
-            while heap and heap[0][0] <= now:
+        while True:
+            rep = None
+            t_rep = math.inf
+            for r in reps:
+                if r.active and r.clock < t_rep:
+                    rep, t_rep = r, r.clock
+            if heap and heap[0][0] <= t_rep:  # arrivals first, up to the next step's start
                 t, rid = heapq.heappop(heap)
                 spec = specs[rid]
-                if -(-spec.total_tokens // tpb) > self.max_blocks:
+                if -(-spec.total_tokens // self.tpb) > self.max_blocks:
                     rejected += 1  # can never fit the device pool: refused at admission, as a server would
-                    self._release_children(rid, t, children, heap)
+                    self._release(rid, t, children, heap)
                     continue
-                active.append(make_request(spec, t))
-            if not active:
-                if heap:
-                    now = heap[0][0]
+                target = self._route(spec)
+                if sticky:
+                    placed[rid] = target.index
+                target.admit(spec, t)
                 continue
-            out = sched.schedule(active)
-            ctx, gen = out.context_requests, out.generation_requests
-            if not ctx and not gen:
-                if heap:
-                    now = max(now, heap[0][0])  # nothing can run before the next arrival changes things
-                    continue
-                raise SchedulerDeadlockError(f"{len(active)} requests left but the scheduler runs none")
-            shape.reset()
-            sampled: dict[int, list[int]] = {}
-            for r in ctx:
-                last = r.is_last_context_chunk
-                shape.add_context(r.context_current_position, r.context_chunk_size, last)
-                if last:
-                    sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
-            for r in gen:
-                shape.add_decode(r.num_tokens - 1, 1 + len(r.draft_tokens))
-                sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
-            stats = kv.stats()
-            shape.d2h_bytes = (stats.offload_blocks - off_blocks) * block_bytes
-            shape.h2d_bytes = (stats.onboard_blocks - on_blocks) * block_bytes
-            off_blocks, on_blocks = stats.offload_blocks, stats.onboard_blocks
-            dt = cost.step_time(shape)
-            now += dt
-            if self.record_decisions:
-                decisions.append(decision_of(step, out))
-            step += 1
-            for r in gen:
-                rid = r.request_id
-                itl.append(now - last_tok[rid])
-                last_tok[rid] = now
-            for r in ctx:
-                if r.request_id in sampled:
-                    last_tok[r.request_id] = now
-                    self._reused += r.num_reused_tokens
-                    self._context_tokens += r.num_context_tokens
-            finished = apply_step(out, sampled, kv, now=now)
-            rec.step(
-                now,
-                dt,
-                stats.used_device_blocks,
-                stats.used_host_blocks,
-                len(ctx) + len(gen),
-                shape.num_tokens,
-            )
+            if rep is None:
+                break
+            finished = rep.step()
+            if finished is None:  # nothing runnable: wait for the next event that can change that
+                self._wait(rep, heap)
+                continue
             if finished:
                 for r in finished:
-                    rid = r.request_id
-                    del last_tok[rid]
-                    self._preemptions += r.num_preemptions
-                    self._recomputed += r.num_recomputed_tokens
-                    rec.request_done(
-                        r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids)
-                    )
-                    self._release_children(rid, now, children, heap)
-                active = [r for r in active if not r.is_finished]
+                    self._release(r.request_id, rep.clock, children, heap)
                 if bar is not None:
                     bar.update(len(finished))
         wall = time.perf_counter() - t_wall
         if bar is not None:
             bar.close()
-        return self._result(rec, decisions, wall, rejected)
+        return self._result(wall, rejected)
 
-    def _release_children(self, rid: int, now: float, children: dict, heap: list) -> None:
+    def _wait(self, rep: Replica, heap: list[tuple[float, int]]) -> None:
+        """Move a replica that can run nothing to the next event: an arrival or another replica's step."""
+        now = rep.clock
+        later = [r.clock for r in self.replicas if r is not rep and r.active]
+        if heap:
+            later.append(heap[0][0])
+        if not later:
+            raise SchedulerDeadlockError(
+                f"replica {rep.index}: {len(rep.active)} requests left but the scheduler runs none"
+            )
+        nxt = min(later)
+        # a replica due at the same instant steps first; then this one retries just after it
+        rep.clock = nxt if nxt > now else math.nextafter(now, math.inf)
+
+    def _release(self, rid: int, now: float, children: dict, heap: list) -> None:
         for child in children.pop(rid, ()):
             heapq.heappush(heap, (now + child.arrival_time, child.request_id))
 
-    def _result(
-        self, rec: MetricsRecorder, decisions: list[StepDecision], wall: float, rejected: int
-    ) -> SimResult:
-        kv = self.kv
-        st = kv.stats()
-        summary = rec.summary(self.slo, kv.num_device_blocks, kv.num_host_blocks)
-        hits = st.reuse_hit_tokens_device + st.reuse_hit_tokens_host
+    def _result(self, wall: float, rejected: int) -> SimResult:
+        reps, rec = self.replicas, self.rec
+        stats = [asdict(r.kv.stats()) for r in reps]
+        st = {k: sum(s[k] for s in stats) for k in stats[0]}
+        summary = rec.summary(self.slo, self.kv.num_device_blocks, self.kv.num_host_blocks)
+        hits = st["reuse_hit_tokens_device"] + st["reuse_hit_tokens_host"]
+        reused = sum(r.reused for r in reps)
+        ctx_tokens = sum(r.context_tokens for r in reps)
         summary.update(
             {
+                "replicas": len(reps),
                 "rejected": rejected,
-                "suspends": st.num_suspends,
-                "resumes": st.num_resumes,
-                "preemptions": self._preemptions,
-                "recomputed_tokens": self._recomputed,
-                "prefix_hit_tokens_device": st.reuse_hit_tokens_device,
-                "prefix_hit_tokens_host": st.reuse_hit_tokens_host,
+                "suspends": st["num_suspends"],
+                "resumes": st["num_resumes"],
+                "preemptions": sum(r.preemptions for r in reps),
+                "recomputed_tokens": sum(r.recomputed for r in reps),
+                "prefix_hit_tokens_device": st["reuse_hit_tokens_device"],
+                "prefix_hit_tokens_host": st["reuse_hit_tokens_host"],
                 # reused / computed-or-reused context tokens, counted once per completed context
-                "prefix_hit_rate": self._reused / self._context_tokens if self._context_tokens else 0.0,
-                # the manager counts every lookup (also ones dropped when the request had to wait): use
-                # its counters only for the split between tiers
-                "prefix_hit_host_share": st.reuse_hit_tokens_host / hits if hits else 0.0,
-                "d2h_gb": st.offload_blocks * self.block_bytes / 1e9,
-                "h2d_gb": st.onboard_blocks * self.block_bytes / 1e9,
+                "prefix_hit_rate": reused / ctx_tokens if ctx_tokens else 0.0,
+                # the manager counts every lookup (also ones dropped when the request had to wait):
+                # its counters only give the split between tiers
+                "prefix_hit_host_share": st["reuse_hit_tokens_host"] / hits if hits else 0.0,
+                "d2h_gb": st["offload_blocks"] * self.block_bytes / 1e9,
+                "h2d_gb": st["onboard_blocks"] * self.block_bytes / 1e9,
                 "wall_s": wall,
                 "sim_steps_per_s": rec.num_steps / wall if wall > 0 else 0.0,
             }
         )
-        return SimResult(self.name, summary, rec, _asdict(st), decisions, wall)
-
-
-def _asdict(stats: Any) -> dict[str, Any]:
-    return asdict(stats)
+        return SimResult(self.name, summary, rec, st, self.decisions or [], wall)
 
 
 def _progress(total: int) -> Any:

@@ -53,6 +53,7 @@ class MetricsRecorder:
     t_host: array = field(default_factory=lambda: array("q"))
     t_batch: array = field(default_factory=lambda: array("q"))
     t_tokens: array = field(default_factory=lambda: array("q"))
+    t_replica: array = field(default_factory=lambda: array("q"))
     busy_time: float = 0.0
     num_steps: int = 0
 
@@ -63,7 +64,16 @@ class MetricsRecorder:
         self.prompt_len.append(prompt)
         self.output_len.append(output)
 
-    def step(self, now: float, dt: float, device_used: int, host_used: int, batch: int, tokens: int) -> None:
+    def step(
+        self,
+        now: float,
+        dt: float,
+        device_used: int,
+        host_used: int,
+        batch: int,
+        tokens: int,
+        replica: int = 0,
+    ) -> None:
         self.num_steps += 1
         self.busy_time += dt
         self.t_time.append(now)
@@ -71,6 +81,7 @@ class MetricsRecorder:
         self.t_host.append(host_used)
         self.t_batch.append(batch)
         self.t_tokens.append(tokens)
+        self.t_replica.append(replica)
 
     def per_request(self) -> dict[str, np.ndarray]:
         arr = np.frombuffer(self.arrival, dtype=np.float64)
@@ -121,4 +132,5 @@ class MetricsRecorder:
             "host_blocks": np.frombuffer(self.t_host, dtype=np.int64),
             "batch": np.frombuffer(self.t_batch, dtype=np.int64),
             "tokens": np.frombuffer(self.t_tokens, dtype=np.int64),
+            "replica": np.frombuffer(self.t_replica, dtype=np.int64),
         }

@@ -57,6 +57,8 @@ class Scenario:
     step_overhead: float = 2e-3
     overlap_copies: bool = True
     slo: SLO = field(default_factory=SLO)
+    num_replicas: int = 1  # data-parallel instances (each tp GPUs) behind a router
+    router: str = "least_loaded"
 
     def cost_model(self) -> RooflineCostModel:
         return RooflineCostModel(
@@ -117,6 +119,8 @@ class Scenario:
             block_bytes=self.block_bytes,
             slo=self.slo,
             name=policy,
+            num_replicas=self.num_replicas,
+            router=self.router,
             max_batch_size=self.max_batch_size,
             max_num_tokens=self.max_num_tokens,
             chunk_unit_size=self.chunk_unit_size,

@@ -1,0 +1,145 @@
+"""One simulated serving instance: its own KV manager (metadata only), scheduler, active list and clock.
+
+`step()` is one engine iteration with the engine's contract: `schedule(active)`, run the batch (here:
+charge it to the cost model), `apply_step` with deterministic tokens, drop finished requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kvsched.core.config import CacheConfig
+from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.request import Request
+from kvsched.core.scheduler import make_scheduler
+from kvsched.core.step import apply_step
+from kvsched.sim.cost import CostModel, StepShape
+from kvsched.sim.metrics import MetricsRecorder
+from kvsched.sim.workload import RequestSpec
+
+
+@dataclass(slots=True, frozen=True)
+class StepDecision:
+    """What the scheduler decided in one step (compared against the engine's in identity tests)."""
+
+    step: int
+    context: tuple[tuple[int, int], ...]  # (request id, chunk size)
+    generation: tuple[int, ...]
+    paused: tuple[int, ...]
+    preempted: tuple[int, ...]
+    replica: int = 0
+
+
+def decision_of(step: int, out: Any, replica: int = 0) -> StepDecision:
+    return StepDecision(
+        step,
+        tuple((r.request_id, r.context_chunk_size) for r in out.context_requests),
+        tuple(r.request_id for r in out.generation_requests),
+        tuple(r.request_id for r in out.paused_requests),
+        tuple(r.request_id for r in getattr(out, "preempted_requests", ())),
+        replica,
+    )
+
+
+def make_request(spec: RequestSpec, now: float) -> Request:
+    return Request(
+        spec.request_id, spec.prompt_tokens(), spec.output_len, lora_id=spec.lora_id, arrival_time=now
+    )
+
+
+class Replica:
+    """A serving instance in virtual time; `clock` is when its next step may start."""
+
+    def __init__(
+        self,
+        index: int,
+        cache_config: CacheConfig,
+        scheduler: str,
+        cost_model: CostModel,
+        specs: Mapping[int, RequestSpec],
+        rec: MetricsRecorder,
+        block_bytes: float,
+        decisions: list[StepDecision] | None,
+        **scheduler_kwargs: Any,
+    ) -> None:
+        self.index = index
+        self.kv = KVCacheManager(cache_config)
+        self.scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
+        self.cost = cost_model
+        self.specs = specs
+        self.rec = rec
+        self.block_bytes = block_bytes
+        self.decisions = decisions
+        self.active: list[Request] = []
+        self.clock = 0.0
+        self.num_steps = 0
+        self.last_tok: dict[int, float] = {}
+        self.shape = StepShape()
+        st = self.kv.stats()
+        self._off, self._on = st.offload_blocks, st.onboard_blocks
+        # per-run counters read by the executor's summary
+        self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
+
+    def admit(self, spec: RequestSpec, t: float) -> None:
+        if not self.active and self.clock < t:
+            self.clock = t
+        self.active.append(make_request(spec, t))
+
+    def step(self) -> list[Request] | None:
+        """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
+        kv, specs, shape = self.kv, self.specs, self.shape
+        out = self.scheduler.schedule(self.active)
+        ctx, gen = out.context_requests, out.generation_requests
+        if not ctx and not gen:
+            return None
+        shape.reset()
+        sampled: dict[int, list[int]] = {}
+        for r in ctx:
+            last = r.is_last_context_chunk
+            shape.add_context(r.context_current_position, r.context_chunk_size, last)
+            if last:
+                sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
+        for r in gen:
+            shape.add_decode(r.num_tokens - 1, 1 + len(r.draft_tokens))
+            sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
+        st = kv.stats()  # copies done by this step's suspends, resumes and host-tier prefix hits
+        shape.d2h_bytes = (st.offload_blocks - self._off) * self.block_bytes
+        shape.h2d_bytes = (st.onboard_blocks - self._on) * self.block_bytes
+        self._off, self._on = st.offload_blocks, st.onboard_blocks
+        dt = self.cost.step_time(shape)
+        now = self.clock = self.clock + dt
+        if self.decisions is not None:
+            self.decisions.append(decision_of(self.num_steps, out, self.index))
+        self.num_steps += 1
+        last_tok, itl = self.last_tok, self.rec.itl
+        for r in gen:
+            rid = r.request_id
+            itl.append(now - last_tok[rid])
+            last_tok[rid] = now
+        for r in ctx:
+            if r.request_id in sampled:
+                last_tok[r.request_id] = now
+                self.reused += r.num_reused_tokens
+                self.context_tokens += r.num_context_tokens
+        finished = apply_step(out, sampled, kv, now=now)
+        self.rec.step(
+            now,
+            dt,
+            st.used_device_blocks,
+            st.used_host_blocks,
+            len(ctx) + len(gen),
+            shape.num_tokens,
+            self.index,
+        )
+        if finished:
+            for r in finished:
+                del last_tok[r.request_id]
+                self.preemptions += r.num_preemptions
+                self.recomputed += r.num_recomputed_tokens
+                self.rec.request_done(
+                    r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids)
+                )
+            self.active = [r for r in self.active if not r.is_finished]
+        return finished
