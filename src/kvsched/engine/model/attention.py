@@ -2,9 +2,10 @@
 
 A forward plans attention once (``AttentionPlan.build``) and every layer reuses the plan: sequences are
 sorted by query length and packed into padded groups whose padding waste stays bounded, so a decode
-batch of 64 sequences is one batched SDPA call per layer, while a long prefill runs alone. K/V rows are
-gathered at token granularity from the flat view ``[num_blocks * 2 * tpb, kv_heads, head_dim]`` of a
-layer's cache (row of K at slot (b, o) = b*2*tpb + o, V = that + tpb), so no reshaping copy is needed.
+batch of 64 sequences is one batched call per layer, while a long prefill runs alone. This step's K/V
+are written through the flat view ``[num_blocks * 2 * tpb, kv_heads, head_dim]`` of a layer's cache
+(row of K at slot (b, o) = b*2*tpb + o, V = that + tpb); reads gather whole blocks of K (or V) from the
+view ``[num_blocks, 2, tpb*kv_heads*head_dim][:, 0]``, which lands directly as ``[G, L, kv_heads, D]``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class _Group:
     q_slice: tuple[int, int]  # used when q_rows is None (one sequence)
     num_seqs: int
     max_q: int
-    k_rows: torch.Tensor | None  # [G*L] cache rows of K (V = +tpb); None = use this step's fresh K/V
+    blocks: torch.Tensor | None  # [G*W] cache blocks to gather, row-major per sequence
     mask: torch.Tensor | None  # [G, 1, Qg, L] bool (True = attend); None = plain causal
     out_src: torch.Tensor | None  # rows of the padded output that are real
     out_dst: torch.Tensor | None  # their rows in the flat batch
@@ -103,7 +104,6 @@ def _plan_group(
     q_rows = np.where(valid, starts[idx][:, None] + offs[None, :], 0)
     q_pos = np.where(valid, (kvn - qn)[:, None] + offs[None, :], 0)
     blocks = tables[idx, :width]  # [G, W]
-    k_rows = (blocks[:, :, None] * (2 * tpb) + np.arange(tpb)[None, None, :]).reshape(g, length)
     key_pos = np.arange(length, dtype=np.int64)
     mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [G, Qg, L]
     if window is not None:
@@ -120,7 +120,7 @@ def _plan_group(
         q_slice=(0, 0),
         num_seqs=g,
         max_q=max_q,
-        k_rows=to(k_rows.reshape(-1)),
+        blocks=to(blocks.reshape(-1)),
         mask=to(mask[:, None]),
         out_src=to(out_src),
         out_dst=to(out_dst),
@@ -144,6 +144,8 @@ def paged_attention(
     if len(plan.groups) == 1 and plan.groups[0].q_rows is None:
         return _causal_self(q, k, v).reshape(num_tokens, num_heads * head_dim)
     out = q.new_empty(num_tokens, num_heads * head_dim)
+    per_block = cache.view(cache.shape[0], 2, -1)  # gathering whole blocks of K (or V) yields [G, L, Hkv, D]
+    k_blocks, v_blocks = per_block[:, 0], per_block[:, 1]
     for grp in plan.groups:
         if grp.q_rows is None:
             a, b = grp.q_slice
@@ -151,8 +153,8 @@ def paged_attention(
             continue
         g, qn = grp.num_seqs, grp.max_q
         qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
-        kg = flat.index_select(0, grp.k_rows).view(g, -1, kv_heads, head_dim)
-        vg = flat.index_select(0, grp.k_rows + tpb).view(g, -1, kv_heads, head_dim)
+        kg = k_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
+        vg = v_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
         if kg.dtype != q.dtype:
             kg, vg = kg.to(q.dtype), vg.to(q.dtype)
         if qn <= _BMM_MAX_Q:
