@@ -75,6 +75,10 @@ def load_model(
             tok = _load_tokenizer(p, _gguf_meta_only(p) if p.is_file() else None)
         return model, dummy_config, tok
     p = resolve_path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:  # a folder holding one GGUF file (as HF's gguf_file= layout)
+            p = ggufs[0]
     if p.is_file():
         from kvsched.engine.weights.gguf_loader import load_gguf
 
