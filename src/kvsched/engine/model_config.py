@@ -90,7 +90,9 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or hidden // heads
         attention_bias = bool(cfg.get("attention_bias", False))
         window = cfg.get("sliding_window")
-        if family == "qwen2" and not cfg.get("use_sliding_window", False):
+        if family == "qwen2":
+            if cfg.get("use_sliding_window", False):  # per-layer windows (max_window_layers): not modelled
+                raise UnsupportedModelError("Qwen2 with use_sliding_window=true is not supported")
             window = None
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
