@@ -1,0 +1,260 @@
+"""The engine loop: schedule → forward → sample → step update → text, one call of :meth:`step` each.
+
+The scheduler allocates KV and may suspend requests to the host tier (``paused_requests``); the
+executor leaves those alone (no reset, no recompute) and counts them. Requests with bad input are
+rejected in :meth:`add_request` with a typed error before they touch any shared state, so they fail
+alone while the others keep running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvsched.core.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    SchedulerDeadlockError,
+    UnknownRequestError,
+)
+from kvsched.core.request import Request, RequestState, SamplingParams
+from kvsched.core.step import apply_step, finish_request
+from kvsched.engine.engine_args import EngineArgs
+from kvsched.engine.engine_core import EngineCore, build_engine_core
+from kvsched.engine.metrics import EngineStats
+from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
+from kvsched.engine.sampler import Sampler
+from kvsched.engine.text_stream import TextStream
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Executor-side state of one request (the Request itself is shared with scheduler and KV)."""
+
+    req: Request
+    external_id: Hashable
+    prompt: str | None
+    params: SamplingParams
+    metrics: RequestMetrics
+    stream: TextStream
+    generator: torch.Generator | None
+    logprobs: list[float] | None
+    suspended: bool = False
+
+
+class Executor:
+    """Owns the model, KV manager, scheduler and sampler; serves requests step by step."""
+
+    def __init__(self, args: EngineArgs | None = None, core: EngineCore | None = None) -> None:
+        self.args = args or EngineArgs()
+        self.core = core or build_engine_core(self.args)
+        self.tokenizer = self.core.tokenizer
+        self.kv = self.core.kv
+        self.scheduler = self.core.scheduler
+        self.max_model_len = self.core.max_model_len
+        self.sampler = Sampler(self.args.seed, self.core.device)
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._tracked: dict[int, _Tracked] = {}
+        self._by_external: dict[Hashable, int] = {}
+        self._active: list[Request] = []
+        self._finished: dict[Hashable, RequestOutput] = {}
+
+    # -- requests --------------------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        request_id: Hashable | None = None,
+        lora_id: int | None = None,
+        arrival_time: float | None = None,
+    ) -> Hashable:
+        """Queue one request; returns its id. Raises InvalidRequestError / DuplicateRequestError."""
+        params = sampling_params or SamplingParams()
+        params.validate()
+        internal = next(self._ids)
+        external = internal if request_id is None else request_id
+        if external in self._by_external or external in self._finished:
+            raise DuplicateRequestError(f"request id {external!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.core.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_prompt(external, token_ids, params)
+        eos = () if params.ignore_eos else self.core.eos_token_ids
+        req = Request(
+            internal,
+            token_ids,
+            params.max_tokens,
+            lora_id=lora_id,
+            sampling_params=params,
+            eos_token_ids=eos,
+            arrival_time=arrival_time,
+        )
+        gen = None if params.seed is None else Sampler.make_generator(params.seed, self.core.device)
+        self._tracked[internal] = _Tracked(
+            req=req,
+            external_id=external,
+            prompt=text,
+            params=params,
+            metrics=RequestMetrics(arrival_time=req.arrival_time),
+            stream=TextStream(self.core.decode, token_ids, params.stop),
+            generator=gen,
+            logprobs=[] if params.logprobs is not None else None,
+        )
+        self._by_external[external] = internal
+        self._active.append(req)
+        return external
+
+    def _check_prompt(self, rid: Hashable, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
+        vocab = self.core.vocab_size
+        if min(token_ids) < 0 or max(token_ids) >= vocab:
+            raise InvalidRequestError(f"request {rid!r}: prompt token ids must be in [0, {vocab})")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"request {rid!r}: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds max_model_len={self.max_model_len}"
+            )
+        tpb = self.kv.tokens_per_block
+        blocks = -(-(total - 1) // tpb)
+        if blocks > self.kv.num_device_blocks:
+            raise RequestTooLargeError(
+                f"request {rid!r}: needs {blocks} KV blocks of {tpb} tokens, the device pool has "
+                f"{self.kv.num_device_blocks}"
+            )
+
+    def abort_request(self, request_id: Hashable) -> None:
+        """Stop a request now and free its KV; its result (finish_reason "abort") stays collectable."""
+        internal = self._by_external.get(request_id)
+        if internal is None:
+            raise UnknownRequestError(f"unknown request id {request_id!r} (never added, or finished)")
+        tracked = self._tracked[internal]
+        finish_request(tracked.req, "abort", self.kv, now=time.monotonic())
+        self._retire(tracked)
+        self._active = [r for r in self._active if r.request_id != internal]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._active)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._active)
+
+    def pop_output(self, request_id: Hashable) -> RequestOutput:
+        """The result of a finished request (each can be taken once)."""
+        try:
+            return self._finished.pop(request_id)
+        except KeyError:
+            raise UnknownRequestError(f"no finished request with id {request_id!r}") from None
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """Run one scheduling step; returns the new tokens/text of each request that advanced."""
+        if not self._active:
+            return []
+        out = self.scheduler.schedule(self._active)
+        now = time.monotonic()
+        self._note_schedule(out, now)
+        if out.is_empty:
+            raise SchedulerDeadlockError(
+                f"nothing could be scheduled for {len(self._active)} unfinished requests "
+                f"(free device blocks: {self.kv.num_free_device_blocks})"
+            )
+        rows, logits = self.core.runner.run(out, self.kv)
+        sample_rows = [self._tracked[r.request_id] for r in rows]
+        want_lp = any(t.logprobs is not None for t in sample_rows)
+        result = self.sampler(
+            logits, [t.params for t in sample_rows], [t.generator for t in sample_rows], want_lp
+        )
+        sampled = {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
+        now = time.monotonic()
+        finished = apply_step(out, sampled, self.kv, now=now)
+        self.stats.record_step(out, len(result.token_ids), self.kv)
+        outputs = []
+        for i, (req, tok) in enumerate(zip(rows, result.token_ids)):
+            tracked = self._tracked[req.request_id]
+            outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now))
+        if finished or any(o.finished for o in outputs):
+            self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
+        return outputs
+
+    def run(self) -> list[RequestOutput]:
+        """Step until every request finishes; returns the finished results in completion order."""
+        done: list[RequestOutput] = []
+        while self._active:
+            for o in self.step():
+                if o.finished:
+                    done.append(self.pop_output(o.request_id))
+        return done
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _note_schedule(self, out, now: float) -> None:
+        for req in out.paused_requests:
+            tracked = self._tracked[req.request_id]
+            tracked.metrics.num_suspends += 1
+            tracked.suspended = True
+        for req in out.preempted_requests:
+            self._tracked[req.request_id].metrics.num_preemptions += 1
+        for req in itertools.chain(out.context_requests, out.generation_requests):
+            m = self._tracked[req.request_id]
+            if m.suspended:
+                m.suspended = False
+                m.metrics.num_resumes += 1
+            if m.metrics.first_scheduled_time is None:
+                m.metrics.first_scheduled_time = now
+            if req.num_reused_tokens > m.metrics.num_reused_tokens:
+                m.metrics.num_reused_tokens = req.num_reused_tokens
+
+    def _emit(self, tracked: _Tracked, token: int, logprob: float | None, now: float) -> StepOutput:
+        req, metrics = tracked.req, tracked.metrics
+        if metrics.first_token_time is None:
+            metrics.first_token_time = now
+        metrics.token_times.append(now)
+        if tracked.logprobs is not None and logprob is not None:
+            tracked.logprobs.append(logprob)
+        delta, stopped = tracked.stream.push([token], final=req.is_finished)
+        if stopped and not req.is_finished:
+            finish_request(req, "stop", self.kv, now=now)
+        if req.is_finished:
+            self._retire(tracked)
+        return StepOutput(
+            request_id=tracked.external_id,
+            new_token_ids=[token],
+            text_delta=delta,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            logprobs=None if logprob is None else [logprob],
+        )
+
+    def _retire(self, tracked: _Tracked) -> None:
+        req = tracked.req
+        m = tracked.metrics
+        m.finished_time = time.monotonic()
+        m.num_preemptions = max(m.num_preemptions, req.num_preemptions)
+        m.num_recomputed_tokens = req.num_recomputed_tokens
+        self.stats.record_finish(req)
+        del self._tracked[req.request_id]
+        del self._by_external[tracked.external_id]
+        self._finished[tracked.external_id] = RequestOutput(
+            request_id=tracked.external_id,
+            prompt=tracked.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=0,
+                    text=tracked.stream.text,
+                    token_ids=list(req.output_token_ids),
+                    finish_reason=req.finish_reason,
+                    logprobs=tracked.logprobs,
+                )
+            ],
+            finished=True,
+            metrics=m,
+            num_cached_tokens=m.num_reused_tokens,
+        )

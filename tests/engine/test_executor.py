@@ -1,0 +1,137 @@
+"""The executor's request API: bad input fails alone, abort frees KV at once, seeds, stops, metrics."""
+
+from __future__ import annotations
+
+import pytest
+from engine_testlib import make_executor, random_prompts
+
+from kvsched.core.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    RequestTooLargeError,
+    UnknownRequestError,
+)
+from kvsched.core.request import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+class LetterTokenizer:
+    """Token i decodes to one lowercase letter: enough to exercise text deltas and stop strings."""
+
+    eos_token_ids = ()
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 97 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_bad_inputs_fail_alone_while_others_finish(tiny_llama_dir, hf_ref):
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, max_model_len=200)
+    prompts = random_prompts([5, 23, 40], seed=21)
+    ids = [ex.add_request(p, GREEDY, request_id=f"good-{i}") for i, p in enumerate(prompts)]
+    ex.step()
+    ex.step()
+    with pytest.raises(InvalidRequestError, match="empty"):
+        ex.add_request([], GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_model_len=200"):
+        ex.add_request([1] * 195, GREEDY)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        ex.add_request([1, 2], SamplingParams(max_tokens=0))
+    with pytest.raises(InvalidRequestError, match="token ids"):
+        ex.add_request([1, 999], GREEDY)
+    with pytest.raises(InvalidRequestError, match="no tokenizer"):
+        ex.add_request("text needs a tokenizer", GREEDY)
+    with pytest.raises(UnknownRequestError):
+        ex.abort_request("never-added")
+    with pytest.raises(DuplicateRequestError):
+        ex.add_request([3, 4], GREEDY, request_id="good-1")
+    got = {o.request_id: o.outputs[0].token_ids for o in ex.run()}
+    assert [got[i] for i in ids] == [hf_ref.greedy(p, 12) for p in prompts]
+
+
+def test_request_larger_than_the_device_pool_is_rejected(tiny_llama_dir):
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=4, num_host_blocks=64)
+    with pytest.raises(RequestTooLargeError, match="4"):
+        ex.add_request([1] * 30, SamplingParams(max_tokens=8))
+
+
+def test_abort_frees_kv_at_once_and_the_rest_continue(tiny_llama_dir, hf_ref):
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, enable_block_reuse=False)
+    keep, drop = random_prompts([9, 60], seed=22)
+    kid = ex.add_request(keep, GREEDY)
+    did = ex.add_request(drop, GREEDY)
+    ex.step()
+    free_before = ex.kv.num_free_device_blocks
+    ex.abort_request(did)
+    assert ex.kv.num_free_device_blocks >= free_before + 60 // 8
+    aborted = ex.pop_output(did)
+    assert aborted.outputs[0].finish_reason == "abort"
+    with pytest.raises(UnknownRequestError):
+        ex.abort_request(did)
+    done = ex.run()
+    assert [o.request_id for o in done] == [kid]
+    assert done[0].outputs[0].token_ids == hf_ref.greedy(keep, 12)
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llama_dir):
+    prompt = random_prompts([12], seed=23)[0]
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=1234)
+    alone = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    alone.add_request(prompt, params)
+    [a] = alone.run()
+    crowd = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, seed=99)
+    for other in random_prompts([7, 30], seed=24):
+        crowd.add_request(other, SamplingParams(max_tokens=16, temperature=1.0))
+    rid = crowd.add_request(prompt, params)
+    b = next(o for o in crowd.run() if o.request_id == rid)
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    greedy = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    greedy.add_request(prompt, SamplingParams(max_tokens=16, temperature=0.0))
+    assert greedy.run()[0].outputs[0].token_ids != a.outputs[0].token_ids
+
+
+def test_stop_token_and_stop_string(tiny_llama_dir, hf_ref):
+    prompt = random_prompts([15], seed=25)[0]
+    ref = hf_ref.greedy(prompt, 12)
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    ex.core.tokenizer = LetterTokenizer()
+    ex.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[ref[3]]))
+    [out] = ex.run()
+    first = ref.index(ref[3])
+    assert out.outputs[0].token_ids == ref[: first + 1] and out.outputs[0].finish_reason == "stop"
+    letters = LetterTokenizer().decode(ref)
+    stop = letters[5:7]
+    rid = ex.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, stop=[stop]))
+    deltas = []
+    while ex.has_unfinished_requests():
+        deltas += [o.text_delta for o in ex.step()]
+    out = ex.pop_output(rid)
+    cut = letters.index(stop)
+    assert out.outputs[0].text == letters[:cut] == "".join(deltas)
+    assert out.outputs[0].finish_reason == "stop" and len(out.outputs[0].token_ids) <= 7
+
+
+def test_metrics_and_logprobs(tiny_llama_dir):
+    system = random_prompts([32], seed=26)[0]
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=12, num_host_blocks=64)
+    params = SamplingParams(max_tokens=20, temperature=0.0, logprobs=1)
+    ex.add_request(random_prompts([3], seed=27, prefix=system)[0], params)
+    ex.run()
+    for p in random_prompts([4, 6, 5], seed=28, prefix=system):
+        ex.add_request(p, params)
+    outs = ex.run()
+    for o in outs:
+        m = o.metrics
+        assert len(m.token_times) == len(o.outputs[0].token_ids) == 20
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+        assert m.ttft is not None and m.tpot is not None
+        assert m.num_reused_tokens == 32 and o.num_cached_tokens == 32
+        lps = o.outputs[0].logprobs
+        assert len(lps) == 20 and all(lp <= 0 for lp in lps)
+    stats = ex.kv.stats()
+    assert sum(o.metrics.num_suspends for o in outs) == stats.num_suspends > 0
+    assert sum(o.metrics.num_resumes for o in outs) == stats.num_resumes
+    assert ex.stats.num_finished == 4 and ex.stats.finish_reasons == {"length": 4}

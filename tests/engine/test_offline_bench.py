@@ -1,0 +1,48 @@
+"""`kvsched bench offline`: flags, the report table, and a run on the tiny checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvsched.cli import build_parser
+from kvsched.engine.bench_prompts import SHARED_SYSTEM_PROMPT, chat_conversations
+from kvsched.engine.llm import LLM
+from kvsched.engine.offline_bench import run_offline
+
+
+def test_bench_offline_flags_and_serve_registered():
+    parser = build_parser()
+    args = parser.parse_args(["bench", "offline", "--num-prompts", "8", "--scheduler", "recompute"])
+    assert args.num_prompts == 8 and args.scheduler == "recompute" and args.max_tokens == 64
+    assert args.device_kv_bytes is not None and args.host_kv_bytes is not None  # bench defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "offline", "--scheduler", "nope"])
+    assert parser.parse_args(["bench", "serve"]).func is not None
+
+
+def test_built_in_prompts_are_varied_and_share_a_system_prompt():
+    convs = chat_conversations(64)
+    assert len({c[-1]["content"] for c in convs}) == 64
+    assert sum(c[0]["content"] == SHARED_SYSTEM_PROMPT for c in convs) >= 16
+    assert len(chat_conversations(100)) == 100
+
+
+def test_run_offline_on_the_tiny_model(tiny_llama_dir, capsys):
+    llm = LLM(str(tiny_llama_dir), max_batch_size=2, num_device_blocks=64)
+    convs = chat_conversations(6)
+    for c in convs:  # one token per byte: shorten the shared system prompt to fit 512 positions
+        c[0]["content"] = c[0]["content"][:300]
+    report = run_offline(llm, num_prompts=6, max_tokens=24, use_tqdm=False, conversations=convs)
+    assert report.num_requests == 6 and report.output_tokens == 6 * 24
+    assert len(report.ttft_s) == 6 and len(report.tpot_s) == 6
+    assert report.reuse_hit_rate > 0
+    print(report.table())
+    table = capsys.readouterr().out
+    for label in (
+        "Output tokens/s",
+        "TTFT p50 / p99",
+        "TPOT p50 / p99",
+        "Suspends / resumes",
+        "Prefix reuse",
+    ):
+        assert label in table
