@@ -1,0 +1,42 @@
+"""A tiny random-weight Llama with the default model's real tokenizer: fast, but real text and chat."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from kvsched.engine.engine_args import EngineArgs
+from kvsched.engine.engine_core import build_engine_core
+from kvsched.engine.executor import Executor
+from kvsched.engine.llm import LLM
+from kvsched.engine.model_config import ModelConfig
+from kvsched.engine.weights.loader import default_model_path, load_model
+
+TINY = ModelConfig(
+    vocab_size=49152,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+ENGINE_KW = {"max_model_len": 512, "num_device_blocks": 2048, "tokens_per_block": 16, "max_batch_size": 64}
+
+
+@lru_cache(maxsize=1)
+def _loaded():
+    return load_model(default_model_path(), dummy_config=TINY, seed=0)
+
+
+def tiny_executor(**overrides) -> Executor:
+    args = EngineArgs(**{**ENGINE_KW, **overrides})
+    return Executor(args, core=build_engine_core(args, loaded=_loaded()))
+
+
+def tiny_llm(**overrides) -> LLM:
+    """``LLM`` over the tiny model (LLM's constructor only takes a path, so wrap an executor)."""
+    llm = LLM.__new__(LLM)
+    llm.engine = tiny_executor(**overrides)
+    return llm
