@@ -1,5 +1,7 @@
 """Weight loaders: GGUF, HF safetensors folders, dummy random weights."""
 
+from typing import Any
+
 from kvsched.engine.weights.errors import (
     ModelLoadError,
     ModelNotFoundError,
@@ -10,7 +12,8 @@ from kvsched.engine.weights.errors import (
 __all__ = ["ModelLoadError", "ModelNotFoundError", "UnsupportedModelError", "WeightShapeError", "load_model"]
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy: importing the errors must not import torch
+def __getattr__(name: str) -> Any:
+    """``load_model`` is resolved lazily: importing the errors must not import torch."""
     if name == "load_model":
         from kvsched.engine.weights.loader import load_model
 
