@@ -158,3 +158,44 @@ def test_load_with_disconnects_frees_everything(tiny_server) -> None:
     )
     assert f'kvsched:num_requests_running{{model_name="{MODEL}"}} 0.0' in body
     assert f'kvsched:kv_cache_usage_perc{{model_name="{MODEL}",tier="device"}} 0.0' in body
+
+
+def test_memory_pressure_suspends_to_host_and_output_is_unchanged() -> None:
+    """A device pool far too small for the batch: the unified scheduler suspends requests to the host
+    tier and resumes them; every answer still equals the unpressured ``LLM.generate``."""
+    prompts = [f"item {i}: " + "blue green red " * (8 + i % 5) for i in range(16)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].text for o in tiny_llm().generate(prompts, params, use_tqdm=False)]
+    ex = tiny_executor(num_device_blocks=24, num_host_blocks=256, max_batch_size=16)
+    with LiveServer(ex) as srv:
+
+        async def all_at_once():
+            http = httpx.AsyncClient(trust_env=False, timeout=300)
+            client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", http_client=http)
+            async with http:
+                return await asyncio.gather(
+                    *(
+                        client.completions.create(
+                            model=MODEL,
+                            prompt=p,
+                            max_tokens=24,
+                            temperature=0,
+                            extra_body={"ignore_eos": True},
+                        )
+                        for p in prompts
+                    )
+                )
+
+        got = asyncio.run(all_at_once())
+        assert [g.choices[0].text for g in got] == want
+        assert all(g.usage.completion_tokens == 24 for g in got)
+        time.sleep(0.2)  # the idle engine publishes its last snapshot
+        body = httpx.get(srv.url + "/metrics", trust_env=False).text
+    suspends = float(
+        next(ln for ln in body.splitlines() if ln.startswith("kvsched:num_suspends_total")).split()[-1]
+    )
+    resumes = float(
+        next(ln for ln in body.splitlines() if ln.startswith("kvsched:num_resumes_total")).split()[-1]
+    )
+    assert suspends > 0 and resumes == suspends
+    assert ex.kv.stats().used_device_blocks == 0 and ex.kv.stats().used_host_blocks == 0
