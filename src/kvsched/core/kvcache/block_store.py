@@ -15,6 +15,7 @@ from kvsched.core.kvcache.storage import KVStorage
 from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats, KVEvent, Tier
 
 MAX_EVENTS = 65536
+_TIERS = (Tier.DEVICE, Tier.HOST)
 
 
 class BlockStore:
@@ -37,28 +38,39 @@ class BlockStore:
         return self.device if tier == DEVICE else self.host
 
     # -- references ----------------------------------------------------------------------------
-    def hold(self, page: Page) -> None:
-        """Add a suspended-style reference; a cached page leaves the LRU."""
-        if page.bucket is not None:
-            self.pool(page.tier).remove_cached(page)
-        page.holds += 1
+    def hold_many(self, pages: list[Page]) -> int:
+        """``hold`` for a matched prefix (inlined: it runs per block of a long prompt); returns how
+        many of the pages are on the host tier."""
+        device, host = self.device, self.host
+        on_host = 0
+        for p in pages:
+            if p.tier:
+                on_host += 1
+            if p.bucket is not None:
+                (host if p.tier else device).remove_cached(p)
+            p.holds += 1
+        return on_host
 
-    def release(self, page: Page, locked: bool, priority: int) -> None:
-        """Drop one reference; an unreferenced page becomes cached (if published) or free."""
-        if locked:
-            page.locks -= 1
-            if page.locks == 0:
-                self.num_locked -= 1
-        else:
-            page.holds -= 1
-        if page.locks or page.holds:
-            return
-        pool = self.pool(page.tier)
-        if page.key is not None:
-            page.priority = priority
-            pool.push_cached(page)
-        else:
-            pool.free.append(page.slot)
+    def release_many(self, pages: list[Page], locked: bool, priority: int) -> None:
+        """``release`` each page, last block first (so a request's tail is evicted before its head)."""
+        device, host = self.device, self.host
+        released = 0
+        for p in reversed(pages):
+            if locked:
+                p.locks -= 1
+                if p.locks == 0:
+                    released += 1
+            else:
+                p.holds -= 1
+            if p.locks or p.holds:
+                continue
+            pool = host if p.tier else device
+            if p.key is not None:
+                p.priority = priority
+                pool.push_cached(p)
+            else:
+                pool.free.append(p.slot)
+        self.num_locked -= released
 
     def new_device_pages(self, n: int) -> list[Page]:
         """``n`` fresh locked device pages; the caller has reserved the room."""
@@ -80,7 +92,7 @@ class BlockStore:
         return self.index.get(key)
 
     def _event(self, kind: str, key: bytes, tier: int, parent: bytes | None = None) -> None:
-        self.events.append(KVEvent(kind, key, Tier(tier), parent))
+        self.events.append(KVEvent(kind, key, _TIERS[tier], parent))
         self.counters.num_events += 1
 
     # -- making room ---------------------------------------------------------------------------
@@ -135,7 +147,7 @@ class BlockStore:
         src_pool = self.pool(src)
         dst_slots = dst_pool.alloc(n)
         src_slots = [p.slot for p in pages]
-        self.storage.copy_blocks(Tier(src), src_slots, Tier(dst), dst_slots)
+        self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
         src_pool.free.extend(src_slots)
         for page, slot in zip(pages, dst_slots):
             page.tier = dst

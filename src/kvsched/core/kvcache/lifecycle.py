@@ -27,10 +27,7 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Any, tpb: int, reuse:
         nfull = (req.num_context_tokens - 1) // tpb
         pages, last = match_prefix(store.index, c.root, req.token_slice(0, nfull * tpb), tpb)
         counters = store.counters
-        on_host = 0
-        for p in pages:
-            on_host += p.tier == HOST
-            store.hold(p)
+        on_host = store.hold_many(pages)
         on_device = len(pages) - on_host
         counters.reuse_hit_blocks_device += on_device
         counters.reuse_hit_blocks_host += on_host
@@ -90,8 +87,7 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
 
 def discard_cache(store: BlockStore, c: RequestCache, req: Any) -> None:
     """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later."""
-    for p in reversed(c.pages):
-        store.release(p, c.active, c.priority)
+    store.release_many(c.pages, c.active, c.priority)
     c.pages = []
     c.table = []
     c.capacity = c.history = c.committed = c.num_reused = c.alloc_tokens = 0

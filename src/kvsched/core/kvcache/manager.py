@@ -143,9 +143,7 @@ class KVCacheManager:
             raise UnknownRequestError(f"request {req.request_id} has no KV cache (unknown or freed)")
         if self._reuse and not c.pending:
             commit_blocks(self._store, c, req, self._tpb)
-        release = self._store.release
-        for p in reversed(c.pages):
-            release(p, c.active, c.priority)
+        self._store.release_many(c.pages, c.active, c.priority)
 
     def revert(self, req: Any, capacity: int) -> None:
         """Shrink capacity back to ``max(history, capacity)`` (a step that was grown, then dropped)."""
@@ -158,8 +156,7 @@ class KVCacheManager:
         del c.pages[nb:]
         if c.active:
             del c.table[nb:]
-        for p in reversed(extra):
-            self._store.release(p, c.active, c.priority)
+        self._store.release_many(extra, c.active, c.priority)
         c.capacity = new_cap
         c.alloc_tokens = nb * self._tpb
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class Tier(IntEnum):
@@ -17,13 +18,13 @@ DEVICE = 0
 HOST = 1
 
 
-@dataclass(slots=True, frozen=True)
-class KVEvent:
+class KVEvent(NamedTuple):
     """A change of the set of reusable blocks, for KV-aware routers.
 
     ``kind`` is ``"stored"`` (a block became reusable on ``tier``) or ``"removed"`` (it left ``tier``).
     A move between tiers is a ``removed`` on the old tier followed by a ``stored`` on the new one.
     ``block_hash`` is the SHA-256 chain key; ``parent_hash`` is None for the first block of a chain.
+    A NamedTuple, not a frozen dataclass: one is built per published block, and this is 5x cheaper.
     """
 
     kind: str
