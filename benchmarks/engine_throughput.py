@@ -2,8 +2,9 @@
 
 The same chat prompts (token ids from our tokenizer) and the same weights (HF loads the same GGUF with
 ``gguf_file=``) go through each engine, greedy. Each engine runs in its own spawned process so its peak
-RSS is its own; load time is excluded from tokens/s. Prints output tokens/s, the ratios, and whether
-the greedy outputs agree.
+RSS is its own; load time is excluded from tokens/s. Prints output tokens/s and CPU time per output
+token (steadier than wall time on a busy machine), the ratios (kvsched x: how many times kvsched is
+better), peak RSS, and how many greedy outputs agree with kvsched's.
 
     python benchmarks/engine_throughput.py                        # 64 prompts x 128 new tokens
     python benchmarks/engine_throughput.py --num-prompts 16 --max-tokens 32 --skip hf-cb
@@ -21,6 +22,12 @@ from typing import Any
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process, all threads: less sensitive than wall time to a busy machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _prompts(num: int) -> tuple[list[list[int]], tuple[int, ...]]:
@@ -49,17 +56,17 @@ def run_kvsched(
 
     llm = LLM(**opts)
     llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _cpu_s()
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(max_tokens=max_tokens, temperature=0.0),
         use_tqdm=False,
     )
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
     tokens = [o.outputs[0].token_ids for o in outs]
     kv = llm.engine.kv.stats()
     extra = f"suspends={kv.num_suspends} resumes={kv.num_resumes} reuse_hit_rate={kv.reuse_hit_rate:.1%}"
-    return {"tokens": tokens, "seconds": seconds, "rss_mb": _peak_rss_mb(), "extra": extra}
+    return {"tokens": tokens, "seconds": seconds, "cpu_s": cpu, "rss_mb": _peak_rss_mb(), "extra": extra}
 
 
 def _hf_model():
@@ -82,7 +89,7 @@ def run_hf_static(
     batch = opts["batch_size"]
     pad = eos[0]
     tokens: list[list[int]] = []
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _cpu_s()
     for i in range(0, len(prompts), batch):
         group = prompts[i : i + batch]
         width = max(len(p) for p in group)
@@ -96,8 +103,14 @@ def run_hf_static(
                 ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
             )
         tokens += [_trim(row[width:].tolist(), eos) for row in out]
-    seconds = time.perf_counter() - start
-    return {"tokens": tokens, "seconds": seconds, "rss_mb": _peak_rss_mb(), "extra": f"batch={batch}"}
+    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "rss_mb": _peak_rss_mb(),
+        "extra": f"batch={batch}",
+    }
 
 
 def run_hf_cb(prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...], opts: dict[str, Any]) -> dict:
@@ -111,9 +124,9 @@ def run_hf_cb(prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...], o
     cb = ContinuousBatchingConfig(
         num_blocks=opts["num_blocks"], max_batch_tokens=opts["max_batch_tokens"], page_size=256
     )
-    start = time.perf_counter()
+    start, cpu0 = time.perf_counter(), _cpu_s()
     result = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
     outs = list(result.values())
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for o in outs:
@@ -122,6 +135,7 @@ def run_hf_cb(prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...], o
     return {
         "tokens": tokens,
         "seconds": seconds,
+        "cpu_s": cpu,
         "rss_mb": _peak_rss_mb(),
         "extra": f"num_blocks={opts['num_blocks']}",
     }
@@ -171,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = run_isolated(name, prompts, a.max_tokens, eos, opts[name])
     base = results.get("kvsched", {})
     print(
-        f"\n{'engine':<10} {'out tok':>8} {'seconds':>8} {'out tok/s':>10} {'kvsched x':>10} {'peak RSS MB':>12}  "
-        "greedy match  notes"
+        f"\n{'engine':<10} {'out tok':>8} {'seconds':>8} {'out tok/s':>10} {'kvsched x':>10} "
+        f"{'CPU ms/tok':>10} {'kvsched x':>10} {'peak RSS MB':>12}  greedy match  notes"
     )
     for name, r in results.items():
         if "error" in r:
@@ -180,15 +194,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         n = sum(len(t) for t in r["tokens"])
         tps = n / r["seconds"]
-        ratio = ""
-        match = ""
+        cpu_ms = 1000 * r["cpu_s"] / n
+        ratio = cpu_ratio = match = ""
         if base and "error" not in base:
-            base_tps = sum(len(t) for t in base["tokens"]) / base["seconds"]
-            ratio = f"{base_tps / tps:.2f}"
+            base_n = sum(len(t) for t in base["tokens"])
+            ratio = f"{base_n / base['seconds'] / tps:.2f}"
+            cpu_ratio = f"{cpu_ms / (1000 * base['cpu_s'] / base_n):.2f}"
             same = sum(x == y for x, y in zip(base["tokens"], r["tokens"]))
             match = f"{same}/{len(prompts)}"
         print(
-            f"{name:<10} {n:>8} {r['seconds']:>8.1f} {tps:>10.1f} {ratio:>10} {r['rss_mb']:>12.0f}  "
+            f"{name:<10} {n:>8} {r['seconds']:>8.1f} {tps:>10.1f} {ratio:>10} {cpu_ms:>10.1f} {cpu_ratio:>10} "
+            f"{r['rss_mb']:>12.0f}  "
             f"{match:>12}  {r['extra']}"
         )
     return 0

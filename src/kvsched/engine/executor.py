@@ -162,6 +162,8 @@ class Executor:
         now = time.monotonic()
         self._note_schedule(out, now)
         if out.is_empty:
+            if out.paused_requests or out.preempted_requests:
+                return []  # KV was freed this step; the next one can make progress
             raise SchedulerDeadlockError(
                 f"nothing could be scheduled for {len(self._active)} unfinished requests "
                 f"(free device blocks: {self.kv.num_free_device_blocks})"
