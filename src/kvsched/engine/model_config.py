@@ -5,7 +5,7 @@ One dataclass serves every loader so the model code never looks at a checkpoint 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
-_GGUF_ARCHITECTURES = ("llama",)
+_GGUF_ARCHITECTURES = ("llama", "qwen2")  # llama.cpp names; Mistral GGUFs say "llama"
 
 
 @dataclass(slots=True)
@@ -118,8 +118,9 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, has_output_tensor: bool = False) -> ModelConfig:
-        """Build from GGUF key/values (``general.architecture`` and ``<arch>.*`` keys)."""
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: Collection[str] = ()) -> ModelConfig:
+        """Build from GGUF key/values (``general.architecture`` and ``<arch>.*`` keys); the tensor names
+        tell whether the head is tied (no ``output.weight``) and which projections have biases."""
         arch = meta.get("general.architecture")
         if arch not in _GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -149,8 +150,11 @@ class ModelConfig:
             rope_theta=float(key("rope.freq_base", 10000.0)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             max_position_embeddings=int(key("context_length", 2048)),
-            tie_word_embeddings=not has_output_tensor,
+            tie_word_embeddings="output.weight" not in tensor_names,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),
-            architecture="llama",
+            architecture=arch,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            o_proj_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         )

@@ -57,9 +57,9 @@ def test_dequantize_matches_gguf_py(tmp_path):
     assert gf.tensor("f32").shape == (3, 5)
 
 
-def write_tiny_gguf(path, hf_model) -> None:
+def write_tiny_gguf(path, hf_model, arch: str = "llama") -> None:
     cfg = hf_model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -83,7 +83,9 @@ def write_tiny_gguf(path, hf_model) -> None:
             _, _, layer, *rest = name.split(".")
             module = ".".join(rest[:-1])
             gname = f"blk.{layer}.{HF_TO_GGUF[module]}.{rest[-1]}"
-            if module == "self_attn.q_proj":
+            if arch != "llama":
+                pass  # only llama tensors are permuted by llama.cpp
+            elif module == "self_attn.q_proj":
                 w = llama_cpp_permute(w, cfg.num_attention_heads)
             elif module == "self_attn.k_proj":
                 w = llama_cpp_permute(w, cfg.num_key_value_heads)
@@ -94,9 +96,9 @@ def write_tiny_gguf(path, hf_model) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_tiny_llama_gguf_matches_hf(tmp_path, tied):
-    hf = save_tiny(tmp_path / "hf", "llama", tie_word_embeddings=tied)
+@pytest.mark.parametrize(("tied", "bias"), [(False, True), (True, False)])
+def test_tiny_llama_gguf_matches_hf(tmp_path, tied, bias):
+    hf = save_tiny(tmp_path / "hf", "llama", tie_word_embeddings=tied, attention_bias=bias)
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, hf)
     model, config, tok = load_model(str(path) if tied else str(tmp_path))  # a folder with one .gguf
@@ -119,3 +121,17 @@ def test_bad_files(tmp_path):
     bad.write_bytes(b"NOPE" * 10)
     with pytest.raises(ModelLoadError, match="magic"):
         GGUFFile(bad)
+
+
+def test_tiny_qwen2_gguf_with_biases_matches_hf(tmp_path):
+    hf = save_tiny(tmp_path / "hf", "qwen2")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, hf, arch="qwen2")
+    model, config, _ = load_model(str(path))
+    assert config.architecture == "qwen2" and config.attention_bias
+    toks = torch.randint(0, 97, (13,), generator=torch.Generator().manual_seed(2)).tolist()
+    kv = FakeKVStorage(config.num_layers, 16, 4, config.num_kv_heads, config.head_dim)
+    out = model(ForwardBatch.build([SeqInput(toks, 0, [3, 9, 1, 4], len(toks))], 4), kv)
+    with torch.no_grad():
+        ref = hf(torch.tensor([toks])).logits[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)

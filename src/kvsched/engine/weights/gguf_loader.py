@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp layout), dequantized to float at load.
 
-llama.cpp stores ``attn_q``/``attn_k`` with rows permuted for its interleaved RoPE; we undo that so the
-weights equal HF's rotate-half layout (see ARCHITECTURE.md "The default model").
+llama.cpp stores a llama model's ``attn_q``/``attn_k`` with rows permuted for its interleaved RoPE; we
+undo that so the weights equal HF's rotate-half layout (see ARCHITECTURE.md "The default model").
+Qwen2 files keep HF's layout (llama.cpp runs them with NEOX-style RoPE) and carry q/k/v biases.
 """
 
 from __future__ import annotations
@@ -57,15 +58,20 @@ def load_gguf(
 ) -> tuple[LlamaForCausalLM, ModelConfig, dict[str, Any]]:
     """Returns the model, its config and the raw metadata (the tokenizer is built from it)."""
     gf = GGUFFile(path)
-    config = ModelConfig.from_gguf_metadata(gf.metadata, has_output_tensor="output.weight" in gf.tensors)
+    config = ModelConfig.from_gguf_metadata(gf.metadata, gf.tensors.keys())
     by_hf = {name: t for t in gf.tensors if (name := hf_name(t)) is not None}
     model = empty_model(config, dtype, device)
+    permuted = (
+        config.architecture == "llama"
+    )  # llama.cpp permutes Q/K rows for llama only (NEOX RoPE elsewhere)
 
     def fetch(name: str) -> torch.Tensor | None:
         gname = by_hf.get(name)
         if gname is None:
             return None
         w = gf.tensor(gname)
+        if not permuted:
+            return w
         if ".q_proj." in name:
             w = unpermute(w, config.num_heads)
         elif ".k_proj." in name:
