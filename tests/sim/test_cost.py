@@ -99,3 +99,19 @@ def test_linear_fit_recovers_coefficients():
     assert fit.step_time(shapes[5]) == pytest.approx(times[5])
     with pytest.raises(ConfigError):
         LinearCostModel.fit(shapes[:3], times[:3])
+
+
+def test_step_time_equals_breakdown_sum_for_mixed_batches():
+    for tp, overlap in ((1, True), (2, False), (4, True)):
+        cm = RooflineCostModel(
+            MODEL_PRESETS["llama-3.1-70b"], GPU_PRESETS["h100"], tp=tp, overlap_copies=overlap
+        )
+        s = StepShape(h2d_bytes=3e8, d2h_bytes=1e8)
+        s.add_context(start=512, chunk=256, last=False)
+        for k in range(20):
+            s.add_decode(kv_len=100 * k)
+        b = cm.breakdown(s)
+        compute = b["linear"] + b["attention"] + b["allreduce"] + b["overhead"]
+        want = max(compute, b["copy"]) if overlap else compute + b["copy"]
+        assert cm.step_time(s) == pytest.approx(want)
+        assert b["copy"] == pytest.approx(cm.copy_time(3e8))

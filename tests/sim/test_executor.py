@@ -111,7 +111,15 @@ def test_outputs_and_metrics_are_consistent():
 def test_host_tier_turns_recompute_into_copies():
     specs = _workload(n=30, rate=float("inf"), seed=4)
     sc = dict(block_bytes=16 * COST.kv_bytes_per_token, **SCHED)
-    with_host = Simulator(specs, COST, _cache(device=60, host=400, reuse=False), **sc).run().summary
+    sim = Simulator(specs, COST, _cache(device=60, host=400, reuse=False), **sc)
+    res = sim.run()
+    with_host = res.summary
+    sto = sim.replicas[0].storage  # the counting backend saw exactly the manager's copies
+    assert (sto.d2h_blocks, sto.h2d_blocks) == (
+        res.kv_stats["offload_blocks"],
+        res.kv_stats["onboard_blocks"],
+    )
+    assert res.kv_stats["offload_bytes"] == sto.d2h_blocks * 16 * COST.kv_bytes_per_token
     recompute = (
         Simulator(specs, COST, _cache(device=60, reuse=False), scheduler="recompute", **sc).run().summary
     )

@@ -8,7 +8,7 @@ least-squares fit to measured step times (used to calibrate against a real engin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -86,7 +86,15 @@ class RooflineCostModel:
     allreduce_latency: float = 8e-6  # s per all-reduce
     overlap_copies: bool = True  # host<->device copies run on their own stream
 
-    def __post_init__(self) -> None:
+    _s_token: float = field(init=False, repr=False)
+    _s_logit: float = field(init=False, repr=False)
+    _s_weights: float = field(init=False, repr=False)
+    _s_pair: float = field(init=False, repr=False)
+    _s_kv: float = field(init=False, repr=False)
+    _s_reduce: float = field(init=False, repr=False)
+    _s_link: float = field(init=False, repr=False)
+
+    def _check(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:
             raise ConfigError(f"tp={self.tp!r} is invalid: must be an integer >= 1")
         if self.model.num_heads % self.tp:
@@ -103,36 +111,60 @@ class RooflineCostModel:
         """KV bytes of one token on one GPU (what the block pool is sized by)."""
         return self.model.kv_bytes_per_token_per_gpu(self.tp)
 
-    def breakdown(self, s: StepShape) -> dict[str, float]:
+    def __post_init__(self) -> None:
+        self._check()
         m, g, tp = self.model, self.gpu, self.tp
         peak = g.fp8_flops if m.fp8_compute else g.bf16_flops
+        eff = g.attention_efficiency
+        # per-unit seconds, computed once (step_time runs once per simulated step)
+        self._s_token = m.linear_flops_per_token / (tp * peak * g.mfu)
+        self._s_logit = m.lm_head_flops_per_token / (tp * peak * g.mfu)
+        self._s_weights = m.weight_bytes_per_step / (tp * g.hbm_bandwidth * g.hbm_efficiency)
+        self._s_pair = m.attn_flops_per_pair / (tp * g.bf16_flops * eff)
+        self._s_kv = self.kv_bytes_per_token / (g.hbm_bandwidth * eff)
+        self._s_reduce = 0.0
+        if tp > 1:
+            self._s_reduce = 2 * m.num_layers * 2.0 * (tp - 1) / tp * m.hidden_size * 2.0
+            self._s_reduce /= g.gpu_link_bandwidth * g.gpu_link_efficiency
+        self._s_link = 1.0 / (g.host_link_bandwidth * g.host_link_efficiency)
+
+    def breakdown(self, s: StepShape) -> dict[str, float]:
+        """Seconds per component: linear, attention, allreduce, overhead, copy."""
         out = {"linear": 0.0, "attention": 0.0, "allreduce": 0.0, "overhead": 0.0, "copy": 0.0}
         if s.num_tokens > 0:
-            flops = s.num_tokens * m.linear_flops_per_token + s.num_logits * m.lm_head_flops_per_token
-            out["linear"] = max(
-                flops / (tp * peak * g.mfu),
-                m.weight_bytes_per_step / (tp * g.hbm_bandwidth * g.hbm_efficiency),
+            out["linear"] = max(s.num_tokens * self._s_token + s.num_logits * self._s_logit, self._s_weights)
+            out["attention"] = max(
+                s.attn_pairs * self._s_pair, (s.kv_read_tokens + s.num_tokens) * self._s_kv
             )
-            kv_bytes = (s.kv_read_tokens + s.num_tokens) * self.kv_bytes_per_token
-            attn_flops = s.attn_pairs * m.attn_flops_per_pair / tp
-            eff = g.attention_efficiency
-            out["attention"] = max(attn_flops / (g.bf16_flops * eff), kv_bytes / (g.hbm_bandwidth * eff))
-            if tp > 1:
-                size = s.num_tokens * m.hidden_size * 2.0  # bf16 activations
-                ring = 2.0 * (tp - 1) / tp * size / (g.gpu_link_bandwidth * g.gpu_link_efficiency)
-                out["allreduce"] = 2 * m.num_layers * (ring + self.allreduce_latency)
+            if self.tp > 1:  # two ring all-reduces of the activations per layer
+                lat = 2 * self.model.num_layers * self.allreduce_latency
+                out["allreduce"] = s.num_tokens * self._s_reduce + lat
             out["overhead"] = self.step_overhead
-        link = g.host_link_bandwidth * g.host_link_efficiency  # each direction has its own lanes
-        out["copy"] = max(s.h2d_bytes, s.d2h_bytes) / link
+        out["copy"] = max(s.h2d_bytes, s.d2h_bytes) * self._s_link  # each direction has its own lanes
         return out
 
     def step_time(self, shape: StepShape) -> float:
-        b = self.breakdown(shape)
-        compute = b["linear"] + b["attention"] + b["allreduce"] + b["overhead"]
-        return max(compute, b["copy"]) if self.overlap_copies else compute + b["copy"]
+        """`breakdown` summed, without building the dict (this runs once per simulated step)."""
+        n = shape.num_tokens
+        compute = 0.0
+        if n > 0:
+            lin = n * self._s_token + shape.num_logits * self._s_logit
+            w = self._s_weights
+            attn = shape.attn_pairs * self._s_pair
+            kv = (shape.kv_read_tokens + n) * self._s_kv
+            compute = (lin if lin > w else w) + (attn if attn > kv else kv) + self.step_overhead
+            if self.tp > 1:
+                compute += n * self._s_reduce + 2 * self.model.num_layers * self.allreduce_latency
+        h2d, d2h = shape.h2d_bytes, shape.d2h_bytes
+        if not (h2d or d2h):
+            return compute
+        copy = (h2d if h2d > d2h else d2h) * self._s_link
+        if self.overlap_copies:
+            return compute if compute > copy else copy
+        return compute + copy
 
     def copy_time(self, num_bytes: float) -> float:
-        return num_bytes / (self.gpu.host_link_bandwidth * self.gpu.host_link_efficiency)
+        return num_bytes * self._s_link
 
 
 @dataclass(slots=True)

@@ -17,6 +17,7 @@ from kvsched.core.scheduler import make_scheduler
 from kvsched.core.step import apply_step
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.metrics import MetricsRecorder
+from kvsched.sim.storage import CountingStorage
 from kvsched.sim.workload import RequestSpec
 
 
@@ -65,7 +66,10 @@ class Replica:
         **scheduler_kwargs: Any,
     ) -> None:
         self.index = index
-        self.kv = KVCacheManager(cache_config)
+        self.storage = CountingStorage(int(round(block_bytes)))
+        self.kv = KVCacheManager(cache_config, storage=self.storage)
+        self._num_device = self.kv.num_device_blocks
+        self._num_host = self.kv.num_host_blocks
         self.scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
         self.cost = cost_model
         self.specs = specs
@@ -77,8 +81,7 @@ class Replica:
         self.num_steps = 0
         self.last_tok: dict[int, float] = {}
         self.shape = StepShape()
-        st = self.kv.stats()
-        self._off, self._on = st.offload_blocks, st.onboard_blocks
+        self._off = self._on = 0
         # per-run counters read by the executor's summary
         self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
 
@@ -104,10 +107,12 @@ class Replica:
         for r in gen:
             shape.add_decode(r.num_tokens - 1, 1 + len(r.draft_tokens))
             sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
-        st = kv.stats()  # copies done by this step's suspends, resumes and host-tier prefix hits
-        shape.d2h_bytes = (st.offload_blocks - self._off) * self.block_bytes
-        shape.h2d_bytes = (st.onboard_blocks - self._on) * self.block_bytes
-        self._off, self._on = st.offload_blocks, st.onboard_blocks
+        sto = self.storage  # copies done by this step's suspends, resumes, host-tier hits, offloads
+        off, on = sto.d2h_blocks, sto.h2d_blocks
+        if off != self._off or on != self._on:
+            shape.d2h_bytes = (off - self._off) * self.block_bytes
+            shape.h2d_bytes = (on - self._on) * self.block_bytes
+            self._off, self._on = off, on
         dt = self.cost.step_time(shape)
         now = self.clock = self.clock + dt
         if self.decisions is not None:
@@ -124,11 +129,13 @@ class Replica:
                 self.reused += r.num_reused_tokens
                 self.context_tokens += r.num_context_tokens
         finished = apply_step(out, sampled, kv, now=now)
+        if self.num_steps % 256 == 0:
+            kv.drain_events()  # nobody subscribes in a simulation: keep the event list bounded
         self.rec.step(
             now,
             dt,
-            st.used_device_blocks,
-            st.used_host_blocks,
+            self._num_device - kv.num_free_device_blocks,
+            self._num_host - kv.num_free_host_blocks,
             len(ctx) + len(gen),
             shape.num_tokens,
             self.index,
