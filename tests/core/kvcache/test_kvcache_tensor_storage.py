@@ -101,3 +101,16 @@ def test_manager_counts_bytes_from_storage():
     m.suspend_request(r)
     assert m.stats().offload_bytes == 2 * s.bytes_per_block
     assert make().stats().offload_bytes == 0
+
+
+def test_consecutive_ids_take_the_slice_path_and_copy_the_same():
+    from kvsched.core.kvcache.tensor_storage import _runs
+
+    assert _runs([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
+    _, s = storage(device_blocks=8, host_blocks=8)
+    for layer in range(2):
+        s.device_kv[layer].copy_(torch.randn_like(s.device_kv[layer]))
+    s.copy_blocks(Tier.DEVICE, [2, 3, 4, 5, 6], Tier.HOST, [1, 2, 3, 4, 5])
+    for layer in range(2):
+        assert torch.equal(s.host_kv[layer][1:6], s.device_kv[layer][2:7])
+        assert not s.host_kv[layer][0].any() and not s.host_kv[layer][6:].any()

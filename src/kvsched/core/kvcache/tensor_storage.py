@@ -24,6 +24,20 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
+def _runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(src_start, dst_start, length)`` of the runs where both id lists count up by one."""
+    runs = []
+    a, b, k = src[0], dst[0], 1
+    for s, d in zip(src[1:], dst[1:]):
+        if s == a + k and d == b + k:
+            k += 1
+        else:
+            runs.append((a, b, k))
+            a, b, k = s, d, 1
+    runs.append((a, b, k))
+    return runs
+
+
 class TensorKVStorage:
     """KV data of every layer on the device tier and the host tier."""
 
@@ -81,6 +95,13 @@ class TensorKVStorage:
             return
         src_kv, dst_kv = self.tier_kv(src_tier), self.tier_kv(dst_tier)
         src_dev, dst_dev = src_kv[0].device, dst_kv[0].device
+        if src_dev == dst_dev:
+            runs = _runs(src, dst)
+            if len(runs) * 4 <= n:  # mostly consecutive ids: plain slice copies (memcpy speed)
+                for s, d in zip(src_kv, dst_kv):
+                    for a, b, k in runs:
+                        d[b : b + k].copy_(s[a : a + k])
+                return
         src_idx = torch.tensor(src, dtype=torch.long, device=src_dev)
         dst_idx = torch.tensor(dst, dtype=torch.long, device=dst_dev)
         if src_dev == dst_dev:
