@@ -199,3 +199,21 @@ def test_block_table_of_suspended_request_is_an_error():
         m.block_table(r)
     with pytest.raises(InvalidRequestError):
         m.advance(r, 1)
+
+
+def test_invariant_checker_catches_corruption():
+    m = make(tpb=4, device=4, host=2, reuse=True)
+    r = req(1, 9)
+    run_context(m, r)
+    store = m._store
+    store.device.free.append(m.block_table(r)[0])  # a used slot handed out again
+    with pytest.raises(AssertionError, match="owned twice"):
+        check_invariants(m)
+    store.device.free.pop()
+    m._caches[1].table[0] = 3  # table no longer mirrors the pages
+    with pytest.raises(AssertionError, match="stale table"):
+        check_invariants(m)
+    m._caches[1].table[0] = m._caches[1].pages[0].slot
+    m._caches[1].pages[0].locks += 1
+    with pytest.raises(AssertionError, match="refcount"):
+        check_invariants(m)
