@@ -135,3 +135,7 @@ def test_metrics_and_logprobs(tiny_llama_dir):
     assert sum(o.metrics.num_suspends for o in outs) == stats.num_suspends > 0
     assert sum(o.metrics.num_resumes for o in outs) == stats.num_resumes
     assert ex.stats.num_finished == 4 and ex.stats.finish_reasons == {"length": 4}
+    engine = ex.get_stats()
+    assert engine.kv.num_suspends == stats.num_suspends and engine.kv.reuse_hit_tokens >= 3 * 32
+    assert 0 < engine.peak_device_usage <= 1 and engine.peak_host_blocks_used > 0
+    assert engine.num_generated_tokens == 4 * 20 and engine.num_steps > 20

@@ -146,6 +146,10 @@ class Executor:
     def num_unfinished_requests(self) -> int:
         return len(self._active)
 
+    def get_stats(self) -> EngineStats:
+        """Engine counters with a fresh snapshot of the KV manager's (tiers, reuse, suspends)."""
+        return self.stats.snapshot(self.kv)
+
     def pop_output(self, request_id: Hashable) -> RequestOutput:
         """The result of a finished request (each can be taken once)."""
         try:
