@@ -224,3 +224,20 @@ def test_stored_events_chain_parents():
     assert isinstance(ev[0], KVEvent) and ev[0].tier == Tier.DEVICE
     assert m.drain_events() == []
     assert m.stats().num_events == 2
+
+
+def test_probe_reuse_holds_nothing_and_clear_drops_the_cache():
+    m = make(tpb=4, device=8, host=4, reuse=True)
+    a = req(1, list(range(9)), max_new=1)
+    run_context(m, a)
+    probe = req(2, list(range(9)))
+    assert m.probe_reuse(probe) == 8 and not m.has_request(2)
+    assert m.probe_reuse(req(3, list(range(9)), lora_id=4)) == 0
+    assert make(reuse=False).probe_reuse(probe) == 0
+    assert m.clear_cached_blocks() == 0  # a still holds its blocks
+    m.free_request(a)
+    m.drain_events()
+    assert m.clear_cached_blocks() == 2
+    assert [e.kind for e in m.drain_events()] == ["removed", "removed"]
+    assert m.probe_reuse(probe) == 0 and m.num_free_device_blocks == 8
+    check_invariants(m)

@@ -120,6 +120,15 @@ class BlockStore:
                 self._drop(page)
         return True
 
+    def drop_all_cached(self) -> int:
+        n = 0
+        for pool in (self.device, self.host):
+            victims = pool.pop_victims(pool.num_cached)
+            for page in victims:
+                self._drop(page)
+            n += len(victims)
+        return n
+
     def _drop(self, page: Page) -> None:
         """Forget a cached page: its key leaves the index and its slot is freed."""
         key = page.key

@@ -19,7 +19,7 @@ from kvsched.core.errors import (
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import root_key
 from kvsched.core.kvcache.lifecycle import attach_prefix, discard_cache, resume_cache, suspend_cache
-from kvsched.core.kvcache.prefix import commit_blocks
+from kvsched.core.kvcache.prefix import commit_blocks, match_prefix
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.storage import KVStorage, MetadataStorage
 from kvsched.core.kvcache.types import DEVICE, KVCacheStats, KVEvent
@@ -228,6 +228,20 @@ class KVCacheManager:
         from kvsched.core.kvcache.invariants import snapshot_stats
 
         return snapshot_stats(self._store, self._caches)
+
+    def probe_reuse(self, req: Any) -> int:
+        """Tokens of ``req``'s context (minus its last token) that are cached now; holds nothing."""
+        if not self._reuse:
+            return 0
+        scope = (getattr(req, "lora_id", None), getattr(req, "cache_salt", None))
+        root = self._roots.get(scope) or root_key(*scope)
+        nfull = (req.num_context_tokens - 1) // self._tpb
+        pages, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
+        return len(pages) * self._tpb
+
+    def clear_cached_blocks(self) -> int:
+        """Drop every cached block nobody holds, on both tiers (cold-cache runs); returns how many."""
+        return self._store.drop_all_cached()
 
     def drain_events(self) -> list[KVEvent]:
         events = list(self._store.events)
