@@ -40,6 +40,7 @@ def _hand_loop(specs, cache, kind, **kw):
     pending = sorted(specs, key=lambda s: (s.arrival_time, s.request_id))
     by_id = {s.request_id: s for s in specs}
     active, decisions, now, step = [], [], 0.0, 0
+    times = []
     while pending or active:
         while pending and pending[0].arrival_time <= now:
             s = pending.pop(0)
@@ -64,9 +65,10 @@ def _hand_loop(specs, cache, kind, **kw):
         step += 1
         # copies are not charged here: the shapes differ only in copy bytes, and block_bytes=0 below
         now += COST.step_time(shape)
+        times.append(now)
         apply_step(out, sampled, kv, now=now)
         active = [r for r in active if not r.is_finished]
-    return decisions
+    return decisions, times
 
 
 @pytest.mark.parametrize(
@@ -84,8 +86,9 @@ def test_same_decisions_as_hand_loop(kind, kw, host, displaces):
     cache = _cache(device=60, host=host)
     sim = Simulator(specs, COST, cache, scheduler=kind, record_decisions=True, **SCHED, **kw)
     res = sim.run()
-    expected = _hand_loop(specs, cache, kind, **kw)
+    expected, times = _hand_loop(specs, cache, kind, **kw)
     assert res.decisions == expected
+    assert list(res.recorder.t_time) == pytest.approx(times, rel=1e-12)  # same step costs
     assert res.summary["requests"] == len(specs)
     busy = [d for d in res.decisions if d.paused or d.preempted]
     if displaces:
@@ -151,7 +154,7 @@ def test_replicas_are_independent_engines_behind_a_router():
     for k in (0, 1):
         mine = [s for i, s in enumerate(order) if (i + 1) % 2 == k]  # round robin starts at replica 1
         got = [replace(d, replica=0) for d in res.decisions if d.replica == k]
-        assert got == _hand_loop(mine, cache, "unified")
+        assert got == _hand_loop(mine, cache, "unified")[0]
     one = Simulator(specs, COST, cache, **SCHED).run().summary
     assert res.summary["e2e"]["mean"] < one["e2e"]["mean"]
     with pytest.raises(ConfigError):

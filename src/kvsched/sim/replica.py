@@ -80,6 +80,7 @@ class Replica:
         self.clock = 0.0
         self.num_steps = 0
         self.last_tok: dict[int, float] = {}
+        self._tok: dict[int, Any] = {}  # request id -> its deterministic output-token function
         self.shape = StepShape()
         self._off = self._on = 0
         # per-run counters read by the executor's summary
@@ -88,11 +89,12 @@ class Replica:
     def admit(self, spec: RequestSpec, t: float) -> None:
         if not self.active and self.clock < t:
             self.clock = t
+        self._tok[spec.request_id] = spec.output_token
         self.active.append(make_request(spec, t))
 
     def step(self) -> list[Request] | None:
         """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
-        kv, specs, shape = self.kv, self.specs, self.shape
+        kv, shape = self.kv, self.shape
         out = self.scheduler.schedule(self.active)
         ctx, gen = out.context_requests, out.generation_requests
         if not ctx and not gen:
@@ -103,10 +105,24 @@ class Replica:
             last = r.is_last_context_chunk
             shape.add_context(r.context_current_position, r.context_chunk_size, last)
             if last:
-                sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
-        for r in gen:
-            shape.add_decode(r.num_tokens - 1, 1 + len(r.draft_tokens))
-            sampled[r.request_id] = [specs[r.request_id].output_token(len(r.output_token_ids))]
+                sampled[r.request_id] = [self._tok[r.request_id](len(r.output_token_ids))]
+        tok = self._tok
+        kv_sum = n_plain = 0
+        for r in gen:  # add_decode inlined for the common one-token case (no drafts in a simulation)
+            rid = r.request_id
+            out_ids = r.output_token_ids
+            if r.draft_tokens:
+                shape.add_decode(len(r.prompt_token_ids) + len(out_ids) - 1, 1 + len(r.draft_tokens))
+            else:
+                kv_sum += len(r.prompt_token_ids) + len(out_ids)
+                n_plain += 1
+            sampled[rid] = [tok[rid](len(out_ids))]
+        if n_plain:  # what add_decode(kv_len, 1) adds, summed: kv_len + 1 pairs and KV tokens each
+            shape.num_tokens += n_plain
+            shape.num_seqs += n_plain
+            shape.num_logits += n_plain
+            shape.attn_pairs += kv_sum
+            shape.kv_read_tokens += kv_sum
         sto = self.storage  # copies done by this step's suspends, resumes, host-tier hits, offloads
         off, on = sto.d2h_blocks, sto.h2d_blocks
         if off != self._off or on != self._on:
@@ -143,6 +159,7 @@ class Replica:
         if finished:
             for r in finished:
                 del last_tok[r.request_id]
+                del self._tok[r.request_id]
                 self.preemptions += r.num_preemptions
                 self.recomputed += r.num_recomputed_tokens
                 self.rec.request_done(
