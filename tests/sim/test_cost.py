@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvsched.core.errors import ConfigError
 from kvsched.sim.cost import LinearCostModel, RooflineCostModel, StepShape
@@ -115,3 +117,27 @@ def test_step_time_equals_breakdown_sum_for_mixed_batches():
         want = max(compute, b["copy"]) if overlap else compute + b["copy"]
         assert cm.step_time(s) == pytest.approx(want)
         assert b["copy"] == pytest.approx(cm.copy_time(3e8))
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 300), st.integers(1, 64), st.booleans()), max_size=6),
+    st.lists(st.tuples(st.integers(0, 500), st.integers(1, 4)), max_size=8),
+)
+@settings(max_examples=60, deadline=None)
+def test_shape_sums_match_brute_force(contexts, decodes):
+    s = StepShape()
+    pairs = kv = tokens = logits = 0
+    for start, chunk, last in contexts:
+        s.add_context(start, chunk, last)
+        pairs += sum(start + i + 1 for i in range(chunk))  # query i attends to keys 0..start+i
+        kv += start + chunk
+        tokens += chunk
+        logits += last
+    for kv_len, n in decodes:
+        s.add_decode(kv_len, n)
+        pairs += sum(kv_len + i + 1 for i in range(n))
+        kv += kv_len + n
+        tokens += n
+        logits += n
+    assert (s.attn_pairs, s.kv_read_tokens, s.num_tokens, s.num_logits) == (pairs, kv, tokens, logits)
+    assert s.num_seqs == len(contexts) + len(decodes)
