@@ -159,3 +159,25 @@ def test_replicas_are_independent_engines_behind_a_router():
     assert res.summary["e2e"]["mean"] < one["e2e"]["mean"]
     with pytest.raises(ConfigError):
         Simulator(specs, COST, cache, router="random")
+
+
+def test_lora_page_budget_limits_adapters_per_step():
+    specs = synthetic_workload(
+        20,
+        float("inf"),
+        LengthDist("fixed", 40),
+        LengthDist("fixed", 6),
+        lora_ids=(1, 2, 3),
+        lora_fraction=1.0,
+    )
+    res = Simulator(specs, COST, _cache(device=400), record_decisions=True, lora_pages=(2, 2), **SCHED).run()
+    assert res.summary["requests"] == 20
+    lora = {s.request_id: s.lora_id for s in specs}
+    for d in res.decisions:  # 2 pages, 2 per adapter: one adapter per step
+        ids = [rid for rid, _ in d.context] + list(d.generation)
+        assert len({lora[i] for i in ids}) == 1
+    free = Simulator(specs, COST, _cache(device=400), record_decisions=True, **SCHED).run()
+    assert (
+        max(len({lora[i] for i in [r for r, _ in d.context] + list(d.generation)}) for d in free.decisions)
+        > 1
+    )

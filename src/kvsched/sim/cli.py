@@ -66,6 +66,10 @@ def add_parser(subparsers: Any) -> None:
     w.add_argument("--num-shared-prefixes", type=int, default=1)
     w.add_argument("--lora-ids", default="", help="comma-separated adapter ids")
     w.add_argument("--lora-fraction", type=float, default=0.0)
+    w.add_argument(
+        "--lora-max-pages", type=int, default=0, help="PEFT device pages for adapters (0 = unlimited)"
+    )
+    w.add_argument("--lora-pages-per-adapter", type=int, default=1)
     w.add_argument("--turns", type=int, default=0, help="> 0: multi-turn conversations of this many turns")
     w.add_argument("--think-time", type=float, default=5.0)
     w.add_argument(
@@ -106,6 +110,8 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
         slo=SLO(a.slo_ttft, a.slo_tpot),
         num_replicas=a.replicas,
         router=a.router,
+        lora_max_pages=a.lora_max_pages,
+        lora_pages_per_adapter=a.lora_pages_per_adapter,
     )
 
 

@@ -42,6 +42,7 @@ class SimResult:
 class Simulator:
     """Runs one workload through `num_replicas` identical instances; `run()` may be called once.
 
+    `lora_pages=(device pages, pages per adapter)` gives each replica a PEFT page budget for LoRA adapters.
     Routers: `least_loaded` (fewest active requests), `round_robin`, `sticky` (a conversation turn goes
     where its previous turn ran, so its prefix is cached there; first turns least-loaded).
     """
@@ -60,6 +61,7 @@ class Simulator:
         name: str | None = None,
         num_replicas: int = 1,
         router: str = "least_loaded",
+        lora_pages: tuple[int, int] | None = None,
         **scheduler_kwargs: Any,
     ) -> None:
         ids = [s.request_id for s in specs]
@@ -77,7 +79,7 @@ class Simulator:
         self.decisions: list[StepDecision] | None = [] if record_decisions else None
         self.replicas = [
             Replica(i, cache_config, scheduler, cost_model, self.specs, self.rec, block_bytes, self.decisions,
-                    **scheduler_kwargs)
+                    lora_pages, **scheduler_kwargs)
             for i in range(num_replicas)
         ]  # fmt: skip
         self.kv = self.replicas[0].kv

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.peft import PeftCache
 from kvsched.core.request import Request
 from kvsched.core.scheduler import make_scheduler
 from kvsched.core.step import apply_step
@@ -63,6 +64,7 @@ class Replica:
         rec: MetricsRecorder,
         block_bytes: float,
         decisions: list[StepDecision] | None,
+        lora_pages: tuple[int, int] | None = None,
         **scheduler_kwargs: Any,
     ) -> None:
         self.index = index
@@ -70,6 +72,10 @@ class Replica:
         self.kv = KVCacheManager(cache_config, storage=self.storage)
         self._num_device = self.kv.num_device_blocks
         self._num_host = self.kv.num_host_blocks
+        # LoRA: (device pages for adapters, pages per adapter) -> the scheduler's PEFT page budget
+        self.peft = None if lora_pages is None else PeftCache(lora_pages[0], lora_pages[1])
+        if self.peft is not None:
+            scheduler_kwargs["peft_cache"] = self.peft
         self.scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
         self.cost = cost_model
         self.specs = specs
@@ -160,6 +166,8 @@ class Replica:
             for r in finished:
                 del last_tok[r.request_id]
                 del self._tok[r.request_id]
+                if self.peft is not None:
+                    self.peft.release(r)  # as the engine does when a request finishes
                 self.preemptions += r.num_preemptions
                 self.recomputed += r.num_recomputed_tokens
                 self.rec.request_done(

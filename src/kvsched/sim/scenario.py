@@ -59,6 +59,8 @@ class Scenario:
     slo: SLO = field(default_factory=SLO)
     num_replicas: int = 1  # data-parallel instances (each tp GPUs) behind a router
     router: str = "least_loaded"
+    lora_max_pages: int = 0  # > 0: device pages for LoRA adapters (PEFT budget per replica)
+    lora_pages_per_adapter: int = 1
 
     def cost_model(self) -> RooflineCostModel:
         return RooflineCostModel(
@@ -121,6 +123,7 @@ class Scenario:
             name=policy,
             num_replicas=self.num_replicas,
             router=self.router,
+            lora_pages=(self.lora_max_pages, self.lora_pages_per_adapter) if self.lora_max_pages else None,
             max_batch_size=self.max_batch_size,
             max_num_tokens=self.max_num_tokens,
             chunk_unit_size=self.chunk_unit_size,
