@@ -162,3 +162,36 @@ def test_free_a_suspended_request_releases_host_blocks():
     assert (s.used_host_blocks, s.cached_host_blocks, s.free_host_blocks) == (0, 2, 2)
     assert s.free_device_blocks == 4
     check_invariants(m)
+
+
+def test_parked_blocks_move_to_host_once_it_has_room():
+    import torch
+
+    from kvsched.core.config import CacheConfig
+    from kvsched.core.kvcache import KVCacheManager
+    from kvsched.core.kvcache.tensor_storage import TensorKVStorage
+
+    cfg = CacheConfig(tokens_per_block=4, num_device_blocks=4, num_host_blocks=2)
+    s = TensorKVStorage(cfg, num_layers=1, num_kv_heads=1, head_dim=2)
+    m = KVCacheManager(cfg, s)
+    a, b = req(1, 8, max_new=1), req(2, 8, max_new=1)
+    run_context(m, a)
+    s.device_kv[0][m.block_table(a)] = 1.0
+    m.suspend_request(a)  # host takes both of a's blocks
+    run_context(m, b)
+    s.device_kv[0][m.block_table(b)] = 2.0
+    m.suspend_request(b)  # host full: b's blocks stay parked on the device
+    st = m.stats()
+    assert (st.used_host_blocks, st.used_device_blocks, st.free_device_blocks) == (2, 2, 2)
+    c = req(3, 12, max_new=1)
+    assert m.prepare_context(c) and not m.resize_context(c, 12)  # 3 blocks: parked ones cannot move yet
+    assert m.try_allocate_generation(a)  # a comes back: the host has room again
+    m.free_request(a)
+    assert m.prepare_context(c) and m.resize_context(c, 12)  # now one of b's parked blocks moves down
+    st = m.stats()
+    assert (st.used_host_blocks, st.used_device_blocks, st.offload_blocks) == (1, 4, 3)
+    check_invariants(m)
+    m.free_request(c)
+    assert m.try_allocate_generation(b)
+    assert torch.equal(s.device_kv[0][m.block_table(b)[:2]], torch.full((2, 2, 4, 1, 2), 2.0))
+    check_invariants(m)

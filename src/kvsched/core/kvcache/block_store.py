@@ -21,7 +21,7 @@ _TIERS = (Tier.DEVICE, Tier.HOST)
 class BlockStore:
     """Pools of both tiers, the key -> page index of reusable blocks, and the copy path."""
 
-    __slots__ = ("device", "host", "index", "storage", "counters", "events", "num_locked")
+    __slots__ = ("device", "host", "index", "storage", "counters", "events", "num_locked", "parked")
 
     def __init__(self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage) -> None:
         self.device = TierPool(DEVICE, num_device_blocks)
@@ -33,6 +33,9 @@ class BlockStore:
         self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
         # Device pages with at least one lock (used by active requests).
         self.num_locked = 0
+        # Device pages held only by suspended requests (the host had no room when they were parked):
+        # moved to the host when the device needs room and the host has some. Oldest first.
+        self.parked: dict[Page, None] = {}
 
     def pool(self, tier: int) -> TierPool:
         return self.device if tier == DEVICE else self.host
@@ -55,15 +58,20 @@ class BlockStore:
         """``release`` each page, last block first (so a request's tail is evicted before its head)."""
         device, host = self.device, self.host
         released = 0
+        parked = self.parked
         for p in reversed(pages):
             if locked:
                 p.locks -= 1
                 if p.locks == 0:
                     released += 1
+                    if p.holds:
+                        parked[p] = None  # still held by a suspended request
             else:
                 p.holds -= 1
             if p.locks or p.holds:
                 continue
+            if p in parked:
+                del parked[p]
             pool = host if p.tier else device
             if p.key is not None:
                 p.priority = priority
@@ -97,13 +105,27 @@ class BlockStore:
 
     # -- making room ---------------------------------------------------------------------------
     def reserve(self, tier: int, n: int) -> bool:
-        """Ensure ``n`` free slots on ``tier`` by evicting cached pages; all or nothing."""
+        """Ensure ``n`` free slots on ``tier``; all or nothing (False before anything moves).
+
+        Evicts cached pages LRU (device victims go to the host when it has room, else are dropped);
+        on the device, parked pages of suspended requests are moved to the host first if needed.
+        """
         pool = self.pool(tier)
         deficit = n - len(pool.free)
         if deficit <= 0:
             return True
-        if deficit > pool.num_cached:
+        if tier == DEVICE:
+            extra = deficit - pool.num_cached
+            if extra > 0:
+                if extra > len(self.parked) or extra > self.host.available:
+                    return False
+                it = iter(self.parked)
+                self.migrate([next(it) for _ in range(extra)], HOST)
+                deficit -= extra
+        elif deficit > pool.num_cached:
             return False
+        if deficit <= 0:
+            return True
         victims = pool.pop_victims(deficit)  # oldest first
         if tier == DEVICE:
             room = self.host.available
@@ -158,7 +180,10 @@ class BlockStore:
         src_slots = [p.slot for p in pages]
         self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
         src_pool.free.extend(src_slots)
+        parked = self.parked
         for page, slot in zip(pages, dst_slots):
+            if page in parked:
+                del parked[page]
             page.tier = dst
             page.slot = slot
             if page.key is not None:

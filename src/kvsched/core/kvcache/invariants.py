@@ -56,6 +56,8 @@ def check_invariants(manager: KVCacheManager) -> None:
         assert p.locks == locks[id(p)] and p.holds == holds[id(p)], f"bad refcount {p}"
         assert p.bucket is None, f"referenced page in the LRU {p}"
     assert store.num_locked == sum(1 for p in pages.values() if p.locks), "bad locked count"
+    parked = {id(p) for p in pages.values() if p.tier == DEVICE and not p.locks and p.holds}
+    assert parked == {id(p) for p in store.parked}, "parked set out of date"
     for tier, pool in ((DEVICE, store.device), (HOST, store.host)):
         cached = pool.cached_pages()
         assert len(cached) == pool.num_cached

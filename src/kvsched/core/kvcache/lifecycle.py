@@ -51,12 +51,22 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
     pages = c.pages
     onboard = [p for p in pages if p.tier == HOST]
     if onboard:
+        # Our own parked pages must not be pushed to the host to make room for the others.
+        parked = store.parked
+        mine = [p for p in pages if p in parked]
+        for p in mine:
+            del parked[p]
         if not store.reserve(DEVICE, len(onboard)):
+            for p in mine:
+                parked[p] = None
             return False
         store.migrate(onboard, DEVICE)
+    parked = store.parked
     for p in pages:
         if p.locks == 0:
             store.num_locked += 1
+            if p in parked:
+                del parked[p]
         p.locks += 1
         p.holds -= 1
     c.table = [p.slot for p in pages]
@@ -79,6 +89,8 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     n = min(len(movable), store.host.available)
     if n:
         store.migrate(movable[:n], HOST)
+    for p in movable[n:]:
+        store.parked[p] = None  # no host room now: moved later if the device needs the room
     c.active = False
     c.was_suspended = True
     c.table = []
