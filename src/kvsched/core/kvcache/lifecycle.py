@@ -1,13 +1,13 @@
 """Request-cache transitions: attach a reused prefix, suspend, resume, discard.
 
 Suspend policy (why it is safe for shared blocks): a request's references turn from locks into
-holds. Pages that no active request locks any more are copied to the host tier in one batch (as many
-as the host can take; the rest are "parked" on the device and move down later when the device
-needs room and the host has some). Pages shared with an active request
-stay where they are, pinned by that request (parked once it lets go). A held page is never dropped, only moved, so resume
-always finds every page again (on the device, or on the host to copy back) and data comes back
-byte for byte. A fresh cache (nothing computed yet, at most a reused prefix) is never copied: it is
-discarded instead (the prefix stays cached) and its lookup is redone by the next ``prepare_context``.
+holds. Pages that no active request locks any more are copied to the host tier in one batch (as
+many as the host can take; the rest are "parked" on the device and move down later when the device
+needs room and the host has some). Pages shared with an active request stay where they are, pinned
+by that request (parked once it lets go). A held page is never dropped, only moved, so resume always
+finds every page again (on the device, or on the host to copy back) and data comes back byte for
+byte. A fresh cache (nothing computed yet, at most a reused prefix) is never copied: it is discarded
+instead (the prefix stays cached) and its lookup is redone by the next ``prepare_context``.
 """
 
 from __future__ import annotations
