@@ -10,6 +10,7 @@ from kvsched.core.errors import (
     InvalidRequestError,
     RequestTooLargeError,
     UnknownRequestError,
+    UnsupportedFeatureError,
 )
 from kvsched.core.request import SamplingParams
 
@@ -48,8 +49,15 @@ def test_bad_inputs_fail_alone_while_others_finish(tiny_llama_dir, hf_ref):
         ex.abort_request("never-added")
     with pytest.raises(DuplicateRequestError):
         ex.add_request([3, 4], GREEDY, request_id="good-1")
+    with pytest.raises(UnsupportedFeatureError, match="LoRA"):
+        ex.add_request([3, 4], GREEDY, lora_id=1)
+    one = SamplingParams(max_tokens=1)
+    taken = {ex.add_request([3, 4], one, request_id=k) for k in range(30)}  # the next automatic ids
+    auto = [ex.add_request([3, 4], one) for _ in range(3)]
+    assert not taken & set(auto) and len(set(auto)) == 3
     got = {o.request_id: o.outputs[0].token_ids for o in ex.run()}
     assert [got[i] for i in ids] == [hf_ref.greedy(p, 12) for p in prompts]
+    assert len(got) == len(ids) + 33
 
 
 def test_request_larger_than_the_device_pool_is_rejected(tiny_llama_dir):

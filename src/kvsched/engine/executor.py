@@ -21,6 +21,7 @@ from kvsched.core.errors import (
     RequestTooLargeError,
     SchedulerDeadlockError,
     UnknownRequestError,
+    UnsupportedFeatureError,
 )
 from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.step import apply_step, finish_request
@@ -77,8 +78,12 @@ class Executor:
         """Queue one request; returns its id. Raises InvalidRequestError / DuplicateRequestError."""
         params = sampling_params or SamplingParams()
         params.validate()
+        if lora_id is not None:
+            raise UnsupportedFeatureError(f"lora_id={lora_id}: this engine has no LoRA adapters loaded")
         internal = next(self._ids)
         external = internal if request_id is None else request_id
+        while request_id is None and (external in self._by_external or external in self._finished):
+            external = internal = next(self._ids)  # a caller-chosen id took this number
         if external in self._by_external or external in self._finished:
             raise DuplicateRequestError(f"request id {external!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
