@@ -8,13 +8,10 @@ The encoding is part of the contract with routers (KV events): never change it.
 from __future__ import annotations
 
 import struct
-import sys
-from array import array
 from collections.abc import Sequence
 from hashlib import sha256
 
 _U64 = (1 << 64) - 1
-_LITTLE = sys.byteorder == "little"
 
 
 def root_key(lora_id: int | None, salt: int | None) -> bytes:
@@ -28,11 +25,9 @@ def root_key(lora_id: int | None, salt: int | None) -> bytes:
 
 
 def pack_tokens(tokens: Sequence[int]) -> bytes:
-    """Tokens as contiguous 4-byte little-endian ints (one conversion for a whole prompt)."""
-    arr = array("i", tokens)
-    if not _LITTLE:
-        arr.byteswap()
-    return arr.tobytes()
+    """Tokens as contiguous 4-byte little-endian ints (one call for a whole prompt; struct is
+    faster than array('i') here and fixes the byte order on any machine)."""
+    return struct.pack(f"<{len(tokens)}i", *tokens)
 
 
 def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:

@@ -7,11 +7,13 @@ same prefix at the same time), its own copy stays private and unpublished; the c
 
 from __future__ import annotations
 
+import functools
+import struct
 from hashlib import sha256
 from typing import Any
 
 from kvsched.core.kvcache.block_store import BlockStore
-from kvsched.core.kvcache.keys import chain_keys, pack_tokens
+from kvsched.core.kvcache.keys import pack_tokens
 from kvsched.core.kvcache.pages import Page
 from kvsched.core.kvcache.request_cache import RequestCache
 
@@ -44,20 +46,29 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Any, tokens_per_b
     """Publish every block that became full since the last commit and whose tokens are known.
 
     Tokens of accepted draft tokens may be written to KV before they are appended to the request, so
-    only ``min(history, req.num_tokens)`` tokens count; a later call catches up.
+    only ``min(history, req.num_tokens)`` tokens count; a later call catches up. Usually one block:
+    packed with a precompiled struct and hashed in one call (same digest as ``keys.chain_keys``).
     """
     start = cache.committed
     end = min(cache.history, req.num_tokens) // tokens_per_block * tokens_per_block
     if end <= start:
         return
-    keys = chain_keys(cache.last_key, pack_tokens(req.token_slice(start, end)), tokens_per_block * 4)
-    first = start // tokens_per_block
+    pack = _block_struct(tokens_per_block).pack
+    tokens = req.token_slice(start, end)
     pages = cache.pages
-    parent: bytes | None = None if first == 0 else cache.last_key
-    for i, key in enumerate(keys):
-        page = pages[first + i]
+    block = start // tokens_per_block
+    parent = cache.last_key
+    for i in range(0, end - start, tokens_per_block):
+        key = sha256(parent + pack(*tokens[i : i + tokens_per_block])).digest()
+        page = pages[block]
         if page.key is None:
-            store.publish(page, key, parent)
+            store.publish(page, key, parent if block else None)
         parent = key
-    cache.last_key = keys[-1]
+        block += 1
+    cache.last_key = parent
     cache.committed = end
+
+
+@functools.cache
+def _block_struct(tokens_per_block: int) -> struct.Struct:
+    return struct.Struct(f"<{tokens_per_block}i")
