@@ -11,6 +11,8 @@ Workloads:
 
 Prints, per workload, the comparison table and each policy's goodput and p99 TPOT relative to the
 oracle. Run: `python benchmarks/policies.py [--quick]` (about 3-6 minutes on one core; --quick: ~1).
+`--speed` instead simulates the whole conversation trace (12,031 requests, unified, 4 H200 replicas so
+that the trace's load is served) and prints simulated steps per CPU second with the CPU split.
 """
 
 from __future__ import annotations
@@ -60,12 +62,59 @@ def run_all(title: str, scenario: Scenario, specs: list) -> None:
         print("  " + line)
 
 
+def speed(num_requests: int | None, replicas: int) -> None:
+    """The whole conversation trace (or a prefix of it) with the unified scheduler: simulated steps per
+    CPU second, and how the CPU time splits between the scheduler, the step update and the rest."""
+    import kvsched.sim.replica as replica_mod
+
+    specs = load_mooncake(TRACE, limit=num_requests)
+    sc = Scenario(
+        MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"], host_memory_gb=200, num_replicas=replicas
+    )
+    sim = sc.simulator(specs, "unified")
+    spent = {"schedule": 0.0, "apply_step": 0.0}
+    clock = time.process_time
+
+    def timed(fn, key):  # noqa: ANN001, ANN202
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            t = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[key] += clock() - t
+
+        return wrapper
+
+    original = replica_mod.apply_step
+    replica_mod.apply_step = timed(original, "apply_step")
+    for rep in sim.replicas:
+        rep.scheduler.schedule = timed(rep.scheduler.schedule, "schedule")
+    try:
+        s = sim.run().summary
+    finally:
+        replica_mod.apply_step = original
+    rest = s["cpu_s"] - spent["schedule"] - spent["apply_step"]
+    print(
+        f"\n== speed: {len(specs)} trace requests on {replicas} x H200 (unified): {s['steps']} steps in "
+        f"{s['cpu_s']:.1f} s CPU ({s['wall_s']:.1f} s wall) = {s['sim_steps_per_s']:.0f} simulated steps/s"
+    )
+    print(
+        f"  CPU split: scheduler.schedule {spent['schedule']:.1f} s, core apply_step {spent['apply_step']:.1f} s, "
+        f"simulator (cost model, metrics, token lists, event loop) {rest:.1f} s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller slices")
     ap.add_argument("--trace-requests", type=int, default=None)
     ap.add_argument("--pressure-requests", type=int, default=None)
+    ap.add_argument("--speed", action="store_true", help="only: time the whole trace (4 replicas)")
+    ap.add_argument("--speed-requests", type=int, default=None, help="with --speed: a prefix of the trace")
     a = ap.parse_args()
+    if a.speed:
+        speed(a.speed_requests, replicas=4)
+        return
     model, gpu = MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"]
 
     n_trace = a.trace_requests or (150 if a.quick else 400)
