@@ -14,7 +14,7 @@ from kvsched.engine.engine_args import add_engine_flags, engine_args_from_namesp
 
 # Bench defaults: sized to finish in about a minute on 2 CPU cores with the default model, with a
 # device pool small enough that the scheduler suspends requests to the host tier now and then.
-_BENCH_DEFAULTS = {"max_batch_size": 32, "device_kv_bytes": 256 << 20, "host_kv_bytes": 1 << 30}
+_BENCH_DEFAULTS = {"max_batch_size": 32, "device_kv_bytes": 128 << 20, "host_kv_bytes": 1 << 30}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
