@@ -92,3 +92,16 @@ class HFReference:
 @pytest.fixture(scope="session")
 def hf_ref(tiny_llama_dir: Path) -> HFReference:
     return HFReference(tiny_llama_dir)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread(request: pytest.FixtureRequest):
+    """The engine tests run tiny batches, where a second OpenMP thread only adds wake-up latency (a lot
+    of it on a busy machine). Only for this folder's own tests; the previous setting is restored."""
+    if request.path.parent != Path(__file__).parent:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
