@@ -25,6 +25,8 @@ class CacheConfig:
     enable_block_reuse: bool = False
     # Resume is refused above this device utilisation (headroom for growth, avoids suspend/resume thrash).
     max_util_for_resume: float = 1.0
+    # KV events (stored/removed blocks, for KV-aware routers); off skips building them (simulations).
+    enable_kv_events: bool = True
 
     def __post_init__(self) -> None:
         _require(

@@ -105,6 +105,7 @@ class Scenario:
             num_device_blocks=device_blocks,
             num_host_blocks=host_blocks,
             enable_block_reuse=self.enable_block_reuse,
+            enable_kv_events=False,  # nobody subscribes in a simulation: build no event objects
         )
 
     def simulator(self, specs: Sequence[RequestSpec], policy: str, **kwargs: Any) -> Simulator:

@@ -21,9 +21,21 @@ _TIERS = (Tier.DEVICE, Tier.HOST)
 class BlockStore:
     """Pools of both tiers, the key -> page index of reusable blocks, and the copy path."""
 
-    __slots__ = ("device", "host", "index", "storage", "counters", "events", "num_locked", "parked")
+    __slots__ = (
+        "device",
+        "host",
+        "index",
+        "storage",
+        "counters",
+        "events",
+        "events_on",
+        "num_locked",
+        "parked",
+    )
 
-    def __init__(self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage) -> None:
+    def __init__(
+        self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage, events: bool = True
+    ) -> None:
         self.device = TierPool(DEVICE, num_device_blocks)
         self.host = TierPool(HOST, num_host_blocks)
         # Every published page by key; a key lives on exactly one tier at a time.
@@ -31,6 +43,8 @@ class BlockStore:
         self.storage = storage
         self.counters = KVCacheStats(num_device_blocks=num_device_blocks, num_host_blocks=num_host_blocks)
         self.events: deque[KVEvent] = deque(maxlen=MAX_EVENTS)
+        # Off: no KVEvent is built at all (a simulation has no router; ~4 objects per evicted block).
+        self.events_on = events
         # Device pages with at least one lock (used by active requests).
         self.num_locked = 0
         # Device pages held only by suspended requests (the host had no room when they were parked):
@@ -55,30 +69,43 @@ class BlockStore:
         return on_host
 
     def release_many(self, pages: list[Page], locked: bool, priority: int) -> None:
-        """``release`` each page, last block first (so a request's tail is evicted before its head)."""
-        device, host = self.device, self.host
+        """``release`` each page, last block first (so a request's tail is evicted before its head).
+
+        Pages nobody references any more are collected per tier and pushed to the LRU (or the free
+        list) in one call each: a finishing long request releases hundreds of pages at once.
+        """
         released = 0
         parked = self.parked
+        cached: tuple[list[Page], list[Page]] = ([], [])
+        freed: tuple[list[int], list[int]] = ([], [])
         for p in reversed(pages):
             if locked:
-                p.locks -= 1
-                if p.locks == 0:
-                    released += 1
-                    if p.holds:
-                        parked[p] = None  # still held by a suspended request
+                n = p.locks - 1
+                p.locks = n
+                if n:
+                    continue
+                released += 1
+                if p.holds:
+                    parked[p] = None  # still held by a suspended request
+                    continue
             else:
-                p.holds -= 1
-            if p.locks or p.holds:
-                continue
-            if p in parked:
-                del parked[p]
-            pool = host if p.tier else device
+                n = p.holds - 1
+                p.holds = n
+                if n or p.locks:
+                    continue
+                if parked and p in parked:
+                    del parked[p]
             if p.key is not None:
                 p.priority = priority
-                pool.push_cached(p)
+                cached[p.tier].append(p)
             else:
-                pool.free.append(p.slot)
+                freed[p.tier].append(p.slot)
         self.num_locked -= released
+        for pool, more, slots in ((self.device, cached[0], freed[0]), (self.host, cached[1], freed[1])):
+            if more:
+                pool.push_many(more)
+            if slots:
+                pool.free.extend(slots)
 
     def new_device_pages(self, n: int) -> list[Page]:
         """``n`` fresh locked device pages; the caller has reserved the room."""
@@ -93,7 +120,8 @@ class BlockStore:
             return False
         page.key = key
         self.index[key] = page
-        self._event("stored", key, page.tier, parent)
+        if self.events_on:
+            self._event("stored", key, page.tier, parent)
         return True
 
     def lookup(self, key: bytes) -> Page | None:
@@ -128,41 +156,45 @@ class BlockStore:
             return True
         victims = pool.pop_victims(deficit)  # oldest first
         if tier == DEVICE:
-            room = self.host.available
-            keep = min(room, deficit)
-            for page in victims[: deficit - keep]:
-                self._drop(page)
+            keep = min(self.host.available, deficit)
+            drop = deficit - keep
+            if drop:
+                self._drop_many(victims[:drop], DEVICE)
             if keep:
-                movers = victims[deficit - keep :]
+                movers = victims[drop:] if drop else victims
                 self.migrate(movers, HOST)
-                for page in movers:
-                    self.host.push_cached(page)
+                self.host.push_many(movers)
         else:
-            for page in victims:
-                self._drop(page)
+            self._drop_many(victims, tier)
         return True
 
     def drop_all_cached(self) -> int:
         n = 0
         for pool in (self.device, self.host):
             victims = pool.pop_victims(pool.num_cached)
-            for page in victims:
-                self._drop(page)
+            self._drop_many(victims, pool.tier)
             n += len(victims)
         return n
 
-    def _drop(self, page: Page) -> None:
-        """Forget a cached page: its key leaves the index and its slot is freed."""
-        key = page.key
-        if key is not None and self.index.get(key) is page:
-            del self.index[key]
-            self._event("removed", key, page.tier)
-        page.key = None
-        self.pool(page.tier).free.append(page.slot)
-        if page.tier == DEVICE:
-            self.counters.dropped_device_blocks += 1
+    def _drop_many(self, pages: list[Page], tier: int) -> None:
+        """Forget cached pages of ``tier``: their keys leave the index and their slots are freed."""
+        index = self.index
+        events = self.events_on
+        slots = []
+        for page in pages:
+            key = page.key
+            if key is not None:
+                if index.get(key) is page:
+                    del index[key]
+                    if events:
+                        self._event("removed", key, tier)
+                page.key = None
+            slots.append(page.slot)
+        self.pool(tier).free.extend(slots)
+        if tier == DEVICE:
+            self.counters.dropped_device_blocks += len(pages)
         else:
-            self.counters.dropped_host_blocks += 1
+            self.counters.dropped_host_blocks += len(pages)
 
     def migrate(self, pages: list[Page], dst: int) -> None:
         """Move pages (all on the other tier, none cached) to ``dst`` with one batched copy.
@@ -181,14 +213,18 @@ class BlockStore:
         self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
         src_pool.free.extend(src_slots)
         parked = self.parked
+        if parked:
+            for page in pages:
+                if page in parked:
+                    del parked[page]
         for page, slot in zip(pages, dst_slots):
-            if page in parked:
-                del parked[page]
             page.tier = dst
             page.slot = slot
-            if page.key is not None:
-                self._event("removed", page.key, src)
-                self._event("stored", page.key, dst)
+        if self.events_on:
+            for page in pages:
+                if page.key is not None:
+                    self._event("removed", page.key, src)
+                    self._event("stored", page.key, dst)
         nbytes = n * self.storage.bytes_per_block
         c = self.counters
         if dst == HOST:

@@ -15,33 +15,59 @@ from __future__ import annotations
 from typing import Any
 
 from kvsched.core.kvcache.block_store import BlockStore
-from kvsched.core.kvcache.prefix import match_prefix
+from kvsched.core.kvcache.keys import chain_keys, pack_tokens
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.types import DEVICE, HOST
 
 
-def attach_prefix(store: BlockStore, c: RequestCache, req: Any, tpb: int, reuse: bool) -> None:
-    """Look the context minus its last token up; hold the matched pages; set the positions."""
+def attach_prefix(store: BlockStore, c: RequestCache, req: Any, tpb: int, reuse: bool) -> int:
+    """Look the context minus its last token up; hold the matched pages; set the positions.
+
+    The keys are hashed on the first lookup only; a repeated one is dict probes. Returns how many
+    matched pages are on the host tier (for ``count_reuse``).
+    """
     c.pending = False
-    reused = 0
+    reused = on_host = 0
     if reuse:
-        nfull = (req.num_context_tokens - 1) // tpb
-        pages, last = match_prefix(store.index, c.root, req.token_slice(0, nfull * tpb), tpb)
-        counters = store.counters
+        keys = c.keys
+        if keys is None:
+            nfull = (req.num_context_tokens - 1) // tpb
+            packed = pack_tokens(req.token_slice(0, nfull * tpb))
+            keys = c.keys = chain_keys(c.root, packed, tpb * 4)
+        get = store.index.get
+        pages = []
+        for key in keys:
+            page = get(key)
+            if page is None:
+                break
+            pages.append(page)
         on_host = store.hold_many(pages)
-        on_device = len(pages) - on_host
-        counters.reuse_hit_blocks_device += on_device
-        counters.reuse_hit_blocks_host += on_host
-        counters.reuse_hit_tokens_device += on_device * tpb
-        counters.reuse_hit_tokens_host += on_host * tpb
         reused = len(pages) * tpb
-        counters.reuse_miss_blocks += nfull - len(pages)
-        counters.reuse_miss_tokens += req.num_context_tokens - reused
         c.pages = pages
-        c.last_key = last
+        c.last_key = keys[len(pages) - 1] if pages else c.root
     c.capacity = c.history = c.committed = c.num_reused = c.alloc_tokens = reused
     req.context_current_position = reused
     req.num_reused_tokens = reused
+    return on_host
+
+
+def count_reuse(store: BlockStore, c: RequestCache, req: Any, tpb: int, on_host: int) -> None:
+    """Add an admitted context's lookup to the hit/miss counters (``discard_cache`` takes it back)."""
+    hits = len(c.pages)
+    counted = (hits - on_host, on_host, len(c.keys or ()) - hits, req.num_context_tokens - hits * tpb)
+    _add_counts(store, counted, tpb, 1)
+    c.counted = counted
+
+
+def _add_counts(store: BlockStore, counted: tuple[int, int, int, int], tpb: int, sign: int) -> None:
+    on_device, on_host, miss_blocks, miss_tokens = counted
+    counters = store.counters
+    counters.reuse_hit_blocks_device += sign * on_device
+    counters.reuse_hit_blocks_host += sign * on_host
+    counters.reuse_hit_tokens_device += sign * on_device * tpb
+    counters.reuse_hit_tokens_host += sign * on_host * tpb
+    counters.reuse_miss_blocks += sign * miss_blocks
+    counters.reuse_miss_tokens += sign * miss_tokens
 
 
 def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
@@ -98,8 +124,14 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     store.counters.num_suspends += 1
 
 
-def discard_cache(store: BlockStore, c: RequestCache, req: Any) -> None:
-    """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later."""
+def discard_cache(store: BlockStore, c: RequestCache, req: Any, tpb: int = 0) -> None:
+    """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later.
+
+    Its reuse counts are taken back: the context counts again (once) when it is admitted for real.
+    """
+    if c.counted is not None:
+        _add_counts(store, c.counted, tpb, -1)
+        c.counted = None
     store.release_many(c.pages, c.active, c.priority)
     c.pages = []
     c.table = []

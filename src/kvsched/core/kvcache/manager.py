@@ -18,7 +18,13 @@ from kvsched.core.errors import (
 )
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import root_key
-from kvsched.core.kvcache.lifecycle import attach_prefix, discard_cache, resume_cache, suspend_cache
+from kvsched.core.kvcache.lifecycle import (
+    attach_prefix,
+    count_reuse,
+    discard_cache,
+    resume_cache,
+    suspend_cache,
+)
 from kvsched.core.kvcache.prefix import commit_blocks, match_prefix
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.storage import KVStorage, MetadataStorage
@@ -47,7 +53,9 @@ class KVCacheManager:
         self._config = config
         self._tpb = config.tokens_per_block
         self._reuse = bool(config.enable_block_reuse)
-        self._store = BlockStore(config.num_device_blocks, config.num_host_blocks, storage)
+        self._store = BlockStore(
+            config.num_device_blocks, config.num_host_blocks, storage, config.enable_kv_events
+        )
         self._caches: dict[int, RequestCache] = {}
         self._max_util = config.max_util_for_resume
         self._roots: dict[tuple[Any, Any], bytes] = {}
@@ -61,10 +69,12 @@ class KVCacheManager:
         elif c.req is not req:
             raise DuplicateRequestError(f"request id {req.request_id} already has a KV cache")
         if c.pending:
-            attach_prefix(self._store, c, req, self._tpb, self._reuse)
+            on_host = attach_prefix(self._store, c, req, self._tpb, self._reuse)
             if resume_cache(self._store, c, self._max_util):
+                if self._reuse:
+                    count_reuse(self._store, c, req, self._tpb, on_host)
                 return True
-            discard_cache(self._store, c, req)
+            discard_cache(self._store, c, req, self._tpb)
             return False
         return c.active or resume_cache(self._store, c, self._max_util)
 
@@ -84,7 +94,7 @@ class KVCacheManager:
         if self._grow(c, target):
             return True
         if c.history == c.num_reused:
-            discard_cache(self._store, c, req)
+            discard_cache(self._store, c, req, self._tpb)
         return False
 
     def try_allocate_generation(self, req: Any) -> bool:
@@ -112,7 +122,7 @@ class KVCacheManager:
         if c is None or not c.active:
             return
         if c.history == c.num_reused:
-            discard_cache(self._store, c, req)
+            discard_cache(self._store, c, req, self._tpb)
             return
         suspend_cache(self._store, c)
 

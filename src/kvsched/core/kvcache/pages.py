@@ -62,6 +62,22 @@ class TierPool:
         page.bucket = page.priority
         self.num_cached += 1
 
+    def push_many(self, pages: list[Page]) -> None:
+        """``push_cached`` for a batch (in order); one bucket lookup per run of equal priorities."""
+        buckets = self.buckets
+        prio: int | None = None
+        bucket: OrderedDict[Page, None] | None = None
+        for page in pages:
+            p = page.priority
+            if p != prio:
+                prio = p
+                bucket = buckets.get(p)
+                if bucket is None:
+                    bucket = buckets[p] = OrderedDict()
+            bucket[page] = None  # type: ignore[index]
+            page.bucket = p
+        self.num_cached += len(pages)
+
     def remove_cached(self, page: Page) -> None:
         """Take ``page`` out of the LRU (it is being reused or moved)."""
         bucket = self.buckets[page.bucket]  # type: ignore[index]
@@ -75,13 +91,18 @@ class TierPool:
         """Remove and return ``n`` cached pages: lowest priority first, oldest first within it."""
         out: list[Page] = []
         buckets = self.buckets
-        while len(out) < n:
+        append = out.append
+        left = n
+        while left:
             prio = min(buckets)
             bucket = buckets[prio]
-            while bucket and len(out) < n:
-                page, _ = bucket.popitem(last=False)
+            take = min(left, len(bucket))
+            popitem = bucket.popitem
+            for _ in range(take):
+                page = popitem(False)[0]
                 page.bucket = None
-                out.append(page)
+                append(page)
+            left -= take
             if not bucket:
                 del buckets[prio]
         self.num_cached -= n

@@ -53,18 +53,36 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Any, tokens_per_b
     end = min(cache.history, req.num_tokens) // tokens_per_block * tokens_per_block
     if end <= start:
         return
-    pack = _block_struct(tokens_per_block).pack
-    tokens = req.token_slice(start, end)
     pages = cache.pages
     block = start // tokens_per_block
+    last = end // tokens_per_block
     parent = cache.last_key
-    for i in range(0, end - start, tokens_per_block):
-        key = sha256(parent + pack(*tokens[i : i + tokens_per_block])).digest()
-        page = pages[block]
-        if page.key is None:
-            store.publish(page, key, parent if block else None)
-        parent = key
-        block += 1
+    keys = cache.keys
+    if keys is not None and block < len(keys):
+        # Blocks of the looked-up context: their keys were hashed at lookup.
+        index = store.index
+        events = store.events_on
+        stop = min(last, len(keys))
+        for b in range(block, stop):
+            key = keys[b]
+            page = pages[b]
+            if page.key is None and key not in index:
+                page.key = key
+                index[key] = page
+                if events:
+                    store._event("stored", key, page.tier, parent if b else None)
+            parent = key
+        block = stop
+    if block < last:
+        pack = _block_struct(tokens_per_block).pack
+        tokens = req.token_slice(block * tokens_per_block, end)
+        for i in range(0, len(tokens), tokens_per_block):
+            key = sha256(parent + pack(*tokens[i : i + tokens_per_block])).digest()
+            page = pages[block]
+            if page.key is None:
+                store.publish(page, key, parent if block else None)
+            parent = key
+            block += 1
     cache.last_key = parent
     cache.committed = end
 

@@ -14,7 +14,10 @@ class RequestCache:
 
     ``table`` mirrors the device slots of ``pages`` while the cache is active (locked pages never
     move). ``pending`` marks a cache whose prefix lookup is still to be done (new, or discarded
-    after its first chunk failed to get blocks).
+    after its first chunk failed to get blocks). ``keys`` are the chain keys of the context's
+    looked-up blocks, hashed once (a waiting context looks up again each step; commit reuses them).
+    ``counted`` is what this cache added to the reuse hit/miss counters (undone on discard, so an
+    admitted context counts once).
     """
 
     request_id: int
@@ -33,3 +36,5 @@ class RequestCache:
     active: bool = False
     pending: bool = True
     was_suspended: bool = False
+    keys: list[bytes] | None = None
+    counted: tuple[int, int, int, int] | None = None

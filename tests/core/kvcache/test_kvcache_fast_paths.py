@@ -1,0 +1,82 @@
+"""Fast paths: events off, lookup keys hashed once per request, reuse counted once per admission."""
+
+from kvc_helpers import decode, make, req, run_context
+
+import kvsched.core.kvcache.lifecycle as lifecycle
+from kvsched.core.kvcache.invariants import check_invariants
+from kvsched.core.kvcache.keys import chain_keys, pack_tokens, root_key
+
+
+def _churn(m):
+    """Contexts that share a prefix, overflow the device (offload to host, host drops), then finish."""
+    shared = list(range(8))
+    tables = []
+    for rid in range(1, 11):
+        r = req(rid, shared + [rid * 10 + k for k in range(6)], max_new=3)
+        run_context(m, r)
+        assert decode(m, r, token=rid)
+        tables.append(m.block_table(r))
+        m.free_request(r)
+        check_invariants(m)
+    return tables
+
+
+def test_events_off_builds_no_events_and_changes_nothing_else():
+    on = make(tpb=4, device=5, host=2, reuse=True)
+    off = make(tpb=4, device=5, host=2, reuse=True, enable_kv_events=False)
+    assert _churn(on) == _churn(off)
+    s_on, s_off = on.stats(), off.stats()
+    assert s_on.num_events > 0 and on.drain_events()
+    assert s_off.num_events == 0 and off.drain_events() == []
+    assert s_on.dropped_host_blocks > 0 and s_on.offload_blocks > 0  # the churn did evict
+    s_on.num_events = 0
+    assert s_on == s_off
+
+
+def test_refused_first_chunk_is_counted_once_when_admitted():
+    m = make(tpb=4, device=4, reuse=True)
+    a = req(1, list(range(9)), max_new=2)
+    run_context(m, a)  # 3 blocks locked, the first 2 published
+    b = req(2, list(range(8)) + list(range(50, 58)), max_new=1)  # 16 tokens: 2 hit blocks + 2 new ones
+    for _ in range(3):  # admitted by prepare, then refused by resize: the prefix is let go
+        assert m.prepare_context(b)
+        assert not m.resize_context(b, b.context_remaining_length)
+        assert b.context_current_position == 0
+    s = m.stats()
+    assert (s.reuse_hit_blocks, s.reuse_miss_blocks, s.reuse_miss_tokens) == (0, 2, 9)  # a's lookup only
+    m.free_request(a)
+    assert m.prepare_context(b) and m.resize_context(b, b.context_remaining_length)
+    s = m.stats()
+    assert s.reuse_hit_blocks_device == 2 and s.reuse_hit_tokens == 8
+    assert (s.reuse_miss_blocks, s.reuse_miss_tokens) == (2 + 1, 9 + 8)
+    check_invariants(m)
+
+
+def test_lookup_keys_are_hashed_once_per_request(monkeypatch):
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return chain_keys(*args)
+
+    monkeypatch.setattr(lifecycle, "chain_keys", counting)
+    m = make(tpb=4, device=4, reuse=True)
+    a = req(1, list(range(9)), max_new=2)
+    run_context(m, a)
+    b = req(2, list(range(8)) + list(range(50, 58)), max_new=1)
+    for _ in range(3):
+        assert m.prepare_context(b)
+        assert not m.resize_context(b, b.context_remaining_length)
+    assert len(calls) == 2  # one per request, however often b is looked up again
+
+
+def test_commit_publishes_the_lookup_keys():
+    m = make(tpb=4, device=8, reuse=True)
+    prompt = list(range(13))
+    r = req(1, prompt, max_new=2)
+    run_context(m, r)
+    stored = [e.block_hash for e in m.drain_events() if e.kind == "stored"]
+    assert stored == chain_keys(root_key(None, None), pack_tokens(prompt[:12]), 16)
+    m.free_request(r)
+    again = req(2, prompt)
+    assert m.prepare_context(again) and again.context_current_position == 12
