@@ -195,8 +195,7 @@ class Simulator:
                 "prefix_hit_tokens_host": st["reuse_hit_tokens_host"],
                 # reused / computed-or-reused context tokens, counted once per completed context
                 "prefix_hit_rate": reused / ctx_tokens if ctx_tokens else 0.0,
-                # the manager counts every lookup (also ones dropped when the request had to wait):
-                # its counters only give the split between tiers
+                # the manager's counters (once per admitted context) give the split between tiers
                 "prefix_hit_host_share": st["reuse_hit_tokens_host"] / hits if hits else 0.0,
                 "d2h_gb": st["offload_blocks"] * self.block_bytes / 1e9,
                 "h2d_gb": st["onboard_blocks"] * self.block_bytes / 1e9,

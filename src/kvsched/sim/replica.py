@@ -72,6 +72,7 @@ class Replica:
         self.kv = KVCacheManager(cache_config, storage=self.storage)
         self._num_device = self.kv.num_device_blocks
         self._num_host = self.kv.num_host_blocks
+        self._drain_events = cache_config.enable_kv_events
         # LoRA: (device pages for adapters, pages per adapter) -> the scheduler's PEFT page budget
         self.peft = None if lora_pages is None else PeftCache(lora_pages[0], lora_pages[1])
         if self.peft is not None:
@@ -86,7 +87,9 @@ class Replica:
         self.clock = 0.0
         self.num_steps = 0
         self.last_tok: dict[int, float] = {}
-        self._tok: dict[int, Any] = {}  # request id -> its deterministic output-token function
+        # request id -> its output-token function (None: plain ids, base + index) and token base
+        self._tok: dict[int, Any] = {}
+        self._base: dict[int, int] = {}
         self.shape = StepShape()
         self._off = self._on = 0
         # per-run counters read by the executor's summary
@@ -95,34 +98,46 @@ class Replica:
     def admit(self, spec: RequestSpec, t: float) -> None:
         if not self.active and self.clock < t:
             self.clock = t
-        self._tok[spec.request_id] = spec.output_token
+        rid = spec.request_id
+        # plain token ids (no vocab mapping): the token is base + index, no call per decode
+        self._tok[rid] = spec.output_token if spec.vocab_size is not None else None
+        self._base[rid] = spec.output_base
         self.active.append(make_request(spec, t))
+
+    def _token(self, rid: int, index: int) -> int:
+        f = self._tok[rid]
+        return self._base[rid] + index if f is None else f(index)
 
     def step(self) -> list[Request] | None:
         """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
-        kv, shape = self.kv, self.shape
         out = self.scheduler.schedule(self.active)
         ctx, gen = out.context_requests, out.generation_requests
         if not ctx and not gen:
             return None
+        shape = self.shape
         shape.reset()
-        sampled: dict[int, list[int]] = {}
+        sampled: dict[int, tuple[int]] = {}
         for r in ctx:
             last = r.is_last_context_chunk
             shape.add_context(r.context_current_position, r.context_chunk_size, last)
             if last:
-                sampled[r.request_id] = [self._tok[r.request_id](len(r.output_token_ids))]
-        tok = self._tok
+                sampled[r.request_id] = (self._token(r.request_id, len(r.output_token_ids)),)
+        tok, base, last_tok = self._tok, self._base, self.last_tok
         kv_sum = n_plain = 0
+        rids: list[int] = []
+        prev: list[float] = []
         for r in gen:  # add_decode inlined for the common one-token case (no drafts in a simulation)
             rid = r.request_id
-            out_ids = r.output_token_ids
+            n_out = len(r.output_token_ids)
             if r.draft_tokens:
-                shape.add_decode(len(r.prompt_token_ids) + len(out_ids) - 1, 1 + len(r.draft_tokens))
+                shape.add_decode(len(r.prompt_token_ids) + n_out - 1, 1 + len(r.draft_tokens))
             else:
-                kv_sum += len(r.prompt_token_ids) + len(out_ids)
+                kv_sum += len(r.prompt_token_ids) + n_out
                 n_plain += 1
-            sampled[rid] = [tok[rid](len(out_ids))]
+            f = tok[rid]
+            sampled[rid] = (base[rid] + n_out if f is None else f(n_out),)
+            rids.append(rid)
+            prev.append(last_tok[rid])
         if n_plain:  # what add_decode(kv_len, 1) adds, summed: kv_len + 1 pairs and KV tokens each
             shape.num_tokens += n_plain
             shape.num_seqs += n_plain
@@ -140,18 +155,17 @@ class Replica:
         if self.decisions is not None:
             self.decisions.append(decision_of(self.num_steps, out, self.index))
         self.num_steps += 1
-        last_tok, itl = self.last_tok, self.rec.itl
-        for r in gen:
-            rid = r.request_id
-            itl.append(now - last_tok[rid])
-            last_tok[rid] = now
+        if rids:
+            self.rec.itl.extend(map(now.__sub__, prev))
+            last_tok.update(dict.fromkeys(rids, now))
         for r in ctx:
             if r.request_id in sampled:
                 last_tok[r.request_id] = now
                 self.reused += r.num_reused_tokens
                 self.context_tokens += r.num_context_tokens
+        kv = self.kv
         finished = apply_step(out, sampled, kv, now=now)
-        if self.num_steps % 256 == 0:
+        if self._drain_events and self.num_steps % 256 == 0:
             kv.drain_events()  # nobody subscribes in a simulation: keep the event list bounded
         self.rec.step(
             now,
@@ -164,8 +178,10 @@ class Replica:
         )
         if finished:
             for r in finished:
-                del last_tok[r.request_id]
-                del self._tok[r.request_id]
+                rid = r.request_id
+                del last_tok[rid]
+                del tok[rid]
+                del base[rid]
                 if self.peft is not None:
                     self.peft.release(r)  # as the engine does when a request finishes
                 self.preemptions += r.num_preemptions
