@@ -8,7 +8,7 @@ total per tier) has one owner. Making room on the device evicts cached pages lea
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 from kvsched.core.kvcache.pages import Page, TierPool
 from kvsched.core.kvcache.storage import KVStorage
@@ -161,9 +161,7 @@ class BlockStore:
             if drop:
                 self._drop_many(victims[:drop], DEVICE)
             if keep:
-                movers = victims[drop:] if drop else victims
-                self.migrate(movers, HOST)
-                self.host.push_many(movers)
+                self._offload(victims[drop:] if drop else victims)
         else:
             self._drop_many(victims, tier)
         return True
@@ -195,6 +193,40 @@ class BlockStore:
             self.counters.dropped_device_blocks += len(pages)
         else:
             self.counters.dropped_host_blocks += len(pages)
+
+    def _offload(self, pages: list[Page]) -> None:
+        """Cached device pages (none held, none parked) to the host LRU: ``migrate`` + ``push_many``
+        in one pass over the pages (this runs for every block a long prompt evicts)."""
+        n = len(pages)
+        host = self.host
+        if not self.reserve(HOST, n):
+            raise RuntimeError(f"offload: {n} pages do not fit the host tier")  # caller bug
+        dst_slots = host.alloc(n)
+        src_slots = [p.slot for p in pages]
+        self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
+        self.device.free.extend(src_slots)
+        buckets = host.buckets
+        prio: int | None = None
+        bucket: OrderedDict[Page, None] | None = None
+        for page, slot in zip(pages, dst_slots):
+            page.tier = HOST
+            page.slot = slot
+            p = page.priority
+            if p != prio:
+                prio = p
+                bucket = buckets.get(p)
+                if bucket is None:
+                    bucket = buckets[p] = OrderedDict()
+            bucket[page] = None  # type: ignore[index]
+            page.bucket = p
+        host.num_cached += n
+        if self.events_on:
+            for page in pages:
+                self._event("removed", page.key, DEVICE)  # type: ignore[arg-type]
+                self._event("stored", page.key, HOST)  # type: ignore[arg-type]
+        c = self.counters
+        c.offload_blocks += n
+        c.offload_bytes += n * self.storage.bytes_per_block
 
     def migrate(self, pages: list[Page], dst: int) -> None:
         """Move pages (all on the other tier, none cached) to ``dst`` with one batched copy.

@@ -32,14 +32,11 @@ def pack_tokens(tokens: Sequence[int]) -> bytes:
 
 def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
     """Keys of every whole block in ``packed`` (a trailing partial block is ignored)."""
-    keys = []
-    mv = memoryview(packed)
-    for start in range(0, len(packed) - block_bytes + 1, block_bytes):
-        h = sha256(parent)
-        h.update(mv[start : start + block_bytes])
-        parent = h.digest()
-        keys.append(parent)
-    return keys
+    # One hash call per block, in a comprehension (no per-block method lookups or appends).
+    return [
+        parent := sha256(parent + packed[start : start + block_bytes]).digest()
+        for start in range(0, len(packed) - block_bytes + 1, block_bytes)
+    ]
 
 
 def block_key(parent: bytes, tokens: Sequence[int]) -> bytes:

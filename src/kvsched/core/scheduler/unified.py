@@ -80,8 +80,8 @@ class UnifiedScheduler:
     def schedule(
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
-        reqs = order_requests(active_requests, self.priority_mode)
-        inflight = as_id_set(inflight_request_ids)
+        reqs = order_requests(active_requests, True) if self.priority_mode else active_requests
+        inflight = as_id_set(inflight_request_ids) if inflight_request_ids else None
         max_tokens = self._max_tokens
         max_reqs = self.max_batch_size
         peft = self.peft_cache
