@@ -181,3 +181,30 @@ def test_lora_page_budget_limits_adapters_per_step():
         max(len({lora[i] for i in [r for r, _ in d.context] + list(d.generation)}) for d in free.decisions)
         > 1
     )
+
+
+def test_kv_events_off_changes_no_decision_or_metric():
+    """The scenario turns KV events off (nobody subscribes); results must not depend on it."""
+    specs = _workload(n=30, rate=float("inf"), seed=4)
+    res = [
+        Simulator(
+            specs,
+            COST,
+            replace(_cache(device=60, host=200), enable_kv_events=on),
+            record_decisions=True,
+            **SCHED,
+        ).run()
+        for on in (True, False)
+    ]
+    assert res[0].decisions == res[1].decisions and res[0].decisions
+    assert res[0].kv_stats["num_events"] > 0 and res[1].kv_stats["num_events"] == 0
+    for key in (
+        "steps",
+        "suspends",
+        "resumes",
+        "prefix_hit_tokens_device",
+        "prefix_hit_tokens_host",
+        "busy_s",
+    ):
+        assert res[0].summary[key] == res[1].summary[key]
+    assert list(res[0].recorder.itl) == list(res[1].recorder.itl)
