@@ -124,8 +124,8 @@ class Replica:
                 sampled[r.request_id] = (self._token(r.request_id, len(r.output_token_ids)),)
         tok, base, last_tok = self._tok, self._base, self.last_tok
         kv_sum = n_plain = 0
-        rids: list[int] = []
-        prev: list[float] = []
+        rids = [r.request_id for r in gen]
+        prev = list(map(last_tok.__getitem__, rids))
         for r in gen:  # add_decode inlined for the common one-token case (no drafts in a simulation)
             rid = r.request_id
             n_out = len(r.output_token_ids)
@@ -136,8 +136,6 @@ class Replica:
                 n_plain += 1
             f = tok[rid]
             sampled[rid] = (base[rid] + n_out if f is None else f(n_out),)
-            rids.append(rid)
-            prev.append(last_tok[rid])
         if n_plain:  # what add_decode(kv_len, 1) adds, summed: kv_len + 1 pairs and KV tokens each
             shape.num_tokens += n_plain
             shape.num_seqs += n_plain

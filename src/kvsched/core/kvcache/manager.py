@@ -108,7 +108,8 @@ class KVCacheManager:
             return False
         if not c.active and (c.pending or not resume_cache(self._store, c, self._max_util)):
             return False
-        need = c.history + 1 + len(req.draft_tokens)
+        drafts = req.draft_tokens
+        need = c.history + 1 + len(drafts) if drafts else c.history + 1
         if need <= c.capacity:
             return True
         if need <= c.alloc_tokens:

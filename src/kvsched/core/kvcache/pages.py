@@ -91,17 +91,16 @@ class TierPool:
         """Remove and return ``n`` cached pages: lowest priority first, oldest first within it."""
         out: list[Page] = []
         buckets = self.buckets
-        append = out.append
         left = n
         while left:
             prio = min(buckets)
             bucket = buckets[prio]
             take = min(left, len(bucket))
             popitem = bucket.popitem
-            for _ in range(take):
-                page = popitem(False)[0]
+            got = [popitem(False)[0] for _ in range(take)]
+            for page in got:
                 page.bucket = None
-                append(page)
+            out += got
             left -= take
             if not bucket:
                 del buckets[prio]
