@@ -47,3 +47,15 @@ def test_sim_bad_input_is_a_clear_error(capsys):
         == 2
     )
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_ratio_lines_say_na_when_the_oracle_met_no_slo():
+    from types import SimpleNamespace
+
+    from kvsched.sim.report import ratio_lines
+
+    def run(name, goodput, tpot99):
+        return SimpleNamespace(name=name, summary={"goodput": goodput, "tpot": {"p99": tpot99}})
+
+    lines = ratio_lines([run("oracle", 0.0, 0.2), run("unified", 0.0, 0.1)])
+    assert lines == [f"{'unified':32s} goodput/oracle    n/a   p99 TPOT/oracle  0.500"]

@@ -60,9 +60,10 @@ def ratio_lines(results: Sequence[SimResult], baseline: str = "oracle") -> list[
     for r in results:
         if r is base:
             continue
-        g = r.summary["goodput"] / g0 if g0 else float("nan")
-        t = r.summary["tpot"]["p99"] / t0 if t0 else float("nan")
-        lines.append(f"{r.name:32s} goodput/oracle {g:6.3f}   p99 TPOT/oracle {t:6.3f}")
+        # A zero baseline (e.g. no request met the SLOs even with unlimited KV) has no ratio.
+        g = f"{r.summary['goodput'] / g0:6.3f}" if g0 else "   n/a"
+        t = f"{r.summary['tpot']['p99'] / t0:6.3f}" if t0 else "   n/a"
+        lines.append(f"{r.name:32s} goodput/oracle {g}   p99 TPOT/oracle {t}")
     return lines
 
 
