@@ -104,3 +104,27 @@ def sort_output(
     if has_lora:
         context_requests.sort(key=lora_key)
     return context_requests
+
+
+class SchedulerBase:
+    """What every scheduler keeps from the shared constructor keywords (same as UnifiedScheduler's)."""
+
+    def _init_common(
+        self,
+        kv_cache_manager: object,
+        max_batch_size: int,
+        max_num_tokens: int | None,
+        chunk_unit_size: int | None,
+        peft_cache: object,
+        draft_kv_cache_manager: object,
+        priority_mode: bool,
+    ) -> None:
+        self._max_tokens = check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
+        self.kv_cache_manager = kv_cache_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_tokens = max_num_tokens
+        self.chunk_unit_size = chunk_unit_size
+        self.peft_cache = peft_cache
+        self.draft_kv_cache_manager = draft_kv_cache_manager
+        self.priority_mode = priority_mode
+        self.tokens_per_block: int = kv_cache_manager.tokens_per_block  # type: ignore[attr-defined]

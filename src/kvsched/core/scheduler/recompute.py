@@ -22,8 +22,8 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_COMPLETE,
     GENERATION_IN_PROGRESS,
+    SchedulerBase,
     as_id_set,
-    check_budgets,
     check_fits_budget,
     order_requests,
     sort_output,
@@ -32,7 +32,7 @@ from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.scheduler.pages import PageBudget
 
 
-class RecomputeScheduler:
+class RecomputeScheduler(SchedulerBase):
     """Running first, preempt-by-recompute from the newest, admit waiting only without preemption."""
 
     def __init__(
@@ -47,15 +47,10 @@ class RecomputeScheduler:
         priority_mode: bool = False,
         policy: Any = None,  # accepted for make_scheduler symmetry; not used
     ) -> None:
-        self._max_tokens = check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
-        self.kv_cache_manager = kv_cache_manager
-        self.max_batch_size = max_batch_size
-        self.max_num_tokens = max_num_tokens
-        self.chunk_unit_size = chunk_unit_size
-        self.peft_cache = peft_cache
-        self.draft_kv_cache_manager = draft_kv_cache_manager
-        self.priority_mode = priority_mode
-        self.tokens_per_block: int = kv_cache_manager.tokens_per_block
+        self._init_common(
+            kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
+            peft_cache, draft_kv_cache_manager, priority_mode,
+        )  # fmt: skip
         self._running: list[Request] = []  # admission order
         self._running_ids: set[int] = set()
 

@@ -22,8 +22,8 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_IN_PROGRESS,
     GENERATION_TO_COMPLETE,
+    SchedulerBase,
     as_id_set,
-    check_budgets,
     is_started,
     order_requests,
     sort_output,
@@ -34,7 +34,7 @@ from kvsched.core.scheduler.pages import PageBudget
 from kvsched.core.scheduler.policy import CapacityPolicy
 
 
-class TwoStageScheduler:
+class TwoStageScheduler(SchedulerBase):
     """Capacity scheduler + micro-batch scheduler, KV allocated afterwards."""
 
     def __init__(
@@ -49,16 +49,11 @@ class TwoStageScheduler:
         draft_kv_cache_manager: Any = None,
         priority_mode: bool = False,
     ) -> None:
-        self._max_tokens = check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
         self.policy = CapacityPolicy.parse(policy)
-        self.kv_cache_manager = kv_cache_manager
-        self.max_batch_size = max_batch_size
-        self.max_num_tokens = max_num_tokens
-        self.chunk_unit_size = chunk_unit_size
-        self.peft_cache = peft_cache
-        self.draft_kv_cache_manager = draft_kv_cache_manager
-        self.priority_mode = priority_mode
-        self.tokens_per_block: int = kv_cache_manager.tokens_per_block
+        self._init_common(
+            kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
+            peft_cache, draft_kv_cache_manager, priority_mode,
+        )  # fmt: skip
 
     def schedule(
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()

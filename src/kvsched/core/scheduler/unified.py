@@ -24,8 +24,8 @@ from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_IN_PROGRESS,
     GENERATION_TO_COMPLETE,
+    SchedulerBase,
     as_id_set,
-    check_budgets,
     is_started,
     order_requests,
     sort_output,
@@ -37,7 +37,7 @@ _RUN, _BUDGET, _KV = 0, 1, 2  # why the generation phase ended
 _NO_IDS: Any = frozenset()
 
 
-class UnifiedScheduler:
+class UnifiedScheduler(SchedulerBase):
     """One pass per step over ``active_requests``; see the module docstring and reference §2."""
 
     #: Consecutive steps that schedule nothing because KV ran out (suspend/resume ping-pong) before
@@ -55,15 +55,10 @@ class UnifiedScheduler:
         draft_kv_cache_manager: Any = None,
         priority_mode: bool = False,
     ) -> None:
-        self._max_tokens = check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
-        self.kv_cache_manager = kv_cache_manager
-        self.max_batch_size = max_batch_size
-        self.max_num_tokens = max_num_tokens
-        self.chunk_unit_size = chunk_unit_size
-        self.peft_cache = peft_cache
-        self.draft_kv_cache_manager = draft_kv_cache_manager
-        self.priority_mode = priority_mode
-        self.tokens_per_block: int = kv_cache_manager.tokens_per_block
+        self._init_common(
+            kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
+            peft_cache, draft_kv_cache_manager, priority_mode,
+        )  # fmt: skip
         # Bound methods kept once: the hot loop must not look attributes up per request.
         self._try_alloc = kv_cache_manager.try_allocate_generation
         self._is_active = kv_cache_manager.is_request_active
