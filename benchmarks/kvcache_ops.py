@@ -146,7 +146,7 @@ def bench_suspend_resume(storage_factory, label: str, tokens: int = 4096) -> Non
 def bench_copy(args: argparse.Namespace) -> None:
     import torch
 
-    from kvsched.core.kvcache.tensor_storage import TensorKVStorage
+    from kvsched.engine.kv_storage import TensorKVStorage
 
     blocks = args.copy_blocks
     cfg = CacheConfig(tokens_per_block=16, num_device_blocks=blocks, num_host_blocks=blocks)
@@ -192,7 +192,7 @@ def main() -> None:
     try:
         import torch
 
-        from kvsched.core.kvcache.tensor_storage import TensorKVStorage
+        from kvsched.engine.kv_storage import TensorKVStorage
     except ImportError:
         print("torch not installed: tensor figures skipped")
         return

@@ -15,9 +15,9 @@ import torch
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.kvcache import KVCacheManager
-from kvsched.core.kvcache.tensor_storage import TensorKVStorage
 from kvsched.core.scheduler import make_scheduler
 from kvsched.engine.engine_args import EngineArgs
+from kvsched.engine.kv_storage import TensorKVStorage
 from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.model_runner import ModelRunner
 

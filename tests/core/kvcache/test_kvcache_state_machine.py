@@ -14,8 +14,8 @@ from kvsched.core.config import CacheConfig
 from kvsched.core.errors import RequestTooLargeError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.kvcache.invariants import check_invariants
-from kvsched.core.kvcache.tensor_storage import TensorKVStorage
 from kvsched.core.request import Request, RequestState
+from kvsched.engine.kv_storage import TensorKVStorage
 
 MOD = 1 << 40
 

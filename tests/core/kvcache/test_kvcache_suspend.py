@@ -169,7 +169,7 @@ def test_parked_blocks_move_to_host_once_it_has_room():
 
     from kvsched.core.config import CacheConfig
     from kvsched.core.kvcache import KVCacheManager
-    from kvsched.core.kvcache.tensor_storage import TensorKVStorage
+    from kvsched.engine.kv_storage import TensorKVStorage
 
     cfg = CacheConfig(tokens_per_block=4, num_device_blocks=4, num_host_blocks=2)
     s = TensorKVStorage(cfg, num_layers=1, num_kv_heads=1, head_dim=2)

@@ -9,8 +9,8 @@ import torch
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
-from kvsched.core.kvcache.tensor_storage import TensorKVStorage
 from kvsched.core.request import Request, RequestState
+from kvsched.engine.kv_storage import TensorKVStorage
 from kvsched.engine.model_runner import ModelRunner
 from kvsched.engine.weights.loader import load_model
 

@@ -1,4 +1,4 @@
-"""The paged, tiered KV-cache manager (torch-free; ``tensor_storage`` is the one module using torch)."""
+"""The paged, tiered KV-cache manager (torch-free; the tensor backend is ``kvsched.engine.kv_storage``)."""
 
 from kvsched.core.kvcache.manager import KVCacheManager
 from kvsched.core.kvcache.storage import KVStorage, MetadataStorage

@@ -13,8 +13,8 @@ import time
 import torch
 
 from kvsched.core.config import CacheConfig
-from kvsched.core.kvcache.tensor_storage import TensorKVStorage
 from kvsched.engine.forward_batch import ForwardBatch, SeqInput
+from kvsched.engine.kv_storage import TensorKVStorage
 from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.weights.loader import load_model
 

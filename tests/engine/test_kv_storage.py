@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from kvc_helpers import make, req, run_context
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache import KVCacheManager, Tier
-from kvsched.core.kvcache.tensor_storage import TensorKVStorage
+from kvsched.core.kvcache.invariants import check_invariants
+from kvsched.core.request import Request, RequestState
+from kvsched.engine.kv_storage import TensorKVStorage, _runs
 
 
 def storage(device_blocks=4, host_blocks=4, tpb=2, layers=2, device="cpu", dtype=torch.float32):
@@ -15,6 +16,22 @@ def storage(device_blocks=4, host_blocks=4, tpb=2, layers=2, device="cpu", dtype
     return cfg, TensorKVStorage(
         cfg, num_layers=layers, num_kv_heads=3, head_dim=4, dtype=dtype, device=device
     )
+
+
+def req(rid: int, num_tokens: int, max_new: int) -> Request:
+    return Request(rid, list(range(100 + rid * 1000, 100 + rid * 1000 + num_tokens)), max_new)
+
+
+def run_context(m: KVCacheManager, r: Request) -> None:
+    """Prefill the whole context in one chunk and switch to generation."""
+    assert m.prepare_context(r)
+    n = r.context_remaining_length
+    assert m.resize_context(r, n)
+    m.advance(r, n)
+    r.context_current_position += n
+    r.state = RequestState.GENERATION_IN_PROGRESS
+    r.output_token_ids.append(7)
+    check_invariants(m)
 
 
 def test_layout_and_bytes_per_block():
@@ -100,12 +117,10 @@ def test_manager_counts_bytes_from_storage():
     r.context_current_position = 3
     m.suspend_request(r)
     assert m.stats().offload_bytes == 2 * s.bytes_per_block
-    assert make().stats().offload_bytes == 0
+    assert KVCacheManager(CacheConfig(tokens_per_block=4, num_device_blocks=8)).stats().offload_bytes == 0
 
 
 def test_consecutive_ids_take_the_slice_path_and_copy_the_same():
-    from kvsched.core.kvcache.tensor_storage import _runs
-
     assert _runs([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
     _, s = storage(device_blocks=8, host_blocks=8)
     for layer in range(2):

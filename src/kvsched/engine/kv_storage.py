@@ -1,4 +1,4 @@
-"""Real KV tensors for both tiers, and batched block copies between them (the one module using torch).
+"""Real KV tensors for both tiers, and batched block copies between them (engine side: uses torch).
 
 Per layer, ``device_kv[layer]`` and ``host_kv[layer]`` are ``[num_blocks, 2, tokens_per_block,
 num_kv_heads, head_dim]`` (index 0 = K, 1 = V). The engine writes position ``p`` of a request at
