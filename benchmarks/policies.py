@@ -30,7 +30,6 @@ from kvsched.sim.synthetic import LengthDist, synthetic_workload
 from kvsched.sim.trace import load_mooncake
 from kvsched.sim.workload import time_scaled, workload_summary
 
-TRACE = "/work/shared/traces/mooncake_conversation_trace.jsonl"
 POLICIES = ("oracle", "unified", "two-stage:max_utilization", "two-stage:guaranteed_no_evict", "recompute")
 
 
@@ -68,7 +67,7 @@ def speed(num_requests: int | None, replicas: int, split: bool) -> None:
     CPU seconds and simulated steps per CPU second. With ``split``, a second, instrumented run shows
     how the CPU time divides between the scheduler, the step update and the rest (the timers add a
     little overhead, so the headline figure comes from the first run)."""
-    specs = load_mooncake(TRACE, limit=num_requests)
+    specs = load_mooncake(limit=num_requests)
     sc = Scenario(
         MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"], host_memory_gb=200, num_replicas=replicas
     )
@@ -136,7 +135,7 @@ def main() -> None:
     model, gpu = MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"]
 
     n_trace = a.trace_requests or (150 if a.quick else 400)
-    specs = load_mooncake(TRACE, limit=n_trace)
+    specs = load_mooncake(limit=n_trace)
     # the trace offers ~3.4 req/s of 12k-token prompts: more than one H200 prefills; replay at 1 req/s
     natural = (len(specs) - 1) / max(workload_summary(specs)["arrival_span_s"], 1e-9)
     specs = time_scaled(specs, natural / 1.0)

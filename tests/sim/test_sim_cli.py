@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import kvsched
 from kvsched.cli import main
-
-TRACE = "/work/shared/traces/mooncake_conversation_trace.jsonl"
 
 
 def test_sim_trace_slice_table_json_plots(tmp_path, capsys):
     out = tmp_path / "o.json"
     rc = main(
-        ["sim", "--trace", TRACE, "--num-requests", "6", "--time-scale", "0.2", "--num-device-blocks", "600",
+        ["sim", "--num-requests", "6", "--time-scale", "0.2", "--num-device-blocks", "600",
          "--host-memory-gb", "20", "--policies", "unified,recompute,oracle", "--json", str(out),
          "--plot-dir", str(tmp_path), "--no-progress"]
     )  # fmt: skip
@@ -25,6 +29,31 @@ def test_sim_trace_slice_table_json_plots(tmp_path, capsys):
     assert data["runs"][0]["prefix_hit_rate"] > 0  # the trace's first requests share hash block 0
     assert (tmp_path / "latency_cdf.png").stat().st_size > 1000
     assert (tmp_path / "kv_usage.png").exists()
+
+
+def test_sim_default_trace_from_a_directory_outside_the_repo(tmp_path):
+    """No --trace: the trace shipped inside the package, found without the repo as working directory."""
+    src = str(Path(kvsched.__file__).resolve().parents[1])  # the kvsched under test, installed or not
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (src, os.environ.get("PYTHONPATH"))))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvsched.cli", "sim", "--num-requests", "20", "--policies", "unified",
+         "--json", "out.json", "--no-progress"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "workload 20 requests, mean prompt 14492" in proc.stdout  # the trace's first 20 requests
+    run = json.loads((tmp_path / "out.json").read_text())["runs"][0]
+    assert run["policy"] == "unified" and run["requests"] == 20
+
+
+def test_sim_user_trace_file_gzip(tmp_path, capsys):
+    rec = {"timestamp": 0, "input_length": 700, "output_length": 3, "hash_ids": [5, 6]}
+    path = tmp_path / "mine.jsonl.gz"
+    path.write_bytes(gzip.compress((json.dumps(rec) + "\n").encode() * 4))
+    assert main(["sim", "--trace", str(path), "--policies", "unified", "--no-progress"]) == 0
+    assert "workload 4 requests, mean prompt 700" in capsys.readouterr().out
+    assert main(["sim", "--trace", str(tmp_path / "none.jsonl"), "--no-progress"]) == 2
+    assert "none.jsonl does not exist" in capsys.readouterr().err
 
 
 def test_sim_synthetic_sweep(tmp_path, capsys):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kvsched.core.errors import ConfigError
 from kvsched.sim.synthetic import LengthDist, arrival_times, multi_turn_workload, synthetic_workload
-from kvsched.sim.trace import load_mooncake
+from kvsched.sim.trace import default_trace, iter_mooncake, load_mooncake
 from kvsched.sim.workload import time_scaled
-
-TRACE = Path("/work/shared/traces/mooncake_conversation_trace.jsonl")
 
 
 def _write(tmp_path, records):
@@ -45,12 +43,39 @@ def test_shared_hash_ids_share_every_small_block(tmp_path):
 
 
 def test_real_trace_slice_reuse_structure():
-    specs = load_mooncake(TRACE, limit=50)
+    specs = load_mooncake(limit=50)  # the shipped Mooncake conversation trace
     assert len(specs) == 50 and specs[0].prompt_len == 6758 and specs[0].output_len == 500
     firsts = {s.prompt_tokens()[0] for s in specs[:5]}
     assert len(firsts) == 1  # the trace's first five requests all start with hash id 0
-    later = load_mooncake(TRACE, start=10, limit=5)
+    later = load_mooncake(start=10, limit=5)
     assert later[0].arrival_time == 0.0 and later[0].request_id == 10
+
+
+def test_shipped_trace_is_the_whole_compressed_conversation_trace():
+    res = default_trace()
+    with res.open("rb") as fh:
+        raw = fh.read()
+    assert raw[:2] == b"\x1f\x8b" and len(raw) < 2 << 20  # gzip, well under 2 MiB in the wheel
+    specs = list(iter_mooncake())
+    assert len(specs) == 12031
+    assert [s.request_id for s in specs] == list(range(12031))
+    last = specs[-1]
+    assert (last.prompt_len, last.output_len, last.arrival_time) == (20774, 508, 3536.999)
+    assert last.segments[0] == (0, 512)  # hash id 0: the prefix most conversations share
+    mean_in = sum(s.prompt_len for s in specs) / len(specs)
+    assert round(mean_in) == 12035  # the published mean input length
+
+
+def test_user_trace_plain_or_gzip_reads_the_same(tmp_path):
+    recs = [
+        {"timestamp": 0, "input_length": 600, "output_length": 2, "hash_ids": [3, 4]},
+        {"timestamp": 250, "input_length": 100, "output_length": 1, "hash_ids": [3]},
+    ]
+    plain = _write(tmp_path, recs)
+    packed = tmp_path / "t.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert load_mooncake(packed) == load_mooncake(str(plain))
+    assert [s.prompt_len for s in load_mooncake(packed)] == [600, 100]
 
 
 def test_bad_trace_records(tmp_path):
@@ -62,6 +87,14 @@ def test_bad_trace_records(tmp_path):
         load_mooncake(_write(tmp_path, [{"timestamp": 0, "input_length": 5}]))
     with pytest.raises(ConfigError, match="does not exist"):
         load_mooncake(tmp_path / "missing.jsonl")
+    broken = tmp_path / "broken.jsonl.gz"
+    good = json.dumps({"timestamp": 0, "input_length": 9, "output_length": 1, "hash_ids": [1]}) + "\n"
+    packed = gzip.compress(good.encode() * 2000)
+    broken.write_bytes(packed[: len(packed) // 2])  # a download cut short
+    with pytest.raises(ConfigError, match="broken.jsonl.gz: cannot read the trace"):
+        load_mooncake(broken)
+    with pytest.raises(ConfigError, match="must not be negative"):
+        load_mooncake(start=-1)
 
 
 def test_synthetic_lengths_arrivals_and_prefixes():

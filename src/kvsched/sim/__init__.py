@@ -5,7 +5,8 @@ Pieces (each module has one job):
   models.py     model presets from HF-style configs (bytes, FLOPs, KV bytes per token), user config.json
   cost.py       StepShape (a batch as sums), RooflineCostModel, LinearCostModel (fitted to measurements)
   workload.py   RequestSpec (token segments, so prefix sharing is exact), time scaling
-  trace.py      Mooncake JSONL replay (512-token hash blocks expanded to token ids)
+  trace.py      Mooncake JSONL replay (512-token hash blocks expanded to token ids); the shipped trace
+  data/         the Mooncake conversation trace (gzip, Apache-2.0, kvcache-ai/Mooncake) and its README
   synthetic.py  Poisson/gamma arrivals, length distributions, system prompts, conversations, LoRA mix
   storage.py    a metadata-only KV storage backend that counts copied blocks per direction
   replica.py    one serving instance: schedule -> cost -> apply_step, exactly the engine's step contract
@@ -22,6 +23,6 @@ Example::
     from kvsched.sim.trace import load_mooncake
 
     sc = Scenario(MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"], host_memory_gb=200)
-    specs = load_mooncake("mooncake_conversation_trace.jsonl", limit=500)
+    specs = load_mooncake(limit=500)  # the shipped trace; or a path to a .jsonl / .jsonl.gz
     print(sc.simulator(specs, "unified").run().summary["goodput"])
 """

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-from kvsched.core.errors import KVSchedError
+from kvsched.core.errors import ConfigError
 from kvsched.sim.executor import ROUTERS
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.metrics import SLO
@@ -17,8 +16,6 @@ from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.trace import load_mooncake
 from kvsched.sim.workload import RequestSpec, time_scaled, workload_summary
-
-DEFAULT_TRACE = "/work/shared/traces/mooncake_conversation_trace.jsonl"
 
 
 def add_parser(subparsers: Any) -> None:
@@ -51,7 +48,11 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--hbm-efficiency", type=float, default=None)
 
     w = p.add_argument_group("workload (a trace by default)")
-    w.add_argument("--trace", default=None, help=f"Mooncake JSONL (default {DEFAULT_TRACE})")
+    w.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake JSONL, plain or .gz (default: the Mooncake conversation trace shipped with kvsched)",
+    )
     w.add_argument("--trace-start", type=int, default=0)
     w.add_argument("--num-requests", type=int, default=None, help="trace slice length / synthetic count")
     w.add_argument("--synthetic", action="store_true", help="Poisson/gamma arrivals instead of a trace")
@@ -130,7 +131,7 @@ def build_workload(a: argparse.Namespace, rate: float | None = None) -> list[Req
             seed=a.seed,
         )
     elif a.synthetic:
-        loras = [int(x) for x in a.lora_ids.split(",") if x.strip()]
+        loras = _numbers(a.lora_ids, "--lora-ids", int)
         specs = synthetic_workload(
             a.num_requests or 1000,
             rate or a.rate,
@@ -145,7 +146,7 @@ def build_workload(a: argparse.Namespace, rate: float | None = None) -> list[Req
             lora_fraction=a.lora_fraction,
         )
     else:
-        specs = load_mooncake(a.trace or DEFAULT_TRACE, start=a.trace_start, limit=a.num_requests)
+        specs = load_mooncake(a.trace, start=a.trace_start, limit=a.num_requests)
         if rate:
             span = workload_summary(specs)["arrival_span_s"]
             natural = (len(specs) - 1) / span if span > 0 else rate
@@ -155,19 +156,24 @@ def build_workload(a: argparse.Namespace, rate: float | None = None) -> list[Req
     return specs
 
 
-def run(a: argparse.Namespace) -> int:
+def _numbers(text: str, flag: str, kind: type[float] | type[int]) -> list:
+    """A comma-separated list of numbers; a bad item is a ConfigError naming the flag."""
     try:
-        policies = [x.strip() for x in a.policies.split(",") if x.strip()]
-        for pol in policies:
-            parse_policy(pol)
-        scenario = build_scenario(a)
-        rates = [float(x) for x in a.sweep_rates.split(",") if x.strip()]
-        specs = build_workload(a)
-        scenario.device_blocks()
-        scenario.host_blocks()
-    except (KVSchedError, ValueError) as exc:
-        print(f"kvsched sim: error: {exc}", file=sys.stderr)
-        return 2
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {text!r} is invalid: comma-separated {kind.__name__}s expected") from exc
+
+
+def run(a: argparse.Namespace) -> int:
+    # Everything is checked before the first run starts; errors reach `kvsched.cli.main`.
+    policies = [x.strip() for x in a.policies.split(",") if x.strip()]
+    for pol in policies:
+        parse_policy(pol)
+    scenario = build_scenario(a)
+    rates = _numbers(a.sweep_rates, "--sweep-rates", float)
+    specs = build_workload(a)
+    scenario.device_blocks()
+    scenario.host_blocks()
     info = workload_summary(specs)
     print(
         f"{scenario.model.name} on {scenario.num_replicas} x {scenario.tp} x {scenario.gpu.name}: "
