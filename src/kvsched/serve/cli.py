@@ -35,18 +35,14 @@ def served_name(model: str | None, override: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from kvsched.core.errors import KVSchedError
     from kvsched.engine.engine_args import engine_args_from_namespace
     from kvsched.engine.executor import Executor
     from kvsched.serve.app import ServerOptions, build_app
     from kvsched.serve.backend import ExecutorBackend
 
-    try:
-        engine_args = engine_args_from_namespace(args)
-        executor = Executor(engine_args)
-    except (KVSchedError, OSError, ValueError) as exc:
-        print(f"kvsched serve: error: {exc}", file=sys.stderr)
-        return 2
+    # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
+    engine_args = engine_args_from_namespace(args)
+    executor = Executor(engine_args)
     name = served_name(engine_args.model, args.served_model_name)
     options = ServerOptions(max_waiting=args.max_waiting, drain_timeout_s=args.drain_timeout)
     app = build_app(ExecutorBackend(executor), name, options)
