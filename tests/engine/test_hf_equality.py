@@ -1,6 +1,6 @@
 """Token-exact greedy equality with HF transformers on the same tiny random-weight checkpoint.
 
-Each scenario switches on one seed feature (chunked prefill, suspend/resume, prefix reuse on either
+Each scenario switches on one KV-cache feature (chunked prefill, suspend/resume, prefix reuse on either
 tier) and asserts from the KV manager's stats that the feature really ran.
 """
 

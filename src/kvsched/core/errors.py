@@ -28,7 +28,7 @@ class RequestTooLargeError(InvalidRequestError):
 
 
 class UnsupportedFeatureError(KVSchedError, NotImplementedError):
-    """A feature the seed also rejects (e.g. beam width > 1)."""
+    """A feature TensorRT-LLM's Python KVCacheManagerV2 also rejects (e.g. beam width > 1; PR #11939)."""
 
 
 class SchedulerDeadlockError(KVSchedError, RuntimeError):

@@ -1,6 +1,7 @@
 """The request object that the scheduler, the KV manager and the executors share.
 
-Plain writable attributes, as in the seed: the scheduler writes ``context_chunk_size``, the KV manager
+Plain writable attributes, as on TensorRT-LLM's ``LlmRequest`` (written the same way in PR #11939's
+KVCacheV2Scheduler and KVCacheManagerV2): the scheduler writes ``context_chunk_size``, the KV manager
 writes ``context_current_position`` on prefix reuse, the step update appends tokens.
 """
 

@@ -115,7 +115,7 @@ def test_free_returns_every_block_and_forgets_the_request():
     assert not m.try_allocate_generation(r)
     assert not m.resize_context(r, 1)
     assert not m.is_request_active(1)
-    m.suspend_request(r)  # no-op for unknown ids, as in the seed
+    m.suspend_request(r)  # no-op for unknown ids, as in TensorRT-LLM's KVCacheManagerV2 (PR #11939)
 
 
 def test_revert_gives_back_blocks_above_history():

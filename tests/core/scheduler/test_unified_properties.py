@@ -1,4 +1,6 @@
-"""Property test of the unified pass on random request mixes (reference §2.13 invariants)."""
+"""Property test of the unified pass on random request mixes, against the invariants of TensorRT-LLM
+PR #11939's KVCacheV2Scheduler: a request in at most one list, in-flight ids never scheduled, token /
+batch / PEFT budgets kept, every scheduled request holds the KV of its step, paused ones hold none."""
 
 from __future__ import annotations
 

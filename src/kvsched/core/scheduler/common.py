@@ -6,7 +6,8 @@ import sys
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from kvsched.core.errors import ConfigError, InvalidRequestError
+from kvsched.core.config import check_budgets
+from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import Request, RequestState
 
 #: Stand-in for "no token budget": every comparison against it succeeds without a None check.
@@ -18,21 +19,10 @@ GENERATION_TO_COMPLETE = RequestState.GENERATION_TO_COMPLETE
 GENERATION_COMPLETE = RequestState.GENERATION_COMPLETE
 
 
-def check_budgets(max_batch_size: int, max_num_tokens: int | None, chunk_unit_size: int | None) -> int:
-    """Validate the per-step budgets; return the token budget with None mapped to ``UNLIMITED``.
-
-    Zero budgets are allowed (they schedule nothing, as in the seed); negative ones are errors.
-    """
-    if not isinstance(max_batch_size, int) or max_batch_size < 0:
-        raise ConfigError(f"max_batch_size={max_batch_size!r} is invalid: must be an integer >= 0")
-    if max_num_tokens is not None and (not isinstance(max_num_tokens, int) or max_num_tokens < 0):
-        raise ConfigError(
-            f"max_num_tokens={max_num_tokens!r} is invalid: must be an integer >= 0 or None (unlimited)"
-        )
-    if chunk_unit_size is not None and (not isinstance(chunk_unit_size, int) or chunk_unit_size <= 0):
-        raise ConfigError(
-            f"chunk_unit_size={chunk_unit_size!r} is invalid: must be an integer > 0 or None (no chunking)"
-        )
+def token_budget(max_batch_size: int, max_num_tokens: int | None, chunk_unit_size: int | None) -> int:
+    """Validate the per-step budgets (:func:`kvsched.core.config.check_budgets`, the one rule); return
+    the token budget with None mapped to ``UNLIMITED``."""
+    check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
     return UNLIMITED if max_num_tokens is None else max_num_tokens
 
 
@@ -119,7 +109,7 @@ class SchedulerBase:
         draft_kv_cache_manager: object,
         priority_mode: bool,
     ) -> None:
-        self._max_tokens = check_budgets(max_batch_size, max_num_tokens, chunk_unit_size)
+        self._max_tokens = token_budget(max_batch_size, max_num_tokens, chunk_unit_size)
         self.kv_cache_manager = kv_cache_manager
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens

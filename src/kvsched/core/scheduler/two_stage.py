@@ -1,4 +1,6 @@
-"""The V1 two-stage baseline (reference §6): a capacity stage, a micro-batch stage, then KV.
+"""The V1 two-stage baseline: a capacity stage, a micro-batch stage, then KV (TensorRT-LLM's
+``SimpleScheduler`` in ``tensorrt_llm/_torch/pyexecutor/scheduler``, which PR #11939's KVCacheV2Scheduler
+replaces for KVCacheManagerV2).
 
 Capacity decides which requests fit in KV memory by *estimating* blocks; micro-batch applies the token
 budget, batch size and FCFS chunking; only then is KV allocated. Under MAX_UTILIZATION a request that
@@ -16,6 +18,7 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kvsched.core.config import CapacityPolicy, check_capacity_policy
 from kvsched.core.errors import UnknownRequestError
 from kvsched.core.request import Request
 from kvsched.core.scheduler.common import (
@@ -31,7 +34,6 @@ from kvsched.core.scheduler.common import (
 from kvsched.core.scheduler.micro_batch import allocate, micro_batch
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.scheduler.pages import PageBudget
-from kvsched.core.scheduler.policy import CapacityPolicy
 
 
 class TwoStageScheduler(SchedulerBase):
@@ -41,7 +43,7 @@ class TwoStageScheduler(SchedulerBase):
         self,
         kv_cache_manager: Any,
         *,
-        policy: CapacityPolicy | str = CapacityPolicy.MAX_UTILIZATION,
+        policy: CapacityPolicy | str | None = None,  # None: MAX_UTILIZATION
         max_batch_size: int,
         max_num_tokens: int | None = None,
         chunk_unit_size: int | None = None,
@@ -49,7 +51,7 @@ class TwoStageScheduler(SchedulerBase):
         draft_kv_cache_manager: Any = None,
         priority_mode: bool = False,
     ) -> None:
-        self.policy = CapacityPolicy.parse(policy)
+        self.policy: CapacityPolicy = check_capacity_policy("two-stage", policy)  # type: ignore[assignment]
         self._init_common(
             kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
             peft_cache, draft_kv_cache_manager, priority_mode,
