@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp layout), dequantized to float at load.
 
 llama.cpp stores a llama model's ``attn_q``/``attn_k`` with rows permuted for its interleaved RoPE; we
-undo that so the weights equal HF's rotate-half layout (see ARCHITECTURE.md "The default model").
+undo that (``unpermute``, the inverse of ``permute`` in llama.cpp's ``convert_hf_to_gguf.py``) so the
+weights equal HF's rotate-half layout.
 Qwen2 files keep HF's layout (llama.cpp runs them with NEOX-style RoPE) and carry q/k/v biases.
 """
 
