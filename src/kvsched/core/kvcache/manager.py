@@ -1,4 +1,4 @@
-"""KVCacheManager: the seed's scheduling API over a two-tier paged block store (see lifecycle.py
+"""KVCacheManager: the scheduling API of TensorRT-LLM's KVCacheManagerV2 (PR #11939) over a two-tier paged block store (see lifecycle.py
 for the suspend policy)."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class KVCacheManager:
         self._max_util = config.max_util_for_resume
         self._roots: dict[tuple[Any, Any], bytes] = {}
 
-    # -- scheduling API (the seed's) -----------------------------------------------------------
+    # -- scheduling API (KVCacheManagerV2's, TensorRT-LLM PR #11939) -----------------------------
     def prepare_context(self, req: Any) -> bool:
         """Create the cache on the first chunk (with prefix lookup), or resume it; never grows."""
         c = self._caches.get(req.request_id)

@@ -1,4 +1,5 @@
-"""The context phase of the unified pass (reference §2.7 and §2.8).
+"""The context phase of the unified pass (KVCacheV2Scheduler's full and chunked context
+scheduling, TensorRT-LLM PR #11939).
 
 Separate from the generation loop because it runs over few requests and has two modes: whole
 remaining prompt (non-chunked) or FCFS chunks rounded down to ``chunk_unit_size`` (chunked).
@@ -20,7 +21,7 @@ class ContextPhase:
     def __init__(self, kv: Any, max_tokens: int, max_reqs: int, unit: int | None) -> None:
         self._prepare = kv.prepare_context
         self._resize = kv.resize_context
-        self._capacity = getattr(kv, "capacity", None)
+        self._capacity = kv.capacity
         self._max_tokens = max_tokens
         self._max_reqs = max_reqs
         self._unit = unit
@@ -70,8 +71,7 @@ class ContextPhase:
                 if num_tokens + cost > max_tokens:
                     check_fits_budget(req, max_tokens, None)
                     break
-                if capacity is not None:
-                    old_capacity[req.request_id] = capacity(req)
+                old_capacity[req.request_id] = capacity(req)
                 if not resize(req, cost):
                     continue
                 req.context_chunk_size = remaining
@@ -82,12 +82,10 @@ class ContextPhase:
                 if not prepare(req):
                     continue
                 remaining = req.context_remaining_length
+                # left >= unit, so a cut chunk is at least one unit; remaining >= 1 for a context.
                 chunk = remaining if remaining <= left else left - left % unit
-                if chunk <= 0:
-                    continue
                 cost = chunk + len(req.draft_tokens) if chunk == remaining else chunk
-                if capacity is not None:
-                    old_capacity[req.request_id] = capacity(req)
+                old_capacity[req.request_id] = capacity(req)
                 if not resize(req, cost):
                     continue
                 req.context_chunk_size = chunk

@@ -1,4 +1,4 @@
-"""The unified single-pass scheduler (TensorRT-LLM KVCacheV2Scheduler, reference §2).
+"""The unified single-pass scheduler (TensorRT-LLM PR #11939, ``KVCacheV2Scheduler``).
 
 Scheduling and KV allocation happen in one pass: generation requests first (list order), each one
 allocated on the spot; when the device tier is full, started requests are suspended from the tail to
@@ -6,9 +6,9 @@ the host tier (KV kept) and resume by themselves the next time they are allocate
 the pass stopped come second and take the token budget the generations left.
 
 KV manager members used: ``prepare_context``, ``resize_context``, ``try_allocate_generation``,
-``suspend_request``, ``is_request_active``, ``tokens_per_block``; read-only ``capacity(req)`` (if
-present) for each scheduled context, and ``revert`` — both only so that
-:meth:`UnifiedScheduler.drop_scheduled` can undo a step. PEFT cache: ``max_device_pages``,
+``suspend_request``, ``is_request_active``, ``tokens_per_block``; read-only ``capacity(req)`` for
+each scheduled context, and ``revert`` — both only so that :meth:`UnifiedScheduler.drop_scheduled`
+can undo a step. PEFT cache: ``max_device_pages``,
 ``num_pages(req)`` and, if present, ``acquire(req)`` (a request was scheduled with its adapter) and
 ``release(req)`` (a request was suspended: it no longer pins its adapter).
 """
@@ -38,7 +38,7 @@ _NO_IDS: Any = frozenset()
 
 
 class UnifiedScheduler(SchedulerBase):
-    """One pass per step over ``active_requests``; see the module docstring and reference §2."""
+    """One pass per step over ``active_requests``; see the module docstring and docs/architecture.md."""
 
     #: Consecutive steps that schedule nothing because KV ran out (suspend/resume ping-pong) before
     #: the scheduler gives up with :class:`SchedulerDeadlockError`.
@@ -63,9 +63,8 @@ class UnifiedScheduler(SchedulerBase):
         self._try_alloc = kv_cache_manager.try_allocate_generation
         self._is_active = kv_cache_manager.is_request_active
         self._suspend_kv = kv_cache_manager.suspend_request
-        self._draft_suspend = (
-            None if draft_kv_cache_manager is None else draft_kv_cache_manager.suspend_request
-        )
+        draft = self.draft_kv_cache_manager
+        self._draft_suspend = None if draft is None else draft.suspend_request
         self._peft_release = getattr(peft_cache, "release", None)
         self._peft_acquire = getattr(peft_cache, "acquire", None)
         self._contexts = ContextPhase(kv_cache_manager, self._max_tokens, max_batch_size, chunk_unit_size)
@@ -245,7 +244,8 @@ class UnifiedScheduler(SchedulerBase):
 
     # -- after the pass --------------------------------------------------------------------------
     def drop_scheduled(self, output: SchedulerOutput, dropped: Iterable[Request]) -> None:
-        """Undo the KV growth of scheduled requests that a later filter drops (reference §7.1).
+        """Undo the KV growth of scheduled requests that a later filter drops (as TensorRT-LLM's
+        ``revert_allocate_context`` does).
 
         Each dropped request gets ``kv.revert(req, capacity before this step)`` and leaves ``output``;
         its state is untouched, so the next step schedules it again.
@@ -254,17 +254,15 @@ class UnifiedScheduler(SchedulerBase):
         if not drop_ids:
             return
         kv = self.kv_cache_manager
-        capacity = getattr(kv, "capacity", None)
         old_ctx = self._contexts.old_capacity
         for req in output.context_requests:
             if req.request_id in drop_ids:
-                kv.revert(req, old_ctx.get(req.request_id, req.context_current_position))
+                kv.revert(req, old_ctx[req.request_id])
                 output.num_scheduled_tokens -= self._contexts.cost_of(req)
         for req in output.generation_requests:
             if req.request_id in drop_ids:
                 grown = 1 + len(req.draft_tokens)
-                old = capacity(req) - grown if capacity is not None else req.num_tokens - 1
-                kv.revert(req, old)
+                kv.revert(req, kv.capacity(req) - grown)
                 output.num_scheduled_tokens -= grown
         output.context_requests = [r for r in output.context_requests if r.request_id not in drop_ids]
         output.generation_requests = [r for r in output.generation_requests if r.request_id not in drop_ids]

@@ -1,0 +1,120 @@
+"""Unified scheduler: LoRA requests in the generation pass (batch slots, acquire, deadlock), pages summed
+over adapters, chunked prefill around a context that cannot resume, and the deadlock messages."""
+
+from __future__ import annotations
+
+import pytest
+from sched_fakes import FakeKV, FakePeft, ctx, running, started_ctx
+
+from kvsched.core.errors import SchedulerDeadlockError
+from kvsched.core.request import RequestState
+from kvsched.core.scheduler import UnifiedScheduler
+
+
+def ids(reqs):
+    return [r.request_id for r in reqs]
+
+
+def make(kv, **kw):
+    kw.setdefault("max_batch_size", 64)
+    return UnifiedScheduler(kv, **kw)
+
+
+def test_lora_generations_take_one_batch_slot_each():
+    kv = FakeKV()
+    peft = FakePeft(max_device_pages=10)
+    reqs = [running(kv, k, lora_id=1) for k in range(3)]
+    out = make(kv, max_batch_size=2, peft_cache=peft).schedule(reqs)
+    assert ids(out.generation_requests) == [0, 1]
+    assert peft.acquired == [0, 1]
+
+
+def test_a_scheduled_lora_context_acquires_its_adapter():
+    kv = FakeKV()
+    peft = FakePeft(max_device_pages=10)
+    out = make(kv, peft_cache=peft).schedule([ctx(0, lora_id=3), ctx(1)])
+    assert ids(out.context_requests) == [1, 0]  # without LoRA first
+    assert peft.acquired == [0]
+
+
+def test_pages_of_several_finishing_adapters_add_up():
+    kv = FakeKV()
+    peft = FakePeft(max_device_pages=5, pages={1: 2, 2: 2, 3: 2})
+    done1, done2 = running(kv, 0, lora_id=1), running(kv, 1, lora_id=2)
+    done1.state = done2.state = RequestState.GENERATION_TO_COMPLETE
+    out = make(kv, peft_cache=peft).schedule([done1, done2, running(kv, 2, lora_id=3)])
+    assert out.generation_requests == []  # 2 + 2 pre-claimed, adapter 3 needs 2 more than the 1 left
+
+
+def test_pages_of_several_context_adapters_add_up():
+    kv = FakeKV()
+    peft = FakePeft(max_device_pages=5, pages={1: 2, 2: 2, 3: 2})
+    out = make(kv, peft_cache=peft).schedule([ctx(0, lora_id=1), ctx(1, lora_id=2), ctx(2, lora_id=3)])
+    assert ids(out.context_requests) == [0, 1]
+
+
+def test_a_lora_generation_that_cannot_be_allocated_or_evict_anything_raises():
+    kv = FakeKV(num_device_blocks=3)
+    g = running(kv, 0, prompt=8, lora_id=1)
+    kv.caches[0].active = False
+    holder = running(kv, 1, prompt=8)
+    holder.state = RequestState.GENERATION_TO_COMPLETE
+    with pytest.raises(SchedulerDeadlockError, match="none could be scheduled or evicted"):
+        make(kv, peft_cache=FakePeft(max_device_pages=4)).schedule([holder, g])
+
+
+def test_the_immediate_deadlock_message_names_both_fixes():
+    kv = FakeKV(num_device_blocks=3)
+    g = running(kv, 0, prompt=8)
+    kv.caches[0].active = False
+    holder = running(kv, 1, prompt=8)
+    holder.state = RequestState.GENERATION_TO_COMPLETE
+    with pytest.raises(SchedulerDeadlockError) as err:
+        make(kv).schedule([holder, g])
+    msg = str(err.value)
+    assert "none could be scheduled or evicted" in msg
+    assert "CacheConfig.num_host_blocks > 0" in msg and "(CacheConfig.num_device_blocks)." in msg
+
+
+def test_the_stall_deadlock_message_says_how_many_steps_stalled():
+    kv = FakeKV(num_device_blocks=2)
+    g = running(kv, 0, prompt=8)
+    sched = make(kv)
+    for _ in range(UnifiedScheduler.STALL_LIMIT - 1):
+        sched.schedule([g])
+    with pytest.raises(SchedulerDeadlockError) as err:
+        sched.schedule([g])
+    msg = str(err.value)
+    assert f"nothing was scheduled for {UnifiedScheduler.STALL_LIMIT} steps in a row" in msg
+    assert "none could be" not in msg
+
+
+def test_dropping_a_generation_with_drafts_gives_back_every_token_it_grew_by():
+    kv = FakeKV()
+    g0, g1 = running(kv, 0), running(kv, 1)
+    g1.draft_tokens = [4, 5]
+    before = kv.capacity(g1)
+    sched = make(kv)
+    out = sched.schedule([g0, g1])
+    assert out.num_scheduled_tokens == 1 + 3 and kv.capacity(g1) == before + 3
+    sched.drop_scheduled(out, [g1])
+    assert ids(out.generation_requests) == [0] and out.num_scheduled_tokens == 1
+    assert kv.capacity(g1) == before
+
+
+def test_chunked_prefill_goes_past_a_context_that_cannot_resume():
+    kv = FakeKV(num_device_blocks=3)
+    stuck = started_ctx(kv, 0, prompt=32, done=16)  # 4 blocks on the host: never fits 3
+    kv.caches[0].active = False
+    small = ctx(1, prompt=4)
+    out = make(kv, max_num_tokens=16, chunk_unit_size=4).schedule([stuck, small])
+    assert ids(out.context_requests) == [1]
+    assert ("prepare", 0) in kv.calls
+
+
+def test_a_single_remaining_context_token_is_scheduled_when_chunking():
+    kv = FakeKV(reuse={0: 8})
+    c = ctx(0, prompt=9)
+    out = make(kv, max_num_tokens=16, chunk_unit_size=4).schedule([c])
+    assert ids(out.context_requests) == [0]
+    assert c.context_chunk_size == 1 and out.num_scheduled_tokens == 1
