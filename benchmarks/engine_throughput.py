@@ -32,7 +32,7 @@ def _cpu_s() -> float:
 
 def _prompts(num: int) -> tuple[list[list[int]], tuple[int, ...]]:
     """The built-in chat prompts as token ids (chat template applied), and the EOS ids."""
-    from kvsched.engine.bench_prompts import chat_conversations
+    from kvsched.bench.prompts import chat_conversations
     from kvsched.engine.tokenizer import Tokenizer
     from kvsched.engine.weights.gguf_file import GGUFFile
     from kvsched.engine.weights.loader import default_model_path

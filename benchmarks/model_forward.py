@@ -1,4 +1,4 @@
-"""Forward-pass figures of the model alone: ``python -m kvsched.engine.model.bench [--dummy] [--threads N]``.
+"""Forward-pass figures of the model alone: ``python benchmarks/model_forward.py [--dummy] [--threads N]``.
 
 Prints load time, decode step time / tokens per second for batches of 1..64 sequences at a given context
 length, and prefill tokens per second. Wall time and process CPU time are both shown (CPU time is the
@@ -60,16 +60,18 @@ def main(argv: list[str] | None = None) -> None:
     tpb = 16
     per_seq = max(args.context, 512) // tpb + 2
     batches = [int(b) for b in args.batches.split(",")]
-    cache = CacheConfig(tokens_per_block=tpb, num_device_blocks=max(batches) * per_seq + 1)
+    prefills = ((1, 512), (16, 64))  # (sequences, tokens each)
+    num_seqs = max(*batches, *(bs for bs, _ in prefills))
+    cache = CacheConfig(tokens_per_block=tpb, num_device_blocks=num_seqs * per_seq + 1)
     kv = TensorKVStorage(cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, device=args.device)
     perm = (torch.randperm(cache.num_device_blocks - 1) + 1).tolist()
-    tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(max(batches))]
+    tables = [perm[i * per_seq : (i + 1) * per_seq] for i in range(num_seqs)]
     print(f"{'batch':>5} {'context':>7} {'wall ms/step':>12} {'cpu ms/step':>11} {'tok/s (wall)':>12}")
     for bs in batches:
         seqs = [SeqInput([7], args.context, tables[i], 1) for i in range(bs)]
         wall, cpu = _timed(lambda seqs=seqs: model(ForwardBatch.build(seqs, tpb, args.device), kv), args.reps)
         print(f"{bs:>5} {args.context:>7} {wall * 1e3:>12.1f} {cpu * 1e3:>11.1f} {bs / wall:>12.1f}")
-    for bs, n in ((1, 512), (16, 64)):
+    for bs, n in prefills:
         seqs = [SeqInput(list(range(100, 100 + n)), 0, tables[i], 1) for i in range(bs)]
         wall, cpu = _timed(lambda seqs=seqs: model(ForwardBatch.build(seqs, tpb, args.device), kv), 1)
         print(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
+from kvsched.bench.offline import run_offline
+from kvsched.bench.prompts import SHARED_SYSTEM_PROMPT, chat_conversations
 from kvsched.cli import build_parser
-from kvsched.engine.bench_prompts import SHARED_SYSTEM_PROMPT, chat_conversations
-from kvsched.engine.llm import LLM
-from kvsched.engine.offline_bench import run_offline
 
 
 def test_bench_offline_flags_and_serve_registered():
@@ -20,6 +22,21 @@ def test_bench_offline_flags_and_serve_registered():
     assert parser.parse_args(["bench", "serve"]).func is not None
 
 
+@pytest.mark.parametrize(
+    ("argv", "shown"), [(["bench", "--help"], "offline"), (["bench", "offline", "--help"], "--num-prompts")]
+)
+def test_bench_help_does_not_import_torch(argv, shown):
+    # Registration imports only the flags; torch and the engine load when the job runs.
+    code = (
+        "import sys\nfrom kvsched.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('kvsched.engine.llm')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert shown in done.stdout
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_built_in_prompts_are_varied_and_share_a_system_prompt():
     convs = chat_conversations(64)
     assert len({c[-1]["content"] for c in convs}) == 64
@@ -28,6 +45,8 @@ def test_built_in_prompts_are_varied_and_share_a_system_prompt():
 
 
 def test_run_offline_on_the_tiny_model(tiny_llama_dir, capsys):
+    from kvsched.engine.llm import LLM  # torch: only this test needs it (tiny_llama_dir skips without it)
+
     llm = LLM(str(tiny_llama_dir), max_batch_size=2, num_device_blocks=64)
     convs = chat_conversations(6)
     for c in convs:  # one token per byte: shorten the shared system prompt to fit 512 positions

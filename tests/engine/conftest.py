@@ -1,8 +1,7 @@
-"""Shared fixtures of the engine tests: a tiny random-weight Llama checkpoint and HF greedy references.
+"""Shared fixtures of the engine tests: HF greedy references over the tiny checkpoint.
 
-The checkpoint is written by HF ``save_pretrained`` (safetensors) and read back by our loader, so both
-sides run the very same weights. ``initializer_range=0.1`` keeps the top-2 logit gap well above fp32
-noise, so greedy equality is a sharp test rather than a coin toss.
+The checkpoint (``tiny_llama_dir``, tests/conftest.py) is written by HF ``save_pretrained`` and read back
+by our loader, so both sides run the very same weights.
 """
 
 from __future__ import annotations
@@ -13,55 +12,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 256
-MAX_POS = 512
-
-
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=MAX_POS,
-        rope_theta=10000.0,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    path = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(path)
-    _save_byte_tokenizer(path)
-    return path
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def _save_byte_tokenizer(path: Path) -> None:
-    """A 256-token byte-level tokenizer (one token per byte, no merges) and a tiny chat template."""
-    import json
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
 
 
 class HFReference:

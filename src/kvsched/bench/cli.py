@@ -18,7 +18,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_offline(sub: argparse._SubParsersAction) -> None:
-    from kvsched.engine.offline_bench import add_arguments  # torch-free: only flags
+    from kvsched.bench.offline import add_arguments  # torch-free: only flags
 
     parser = sub.add_parser(
         "offline",
@@ -35,6 +35,6 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_offline(args: argparse.Namespace) -> int:
-    from kvsched.engine.offline_bench import run  # imports torch and the engine
+    from kvsched.bench.offline import run  # imports torch and the engine
 
     return run(args)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(slots=True)
 class OfflineReport:
-    """The figures the table prints (also handy for benchmarks/ scripts)."""
+    """The figures the table prints (also handy for the scripts under benchmarks/)."""
 
     num_requests: int
     prompt_tokens: int
@@ -95,8 +95,8 @@ def run_offline(
     conversations: Sequence[Sequence[dict[str, str]]] | None = None,
 ) -> OfflineReport:
     """Run ``conversations`` (default: the built-in ones) through ``llm`` (an :class:`LLM`) and measure."""
+    from kvsched.bench.prompts import chat_conversations
     from kvsched.core.request import SamplingParams
-    from kvsched.engine.bench_prompts import chat_conversations
 
     if conversations is None:
         conversations = chat_conversations(num_prompts)
