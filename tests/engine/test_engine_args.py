@@ -64,3 +64,30 @@ def test_cli_flags_round_trip():
     args = engine_args_from_namespace(ns)
     assert args.scheduler == "two-stage" and args.num_device_blocks == 12
     assert not args.enable_block_reuse and args.seed == 5 and args.model is None
+
+
+def test_a_capacity_policy_for_a_scheduler_that_ignores_it_is_refused():
+    from kvsched.engine.llm import LLM
+
+    for kind in ("unified", "recompute"):
+        with pytest.raises(ConfigError, match=f"capacity_policy='static_batch'.*scheduler='{kind}'"):
+            EngineArgs(scheduler=kind, capacity_policy="static_batch")
+    with pytest.raises(ConfigError, match="capacity_policy"):  # refused before any model loads
+        LLM(scheduler="unified", capacity_policy="max_utilization")
+    assert EngineArgs().capacity_policy is None  # the default is "not given", so no refusal
+    assert (
+        EngineArgs(scheduler="two-stage", capacity_policy="static_batch").scheduler_config().capacity_policy
+    )
+
+
+def test_the_flags_offer_the_one_list_of_kinds_and_policies():
+    from kvsched.core.config import CAPACITY_POLICIES, SCHEDULER_KINDS
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert tuple(choices["scheduler"]) == SCHEDULER_KINDS == ("unified", "two-stage", "recompute")
+    assert tuple(choices["capacity_policy"]) == CAPACITY_POLICIES
+    ns = parser.parse_args(["--scheduler", "recompute", "--capacity-policy", "static_batch"])
+    with pytest.raises(ConfigError, match="capacity_policy"):
+        engine_args_from_namespace(ns)

@@ -94,7 +94,7 @@ class RecordingScheduler:
 
 
 def _engine(kind: str, policy: str | None, sched: dict) -> Executor:
-    args = EngineArgs(scheduler=kind, capacity_policy=policy or "max_utilization", **ENGINE, **sched)
+    args = EngineArgs(scheduler=kind, capacity_policy=policy, **ENGINE, **sched)
     model = dummy_model(CONFIG, seed=0)
     return Executor(args, core=build_engine_core(args, loaded=(model, CONFIG, None)))
 

@@ -88,3 +88,16 @@ def test_ratio_lines_say_na_when_the_oracle_met_no_slo():
 
     lines = ratio_lines([run("oracle", 0.0, 0.2), run("unified", 0.0, 0.1)])
     assert lines == [f"{'unified':32s} goodput/oracle    n/a   p99 TPOT/oracle  0.500"]
+
+
+def test_policies_are_the_scheduler_kinds_and_an_ignored_capacity_policy_is_refused(capsys):
+    from kvsched.core.config import CAPACITY_POLICIES, SCHEDULER_KINDS
+    from kvsched.sim.scenario import POLICIES, parse_policy
+
+    expected = ("unified", *(f"two-stage:{p}" for p in CAPACITY_POLICIES), "recompute", "oracle")
+    assert expected == POLICIES
+    assert [parse_policy(k)[0] for k in SCHEDULER_KINDS] == list(SCHEDULER_KINDS)
+    assert parse_policy("two-stage") == ("two-stage", {"policy": "max_utilization"})
+    assert main(["sim", "--synthetic", "--policies", "unified:static_batch", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "capacity_policy='static_batch' is not accepted by scheduler='unified'" in err

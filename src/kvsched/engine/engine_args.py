@@ -10,11 +10,10 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kvsched.core.config import CacheConfig, SchedulerConfig
+from kvsched.core.config import CAPACITY_POLICIES, SCHEDULER_KINDS, CacheConfig, SchedulerConfig
 from kvsched.core.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_POLICIES = ("guaranteed_no_evict", "max_utilization", "static_batch")
 DEFAULT_DEVICE_KV_BYTES = 1 << 30
 
 
@@ -33,7 +32,7 @@ class EngineArgs:
     enable_block_reuse: bool = True
     max_util_for_resume: float = 1.0
     scheduler: str = "unified"
-    capacity_policy: str = "max_utilization"
+    capacity_policy: str | None = None  # two-stage only; None = not given (two-stage: max_utilization)
     max_batch_size: int = 64
     max_num_tokens: int | None = 2048
     chunk_unit_size: int | None = None
@@ -56,10 +55,6 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= 0")
-        if self.capacity_policy not in _POLICIES:
-            raise ConfigError(
-                f"capacity_policy={self.capacity_policy!r} is invalid: must be one of {', '.join(_POLICIES)}"
-            )
         if self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
@@ -69,7 +64,8 @@ class EngineArgs:
                 f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "
                 f"tokens_per_block={self.tokens_per_block}"
             )
-        # The shared configs check the remaining fields and name them in their errors.
+        # The shared configs check the remaining fields (SchedulerConfig: scheduler kind, budgets and
+        # capacity policy, the same rules make_scheduler applies) and name them in their errors.
         self.scheduler_config()
         self.cache_config(bytes_per_block=1)
 
@@ -125,14 +121,15 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-        choices = {"scheduler": ("unified", "two-stage", "recompute"), "capacity_policy": _POLICIES}
+        choices = {"scheduler": SCHEDULER_KINDS, "capacity_policy": CAPACITY_POLICIES}
+        helps = {"capacity_policy": "two-stage scheduler only (default max_utilization)"}
         group.add_argument(
             flag,
             dest=f.name,
             type=kind,
             default=default,
             choices=choices.get(f.name),
-            help=f"(default {default})",
+            help=helps.get(f.name, f"(default {default})"),
         )
 
 

@@ -107,9 +107,8 @@ def build_engine_core(args: EngineArgs, loaded: tuple[Any, ModelConfig, Any] | N
         "max_batch_size": args.max_batch_size,
         "max_num_tokens": args.max_num_tokens,
         "chunk_unit_size": args.chunk_unit_size,
+        "policy": args.capacity_policy,  # None unless given; make_scheduler refuses it where unused
     }
-    if args.scheduler == "two-stage":
-        sched_kwargs["policy"] = args.capacity_policy
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
     runner = ModelRunner(model, storage, cache_config)
     return EngineCore(

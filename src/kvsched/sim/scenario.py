@@ -10,7 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvsched.core.config import CacheConfig
+from kvsched.core.config import (
+    CAPACITY_POLICIES,
+    CAPACITY_POLICY_KINDS,
+    SCHEDULER_KINDS,
+    CacheConfig,
+    check_capacity_policy,
+)
 from kvsched.core.errors import ConfigError
 from kvsched.sim.cost import RooflineCostModel
 from kvsched.sim.executor import Simulator
@@ -19,23 +25,29 @@ from kvsched.sim.metrics import SLO
 from kvsched.sim.models import ModelSpec
 from kvsched.sim.workload import RequestSpec
 
-POLICIES = (
-    "unified",
-    "two-stage:max_utilization",
-    "two-stage:guaranteed_no_evict",
-    "two-stage:static_batch",
-    "recompute",
-    "oracle",
-)
+
+def _policy_names() -> tuple[str, ...]:
+    """Every scheduler kind (with each capacity policy where it takes one), then `oracle`: the
+    unified scheduler with a device pool no request ever waits for."""
+    names: list[str] = []
+    for kind in SCHEDULER_KINDS:
+        takes_policy = kind in CAPACITY_POLICY_KINDS
+        names += [f"{kind}:{p}" for p in CAPACITY_POLICIES] if takes_policy else [kind]
+    return (*names, "oracle")
+
+
+POLICIES = _policy_names()
 
 
 def parse_policy(text: str) -> tuple[str, dict[str, Any]]:
-    """`unified` | `recompute` | `two-stage[:policy]` | `oracle` -> (scheduler kind, extra keywords)."""
-    kind, _, policy = text.partition(":")
-    if kind in ("unified", "recompute", "oracle") and not policy:
+    """A scheduler kind, `kind:capacity_policy` (two-stage) or `oracle` -> (kind, extra keywords)."""
+    kind, sep, policy = text.partition(":")
+    if kind in SCHEDULER_KINDS and (not sep or policy):
+        # Same rule as make_scheduler: a policy only where the kind takes one (default max_utilization).
+        chosen = check_capacity_policy(kind, policy or None)
+        return kind, {} if chosen is None else {"policy": chosen.value}
+    if text == "oracle":
         return kind, {}
-    if kind == "two-stage":
-        return kind, {"policy": policy or "max_utilization"}
     raise ConfigError(f"policy {text!r} is invalid: one of {', '.join(POLICIES)}")
 
 

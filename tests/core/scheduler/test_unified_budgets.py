@@ -99,13 +99,11 @@ def test_suspend_resume_ping_pong_raises_after_the_stall_limit():
 @pytest.mark.parametrize(
     "kw,inflight,drafts,pages",
     [
-        ({"max_num_tokens": 0}, (), 0, None),
-        ({"max_batch_size": 0}, (), 0, None),
         ({"max_num_tokens": 2}, (), 2, None),
         ({}, (), 0, 0),
         ({}, (0,), 0, None),
     ],
-    ids=["no-tokens", "no-batch", "drafts-over-budget", "no-lora-pages", "all-inflight"],
+    ids=["drafts-over-budget", "no-lora-pages", "all-inflight"],
 )
 def test_budget_stops_never_raise(kw, inflight, drafts, pages):
     kv = FakeKV(num_device_blocks=2)  # the device is also full: only the budget decides
@@ -158,11 +156,20 @@ def test_drop_scheduled_reverts_the_growth_and_removes_the_requests():
 # -- construction ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw",
-    [{"max_batch_size": -1}, {"max_num_tokens": -5}, {"chunk_unit_size": 0}, {"max_batch_size": 1.5}],
+    [
+        {"max_batch_size": -1},
+        {"max_batch_size": 0},  # would schedule nothing, ever
+        {"max_num_tokens": -5},
+        {"max_num_tokens": 0},
+        {"chunk_unit_size": 0},
+        {"max_batch_size": 1.5},
+        {"max_batch_size": True},
+    ],
 )
 def test_bad_budgets_are_config_errors(kw):
     kw = {"max_batch_size": 4, **kw}
-    with pytest.raises(ConfigError):
+    name = next(iter(kw.keys() - {"max_batch_size"}), "max_batch_size")
+    with pytest.raises(ConfigError, match=name):
         UnifiedScheduler(FakeKV(), **kw)
 
 

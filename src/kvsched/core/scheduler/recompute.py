@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kvsched.core.config import check_capacity_policy
 from kvsched.core.errors import UnknownRequestError
 from kvsched.core.request import Request
 from kvsched.core.scheduler.common import (
@@ -45,8 +46,9 @@ class RecomputeScheduler(SchedulerBase):
         peft_cache: Any = None,
         draft_kv_cache_manager: Any = None,
         priority_mode: bool = False,
-        policy: Any = None,  # accepted for make_scheduler symmetry; not used
+        policy: Any = None,  # the baselines' common keyword; this one has no capacity stage
     ) -> None:
+        check_capacity_policy("recompute", policy)  # a given policy would be ignored: refused
         self._init_common(
             kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
             peft_cache, draft_kv_cache_manager, priority_mode,
