@@ -66,6 +66,14 @@ def test_cli_flags_round_trip():
     assert not args.enable_block_reuse and args.seed == 5 and args.model is None
 
 
+def test_priority_mode_flag_reaches_the_scheduler_config():
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    assert not engine_args_from_namespace(parser.parse_args([])).priority_mode
+    args = engine_args_from_namespace(parser.parse_args(["--priority-mode"]))
+    assert args.priority_mode and args.scheduler_config().priority_mode
+
+
 def test_a_capacity_policy_for_a_scheduler_that_ignores_it_is_refused():
     from kvsched.engine.llm import LLM
 

@@ -147,3 +147,82 @@ def test_metrics_and_logprobs(tiny_llama_dir):
     assert engine.kv.num_suspends == stats.num_suspends and engine.kv.reuse_hit_tokens >= 3 * 32
     assert 0 < engine.peak_device_usage <= 1 and engine.peak_host_blocks_used > 0
     assert engine.num_generated_tokens == 4 * 20 and engine.num_steps > 20
+
+
+def _finish_steps(ex, arrivals: dict[int, tuple]) -> dict:
+    """Step the engine to the end; ``arrivals[step]`` = add_request arguments submitted before that step.
+    Returns request id -> the step index it finished in."""
+    finished, step = {}, 0
+    while ex.has_unfinished_requests() or any(s > step for s in arrivals):
+        step += 1
+        if step in arrivals:
+            *args, kw = arrivals[step]
+            ex.add_request(*args, **kw)
+        for o in ex.step():
+            if o.finished:
+                finished[o.request_id] = step
+    return finished
+
+
+@pytest.mark.parametrize("priority_mode", [False, True])
+def test_high_priority_request_arriving_late_overtakes_under_memory_pressure(tiny_llama_dir, priority_mode):
+    """Six priority-0 requests start (two per batch, a device pool too small for two whole requests);
+    a priority-5 request arrives at step 4. In priority mode it takes the slot of the request the KV
+    pressure suspends and is never a victim itself, so it finishes before every earlier request."""
+    ex = make_executor(
+        tiny_llama_dir,
+        tokens_per_block=4,
+        num_device_blocks=10,
+        num_host_blocks=64,
+        max_batch_size=2,
+        priority_mode=priority_mode,
+    )
+    prompts = random_prompts([12] * 7, seed=1)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    low = [ex.add_request(p, params, request_id=f"low-{i}") for i, p in enumerate(prompts[:6])]
+    done = _finish_steps(ex, {4: (prompts[6], params, {"request_id": "high", "priority": 5})})
+    order = sorted(done, key=done.get)
+    assert len(set(done.values())) == 7  # one finish per step: the order is strict
+    assert order == (["high", *low] if priority_mode else [*low, "high"])
+    assert ex.stats.num_paused > 0
+
+
+def test_priority_must_be_an_integer(tiny_llama_dir):
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=16)
+    for bad in ("1", 2.0, None, True):
+        with pytest.raises(InvalidRequestError, match="priority=.* is invalid: must be an integer"):
+            ex.add_request([1, 2, 3], GREEDY, priority=bad)
+    assert not ex.has_unfinished_requests() and ex.kv.stats().num_requests == 0
+
+
+def test_kv_events_of_a_prefix_reuse_run(tiny_llama_dir):
+    """Stored events carry the chained SHA-256 of each full block (what a router computes from the
+    tokens); a second request on the same prefix reuses those blocks and stores only its own."""
+    from kvsched.core.kvcache.keys import block_key, root_key
+
+    seen: list = []
+    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=32)
+    ex.on_kv_events = seen.append
+    prefix = random_prompts([24], seed=3)[0]  # three full blocks
+    first, second = prefix + [7, 8, 9, 10], prefix + [11, 12, 13, 14, 15, 16, 17, 18, 19]
+    ex.add_request(first, SamplingParams(max_tokens=2, temperature=0.0), request_id="a")
+    ex.run()
+    assert seen and all(batch for batch in seen)  # called after steps, never with an empty list
+    stored = [e for batch in seen for e in batch if e.kind == "stored"]
+    keys, parent = [], root_key(None, None)
+    for b in range(3):
+        parent = block_key(parent, prefix[b * 8 : (b + 1) * 8])
+        keys.append(parent)
+    assert [e.block_hash for e in stored] == keys
+    assert [e.parent_hash for e in stored] == [None, keys[0], keys[1]]
+    assert all(e.tier == 0 for e in stored)
+    assert ex.drain_kv_events() == []  # the callback took them all
+
+    ex.on_kv_events = None  # now poll instead
+    ex.add_request(second, SamplingParams(max_tokens=1, temperature=0.0), request_id="b")
+    ex.run()
+    events = ex.drain_kv_events()
+    assert ex.drain_kv_events() == []
+    assert [e.kind for e in events] == ["stored"]  # only the fourth block is new
+    own = block_key(keys[-1], second[24:32])
+    assert events[0].block_hash == own and events[0].parent_hash == keys[-1]

@@ -33,6 +33,8 @@ class EngineArgs:
     max_util_for_resume: float = 1.0
     scheduler: str = "unified"
     capacity_policy: str | None = None  # two-stage only; None = not given (two-stage: max_utilization)
+    # Walk requests by higher Request.priority first (then arrival); evict the lowest priority first.
+    priority_mode: bool = False
     max_batch_size: int = 64
     max_num_tokens: int | None = 2048
     chunk_unit_size: int | None = None
@@ -85,6 +87,7 @@ class EngineArgs:
             max_num_tokens=self.max_num_tokens,
             chunk_unit_size=self.chunk_unit_size,
             capacity_policy=self.capacity_policy,
+            priority_mode=self.priority_mode,
         )
 
     def cache_config(self, bytes_per_block: int) -> CacheConfig:

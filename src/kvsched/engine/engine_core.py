@@ -108,6 +108,7 @@ def build_engine_core(args: EngineArgs, loaded: tuple[Any, ModelConfig, Any] | N
         "max_num_tokens": args.max_num_tokens,
         "chunk_unit_size": args.chunk_unit_size,
         "policy": args.capacity_policy,  # None unless given; make_scheduler refuses it where unused
+        "priority_mode": args.priority_mode,
     }
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
     runner = ModelRunner(model, storage, cache_config)

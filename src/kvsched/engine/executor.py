@@ -4,13 +4,22 @@ The scheduler allocates KV and may suspend requests to the host tier (``paused_r
 executor leaves those alone (no reset, no recompute) and counts them. Requests with bad input are
 rejected in :meth:`add_request` with a typed error before they touch any shared state, so they fail
 alone while the others keep running.
+
+Priority: ``add_request(..., priority=p)`` sets ``Request.priority``; **higher = more important**
+(vLLM's ``priority`` is the other way round: lower = earlier). It orders the scheduler's pass only with
+``EngineArgs.priority_mode=True``; the KV manager always evicts cached blocks of lower priority first.
+
+KV events (blocks stored / removed per tier, for a KV-aware router): :meth:`Executor.drain_kv_events`
+takes what the KV manager built since the last call; or pass ``on_kv_events`` and the loop hands them
+over after every step that produced some.
 """
 
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +32,7 @@ from kvsched.core.errors import (
     UnknownRequestError,
     UnsupportedFeatureError,
 )
+from kvsched.core.kvcache import KVEvent
 from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.step import apply_step, finish_request
 from kvsched.engine.engine_args import EngineArgs
@@ -31,6 +41,13 @@ from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.sampler import Sampler
 from kvsched.engine.text_stream import TextStream
+
+
+def check_priority(priority: object) -> int:
+    """A request priority is an integer of any sign (numpy ints too, not bools); else InvalidRequestError."""
+    if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
+        raise InvalidRequestError(f"priority={priority!r} is invalid: must be an integer")
+    return int(priority)
 
 
 @dataclass(slots=True)
@@ -51,8 +68,17 @@ class _Tracked:
 class Executor:
     """Owns the model, KV manager, scheduler and sampler; serves requests step by step."""
 
-    def __init__(self, args: EngineArgs | None = None, core: EngineCore | None = None) -> None:
+    def __init__(
+        self,
+        args: EngineArgs | None = None,
+        core: EngineCore | None = None,
+        *,
+        on_kv_events: Callable[[list[KVEvent]], None] | None = None,
+    ) -> None:
         self.args = args or EngineArgs()
+        #: Called after each step with the KV events of that step (never with an empty list); it runs
+        #: on the engine thread, so it must be quick (hand the events to a queue).
+        self.on_kv_events = on_kv_events
         self.core = core or build_engine_core(self.args)
         self.tokenizer = self.core.tokenizer
         self.kv = self.core.kv
@@ -74,10 +100,16 @@ class Executor:
         request_id: Hashable | None = None,
         lora_id: int | None = None,
         arrival_time: float | None = None,
+        priority: int = 0,
     ) -> Hashable:
-        """Queue one request; returns its id. Raises InvalidRequestError / DuplicateRequestError."""
+        """Queue one request; returns its id. Raises InvalidRequestError / DuplicateRequestError.
+
+        ``priority``: higher is more important (scheduled first in priority mode, its cached blocks
+        evicted last); the default 0 for every request keeps arrival order.
+        """
         params = sampling_params or SamplingParams()
         params.validate()
+        priority = check_priority(priority)
         if lora_id is not None:
             raise UnsupportedFeatureError(f"lora_id={lora_id}: this engine has no LoRA adapters loaded")
         internal = next(self._ids)
@@ -98,6 +130,7 @@ class Executor:
             sampling_params=params,
             eos_token_ids=eos,
             arrival_time=arrival_time,
+            priority=priority,
         )
         gen = None if params.seed is None else Sampler.make_generator(params.seed, self.core.device)
         self._tracked[internal] = _Tracked(
@@ -151,6 +184,12 @@ class Executor:
     def num_unfinished_requests(self) -> int:
         return len(self._active)
 
+    def drain_kv_events(self) -> list[KVEvent]:
+        """KV events since the last drain (oldest first); a consumer that polls instead of passing
+        ``on_kv_events``. Each event: ``kind`` "stored" | "removed", ``block_hash``, ``tier``,
+        ``parent_hash`` (see docs/design.md)."""
+        return self.kv.drain_events()
+
     def get_stats(self) -> EngineStats:
         """Engine counters with a fresh snapshot of the KV manager's (tiers, reuse, suspends)."""
         return self.stats.snapshot(self.kv)
@@ -172,6 +211,7 @@ class Executor:
         self._note_schedule(out, now)
         if out.is_empty:
             if out.paused_requests or out.preempted_requests:
+                self._publish_kv_events()  # suspends moved blocks between tiers
                 return []  # KV was freed this step; the next one can make progress
             raise SchedulerDeadlockError(
                 f"nothing could be scheduled for {len(self._active)} unfinished requests "
@@ -193,6 +233,7 @@ class Executor:
             outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now))
         if finished or any(o.finished for o in outputs):
             self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
+        self._publish_kv_events()
         return outputs
 
     def run(self) -> list[RequestOutput]:
@@ -205,6 +246,12 @@ class Executor:
         return done
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _publish_kv_events(self) -> None:
+        if self.on_kv_events is not None:
+            events = self.kv.drain_events()
+            if events:
+                self.on_kv_events(events)
+
     def _note_schedule(self, out, now: float) -> None:
         for req in out.paused_requests:
             tracked = self._tracked[req.request_id]

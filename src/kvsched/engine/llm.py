@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from tqdm import tqdm
 from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import SamplingParams
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.executor import Executor
+from kvsched.engine.executor import Executor, check_priority
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "RequestMetrics"]
@@ -22,7 +23,9 @@ Message = Mapping[str, str]
 class LLM:
     """Loads a model (``None`` = the default SmolLM2-135M GGUF) and generates for batches of prompts.
 
-    Every keyword is an :class:`EngineArgs` field (KV pool sizes, scheduler, batch limits, ...).
+    Every keyword is an :class:`EngineArgs` field (KV pool sizes, scheduler, batch limits, ...);
+    ``priority_mode=True`` makes the scheduler serve higher ``priority`` requests first (see
+    :meth:`generate`).
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -37,20 +40,24 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Serve every prompt together (continuous batching); results in the order of ``prompts``.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}``. All prompts are checked before any runs,
-        so a bad one raises without leaving the others half-served.
+        so a bad one raises without leaving the others half-served. ``priority`` is one int for all or
+        one per prompt; **higher = more important** (the opposite of vLLM, where lower goes first). It
+        orders scheduling only when the engine was built with ``priority_mode=True``.
         """
         if isinstance(prompts, str | Mapping):
             prompts = [prompts]
         inputs = [self._prompt_input(p, i) for i, p in enumerate(prompts)]
         params = self._params_per_prompt(sampling_params, len(inputs))
+        priorities = self._priority_per_prompt(priority, len(inputs))
         added: list[Any] = []
         try:
-            for prompt, sp in zip(inputs, params):
-                added.append(self.engine.add_request(prompt, sp))
+            for prompt, sp, prio in zip(inputs, params, priorities):
+                added.append(self.engine.add_request(prompt, sp, priority=prio))
         except Exception:
             for rid in added:
                 self.engine.abort_request(rid)
@@ -64,15 +71,17 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
+        priority: int | Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate
+        (``priority`` as in :meth:`generate`)."""
         if not messages:
             raise InvalidRequestError("chat() needs at least one message")
         conversations = [messages] if isinstance(messages[0], Mapping) else messages
         prompts = [
             {"prompt_token_ids": self.encode_chat(conv, add_generation_prompt)} for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, priority=priority)
 
     def encode_chat(self, conversation: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         if not conversation:
@@ -105,6 +114,18 @@ class LLM:
         raise InvalidRequestError(
             f"prompt {index}: expected a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
         )
+
+    @staticmethod
+    def _priority_per_prompt(priority: int | Sequence[int] | None, n: int) -> list[int]:
+        if priority is None:
+            return [0] * n
+        if isinstance(priority, numbers.Integral):
+            return [check_priority(priority)] * n
+        if isinstance(priority, str | bytes) or not isinstance(priority, Sequence):
+            raise InvalidRequestError(f"priority={priority!r} is invalid: an int or a list of ints")
+        if len(priority) != n:
+            raise InvalidRequestError(f"{len(priority)} priorities for {n} prompts")
+        return [check_priority(p) for p in priority]
 
     @staticmethod
     def _params_per_prompt(
