@@ -63,8 +63,8 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
                 404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "model"
             )
 
-    async def start(token_ids: list[int], params) -> RequestHandle:
-        handle = engine.submit(token_ids, params)
+    async def start(token_ids: list[int], params, priority: int) -> RequestHandle:
+        handle = engine.submit(token_ids, params, priority)
         try:
             await handle.accepted()
         except Exception as exc:
@@ -94,7 +94,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         if not ids:
             raise APIError(400, "the prompt encodes to zero tokens", "prompt")
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
-        handle = await start(ids, sampling_params(req, max_tokens, req.logprobs))
+        handle = await start(ids, sampling_params(req, max_tokens, req.logprobs), req.priority)
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
@@ -124,7 +124,8 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         ids = backend.encode_chat(messages)
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
         num_top = (req.top_logprobs or 0) if req.logprobs else 0
-        handle = await start(ids, sampling_params(req, max_tokens, num_top if req.logprobs else None))
+        params = sampling_params(req, max_tokens, num_top if req.logprobs else None)
+        handle = await start(ids, params, req.priority)
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
             first, enc = [True], ChatChunks(rid, model_name)

@@ -71,8 +71,10 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self._num_waiting
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams) -> RequestHandle:
+    def submit(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> RequestHandle:
         """Queue a request (never blocks). Raises QueueFullError or EngineClosedError.
+
+        ``priority``: higher = more important (used by an engine in priority mode).
 
         Stop strings are applied here, not in the engine (see :mod:`kvsched.serve.stops`); a hit
         aborts the engine request, which frees its KV.
@@ -92,7 +94,7 @@ class AsyncEngine:
         stops = params.stop
         if stops:
             params = replace(params, stop=None)
-        self._command(("add", rid, prompt_token_ids, params))
+        self._command(("add", rid, prompt_token_ids, params, priority))
         return RequestHandle(self, rid, stream, len(prompt_token_ids), stops)
 
     def _release(self, rid: int, stream: _Stream) -> bool:
@@ -189,9 +191,9 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple, live: set[int], accepted: list[int]) -> None:
         if cmd[0] == "add":
-            _, rid, token_ids, params = cmd
+            _, rid, token_ids, params, priority = cmd
             try:
-                self.backend.add_request(token_ids, params, rid)
+                self.backend.add_request(token_ids, params, rid, priority)
             except Exception as exc:  # bad request: fail it alone
                 self._to_loop(self._fail, [rid], exc)
                 return

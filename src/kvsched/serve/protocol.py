@@ -2,6 +2,10 @@
 
 Unknown request fields are ignored, as OpenAI-compatible servers do; fields we accept but cannot
 honour (``n > 1``, ``echo``, penalties) are rejected in validation with a message naming them.
+
+``priority`` (an extension, as in vLLM) is an integer where **higher = more important**: the opposite
+of vLLM, where a lower value is served earlier. It orders scheduling when the server runs with
+``--priority-mode``; the KV cache always keeps higher-priority requests' cached blocks longer.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # Higher = more important (vLLM: lower = earlier); see the module docstring. Strict: no "1" or true.
+    priority: int = Field(0, strict=True)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
