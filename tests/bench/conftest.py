@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from fastapi import FastAPI, Request
@@ -21,6 +21,7 @@ class FakeState:
     max_in_flight: int = 0
     received: int = 0
     token_delay_s: float = 0.001
+    priorities: list = field(default_factory=list)  # the body's "priority" of each request (None: absent)
 
 
 def make_fake_app(state: FakeState) -> FastAPI:
@@ -51,6 +52,7 @@ def make_fake_app(state: FakeState) -> FastAPI:
     async def handle(request: Request, chat: bool):
         body = await request.json()
         state.received += 1
+        state.priorities.append(body.get("priority"))
         if body.get("model") != MODEL:
             err = {"error": {"message": f"model {body.get('model')!r} not found", "type": "NotFoundError"}}
             return JSONResponse(err, status_code=404)

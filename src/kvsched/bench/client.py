@@ -33,6 +33,7 @@ class RequestResult:
     start_time: float = 0.0
     generated_text: str = ""
     error: str = ""
+    priority: int | None = None  # the priority it was sent with, if any
 
     @property
     def tpot(self) -> float:
@@ -64,6 +65,8 @@ def build_payload(spec: RequestSpec, sample: SampleRequest) -> dict[str, Any]:
     }
     if spec.ignore_eos:
         payload["ignore_eos"] = True  # vLLM-style extension; fixes the output length
+    if sample.priority is not None:
+        payload["priority"] = sample.priority  # extension (kvsched: higher first; vLLM: lower first)
     if spec.endpoint == "chat":
         content = sample.prompt if isinstance(sample.prompt, str) else json.dumps(sample.prompt)
         payload["messages"] = [{"role": "user", "content": content}]
@@ -86,7 +89,7 @@ def _chunk_text(obj: dict[str, Any], endpoint: Endpoint) -> str:
 
 async def send_request(client: httpx.AsyncClient, spec: RequestSpec, sample: SampleRequest) -> RequestResult:
     """Send ``sample`` streaming and time it. Never raises for server or network errors."""
-    result = RequestResult(prompt_len=sample.prompt_len)
+    result = RequestResult(prompt_len=sample.prompt_len, priority=sample.priority)
     payload = build_payload(spec, sample)
     text_parts: list[str] = []
     chunks = 0

@@ -5,6 +5,8 @@ space) in common BPE vocabularies, so a prompt of ``n`` words is close to ``n`` 
 without needing its tokenizer. ``prompt_format="token-ids"`` sends exact token-id lists instead.
 Shared prefixes (the ``prefix`` and ``mooncake`` sets) are built block by block from a seed per block,
 so requests that share a block id share its text byte for byte.
+``priority_mix`` ("0:0.8,10:0.2") gives every request of any dataset a priority, sent as the body's
+``priority`` field (kvsched and vLLM both read it; kvsched: higher = more important, vLLM: lower).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from kvsched.core.errors import ConfigError
+from kvsched.core.priority import PriorityMix
 
 PromptFormat = Literal["text", "token-ids"]
 
@@ -43,6 +46,7 @@ class SampleRequest:
     prompt_len: int
     expected_output_len: int
     arrival_s: float | None = None  # trace arrival offset in seconds (mooncake), else None
+    priority: int | None = None  # sent as the body's "priority" when set (--priority-mix)
 
 
 @dataclass(slots=True)
@@ -68,6 +72,8 @@ class DatasetConfig:
     max_input_len: int | None = None
     max_output_len: int | None = None
     time_scale: float = 1.0
+    # any dataset: "PRIORITY:WEIGHT,..." assigns each request a priority (None: no priority field)
+    priority_mix: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -208,4 +214,9 @@ def build_dataset(cfg: DatasetConfig) -> list[SampleRequest]:
     builder = _BUILDERS.get(cfg.name)
     if builder is None:
         raise ConfigError(f"dataset={cfg.name!r} is invalid: choose one of {', '.join(DATASETS)}")
-    return builder(cfg)
+    mix = PriorityMix.parse(cfg.priority_mix) if cfg.priority_mix else None
+    samples = builder(cfg)
+    if mix is not None:
+        for sample, prio in zip(samples, mix.sample(len(samples), cfg.seed)):
+            sample.priority = prio
+    return samples

@@ -61,6 +61,16 @@ def _pkey(p: float) -> str:
 
 
 @dataclass(slots=True)
+class PriorityMetrics:
+    """The requests sent with one priority (``--priority-mix``): did the server favour them?"""
+
+    completed: int
+    failed: int
+    ttft_ms: LatencyStats
+    e2el_ms: LatencyStats
+
+
+@dataclass(slots=True)
 class BenchmarkMetrics:
     completed: int
     failed: int
@@ -76,6 +86,7 @@ class BenchmarkMetrics:
     tpot_ms: LatencyStats
     itl_ms: LatencyStats
     e2el_ms: LatencyStats
+    per_priority: dict[int, PriorityMetrics] = field(default_factory=dict)  # only requests sent with one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,4 +140,24 @@ def compute_metrics(
         tpot_ms=LatencyStats.of([r.tpot for r in ok if r.output_tokens > 1], percentiles),
         itl_ms=LatencyStats.of(itls, percentiles),
         e2el_ms=LatencyStats.of([r.latency for r in ok], percentiles),
+        per_priority=_per_priority(results, percentiles),
     )
+
+
+def _per_priority(
+    results: Sequence[RequestResult], percentiles: Sequence[float]
+) -> dict[int, PriorityMetrics]:
+    groups: dict[int, list[RequestResult]] = {}
+    for r in results:
+        if r.priority is not None:
+            groups.setdefault(r.priority, []).append(r)
+    out = {}
+    for prio in sorted(groups, reverse=True):  # most important first
+        ok = [r for r in groups[prio] if r.success]
+        out[prio] = PriorityMetrics(
+            completed=len(ok),
+            failed=len(groups[prio]) - len(ok),
+            ttft_ms=LatencyStats.of([r.ttft for r in ok], percentiles),
+            e2el_ms=LatencyStats.of([r.latency for r in ok], percentiles),
+        )
+    return out

@@ -48,6 +48,12 @@ def format_table(m: BenchmarkMetrics) -> str:
         lines.append(_row(f"Median {short} (ms):", stats.median))
         for key, value in stats.percentiles.items():
             lines.append(_row(f"{key.upper()} {short} (ms):", value))
+    if m.per_priority:
+        lines.append(" By priority (higher = more important) ".center(_WIDTH, "-"))
+        for prio, pm in m.per_priority.items():
+            lines.append(_row(f"Priority {prio} requests (ok/failed):", f"{pm.completed}/{pm.failed}"))
+            lines.append(_row(f"Priority {prio} mean TTFT (ms):", pm.ttft_ms.mean))
+            lines.append(_row(f"Priority {prio} mean E2EL (ms):", pm.e2el_ms.mean))
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
 
@@ -68,6 +74,7 @@ def result_dict(
                 "ttft_s": r.ttft,
                 "latency_s": r.latency,
                 "itl_s": r.itl,
+                "priority": r.priority,
                 "error": r.error,
             }
             for r in results

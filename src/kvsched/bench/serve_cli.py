@@ -51,6 +51,13 @@ def add_serve_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--length-scale", type=float, default=1.0, help="mooncake: scale token lengths")
     p.add_argument("--max-input-len", type=int, default=None)
     p.add_argument("--max-output-len", type=int, default=None)
+    p.add_argument(
+        "--priority-mix",
+        default=None,
+        metavar="P:W,...",
+        help="give each request a priority drawn with these weights, sent as the body's 'priority' "
+        "(e.g. 0:0.8,10:0.2; kvsched serves higher first with --priority-mode, vLLM lower first)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true", help="let EOS end outputs early")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
@@ -107,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             max_input_len=args.max_input_len,
             max_output_len=args.max_output_len,
             time_scale=args.time_scale,
+            priority_mix=args.priority_mix,
         )
         load = LoadConfig(
             request_rate=args.request_rate,
@@ -136,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
             "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
             "max_concurrency": args.max_concurrency,
             "goodput": slos,
+            "priority_mix": args.priority_mix,
         }
         write_json(args.result_json, result_dict(metrics, config, results if args.save_detailed else None))
     return 0 if metrics.completed else 1
