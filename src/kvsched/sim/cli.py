@@ -7,15 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.errors import ConfigError
+from kvsched.core.priority import PriorityMix
 from kvsched.sim.executor import ROUTERS
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS, load_model
-from kvsched.sim.report import comparison_table, ratio_lines, write_json
+from kvsched.sim.report import comparison_table, priority_lines, ratio_lines, write_json
 from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.trace import load_mooncake
-from kvsched.sim.workload import RequestSpec, time_scaled, workload_summary
+from kvsched.sim.workload import RequestSpec, time_scaled, with_priorities, workload_summary
 
 
 def add_parser(subparsers: Any) -> None:
@@ -44,6 +45,11 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--chunk-unit-size", type=int, default=256, help="0 = no chunked prefill")
     d.add_argument("--step-overhead", type=float, default=2e-3, help="seconds per step")
     d.add_argument("--serial-copies", action="store_true", help="host<->device copies do not overlap compute")
+    d.add_argument(
+        "--priority-mode",
+        action="store_true",
+        help="schedulers serve higher request priority first (see --priority-mix)",
+    )
     d.add_argument("--mfu", type=float, default=None)
     d.add_argument("--hbm-efficiency", type=float, default=None)
 
@@ -75,6 +81,13 @@ def add_parser(subparsers: Any) -> None:
     w.add_argument("--think-time", type=float, default=5.0)
     w.add_argument(
         "--time-scale", type=float, default=1.0, help="multiply arrival times (0.5 = twice as fast)"
+    )
+    w.add_argument(
+        "--priority-mix",
+        default=None,
+        metavar="P:W,...",
+        help="give each request (each conversation) a priority drawn with these weights, e.g. 0:0.8,10:0.2 "
+        "(higher = more important)",
     )
     w.add_argument("--seed", type=int, default=0)
 
@@ -113,6 +126,7 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
         router=a.router,
         lora_max_pages=a.lora_max_pages,
         lora_pages_per_adapter=a.lora_pages_per_adapter,
+        priority_mode=a.priority_mode,
     )
 
 
@@ -153,6 +167,8 @@ def build_workload(a: argparse.Namespace, rate: float | None = None) -> list[Req
             specs = time_scaled(specs, natural / rate)
     if a.time_scale != 1.0:
         specs = time_scaled(specs, a.time_scale)
+    if a.priority_mix:
+        specs = with_priorities(specs, PriorityMix.parse(a.priority_mix), a.seed)
     return specs
 
 
@@ -187,7 +203,7 @@ def run(a: argparse.Namespace) -> int:
         sim = scenario.simulator(specs, pol, progress=not a.no_progress)
         results.append(sim.run())
     print(comparison_table(results))
-    for line in ratio_lines(results):
+    for line in ratio_lines(results) + priority_lines(results):
         print(line)
     sweep: dict[str, list] = {}
     for rate in rates:

@@ -46,6 +46,7 @@ class MetricsRecorder:
     finish: array = field(default_factory=lambda: array("d"))
     prompt_len: array = field(default_factory=lambda: array("q"))
     output_len: array = field(default_factory=lambda: array("q"))
+    priority: array = field(default_factory=lambda: array("q"))
     itl: array = field(default_factory=lambda: array("d"))
     # timeline, one sample per step: time, device blocks used, host blocks used, batch size, tokens
     t_time: array = field(default_factory=lambda: array("d"))
@@ -57,12 +58,15 @@ class MetricsRecorder:
     busy_time: float = 0.0
     num_steps: int = 0
 
-    def request_done(self, arrival: float, first: float, finish: float, prompt: int, output: int) -> None:
+    def request_done(
+        self, arrival: float, first: float, finish: float, prompt: int, output: int, priority: int = 0
+    ) -> None:
         self.arrival.append(arrival)
         self.first_token.append(first)
         self.finish.append(finish)
         self.prompt_len.append(prompt)
         self.output_len.append(output)
+        self.priority.append(priority)
 
     def step(
         self,
@@ -123,6 +127,24 @@ class MetricsRecorder:
             "device_usage_mean": float(dev.mean()) / num_device_blocks,
             "device_usage_max": float(dev.max()) / num_device_blocks,
             "host_usage_max": float(host.max()) / num_host_blocks if num_host_blocks else 0.0,
+            **self._by_priority(r),
+        }
+
+    def _by_priority(self, r: dict[str, np.ndarray]) -> dict[str, Any]:
+        """``{"by_priority": {p: {requests, ttft, e2e}}}``, most important first, when priorities differ."""
+        prio = np.frombuffer(self.priority, dtype=np.int64) if len(self.priority) else np.zeros(0, np.int64)
+        levels = np.unique(prio)
+        if levels.size < 2:
+            return {}
+        return {
+            "by_priority": {
+                int(p): {
+                    "requests": int((prio == p).sum()),
+                    "ttft": dist(r["ttft"][prio == p]),
+                    "e2e": dist(r["e2e"][prio == p]),
+                }
+                for p in levels[::-1]
+            }
         }
 
     def timeline(self) -> dict[str, np.ndarray]:

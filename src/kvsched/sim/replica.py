@@ -47,7 +47,12 @@ def decision_of(step: int, out: Any, replica: int = 0) -> StepDecision:
 
 def make_request(spec: RequestSpec, now: float) -> Request:
     return Request(
-        spec.request_id, spec.prompt_tokens(), spec.output_len, lora_id=spec.lora_id, arrival_time=now
+        spec.request_id,
+        spec.prompt_tokens(),
+        spec.output_len,
+        lora_id=spec.lora_id,
+        priority=spec.priority,
+        arrival_time=now,
     )
 
 
@@ -185,7 +190,8 @@ class Replica:
                 self.preemptions += r.num_preemptions
                 self.recomputed += r.num_recomputed_tokens
                 self.rec.request_done(
-                    r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids)
-                )
+                    r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids),
+                    r.priority,
+                )  # fmt: skip
             self.active = [r for r in self.active if not r.is_finished]
         return finished

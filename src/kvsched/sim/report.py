@@ -67,6 +67,18 @@ def ratio_lines(results: Sequence[SimResult], baseline: str = "oracle") -> list[
     return lines
 
 
+def priority_lines(results: Sequence[SimResult]) -> list[str]:
+    """TTFT and E2E per priority class (higher = more important) of each run with several classes."""
+    lines = []
+    for r in results:
+        for prio, s in r.summary.get("by_priority", {}).items():
+            lines.append(
+                f"{r.name:32s} priority {prio:>4}: {s['requests']:6d} req  TTFT p50 {s['ttft']['p50']:.3f} "
+                f"p99 {s['ttft']['p99']:.3f}  E2E p99 {s['e2e']['p99']:.2f}"
+            )
+    return lines
+
+
 def write_json(path: str | Path, results: Sequence[SimResult], meta: dict[str, Any]) -> None:
     data = {"meta": meta, "runs": [{"policy": r.name, **r.summary, "kv_stats": r.kv_stats} for r in results]}
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ class Scenario:
     router: str = "least_loaded"
     lora_max_pages: int = 0  # > 0: device pages for LoRA adapters (PEFT budget per replica)
     lora_pages_per_adapter: int = 1
+    priority_mode: bool = False  # schedulers serve higher RequestSpec.priority first
 
     def cost_model(self) -> RooflineCostModel:
         return RooflineCostModel(
@@ -140,6 +141,7 @@ class Scenario:
             max_batch_size=self.max_batch_size,
             max_num_tokens=self.max_num_tokens,
             chunk_unit_size=self.chunk_unit_size,
+            priority_mode=self.priority_mode,
             **extra,
             **kwargs,
         )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from itertools import chain
 
 from kvsched.core.errors import ConfigError
+from kvsched.core.priority import PriorityMix
 
 # Token ids must fit the KV manager's int32 block keys, so the sources get disjoint ranges below 2**31:
 # trace blocks h * 512 (h < 2**20), shared prefixes, unique prompt text, outputs. Keys are chained, so two
@@ -50,7 +51,8 @@ class RequestSpec:
     """One request of a workload.
 
     `arrival_time` is absolute (seconds) unless `parent` is set: then it is the think time after the
-    parent request finishes (a closed-loop conversation turn).
+    parent request finishes (a closed-loop conversation turn). `priority`: higher = more important
+    (see kvsched.core.priority); it orders scheduling when the simulator runs in priority mode.
     """
 
     request_id: int
@@ -60,6 +62,7 @@ class RequestSpec:
     lora_id: int | None = None
     parent: int | None = None
     vocab_size: int | None = None
+    priority: int = 0
     prompt_len: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,6 +77,8 @@ class RequestSpec:
             )
         if self.arrival_time < 0 or not math.isfinite(self.arrival_time):
             raise ConfigError(f"request {self.request_id}: arrival_time={self.arrival_time} is invalid")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise ConfigError(f"request {self.request_id}: priority={self.priority!r} must be an integer")
 
     def prompt_tokens(self) -> list[int]:
         toks = list(chain.from_iterable(range(b, b + n) for b, n in self.segments))
@@ -101,6 +106,19 @@ def time_scaled(specs: Iterable[RequestSpec], time_scale: float) -> list[Request
     if not time_scale > 0 or not math.isfinite(time_scale):
         raise ConfigError(f"time_scale={time_scale!r} is invalid: must be > 0")
     return [replace(s, arrival_time=s.arrival_time * time_scale) for s in specs]
+
+
+def with_priorities(specs: Sequence[RequestSpec], mix: PriorityMix, seed: int = 0) -> list[RequestSpec]:
+    """Give each request a priority drawn from ``mix``; a conversation turn keeps its first turn's."""
+    drawn = mix.sample(len(specs), seed)
+    given: dict[int, int] = {}
+    out = []
+    for spec, prio in zip(specs, drawn):
+        if spec.parent is not None:
+            prio = given.get(spec.parent, prio)
+        given[spec.request_id] = prio
+        out.append(replace(spec, priority=prio))
+    return out
 
 
 def workload_summary(specs: Sequence[RequestSpec]) -> dict[str, float]:
