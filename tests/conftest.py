@@ -1,4 +1,5 @@
-"""Suite-wide settings: a Hypothesis profile for mutation runs (``--hypothesis-profile=mutation``).
+"""Suite-wide test setup: a Hypothesis profile for mutation runs (``--hypothesis-profile=mutation``) and
+the tiny random-weight Llama checkpoint the engine and bench tests share.
 
 Mutation testing (``benchmarks/mutation.py``) runs the core tests once per mutant: there, examples are
 derandomized (the same mutant gets the same verdict every run) and failures are not shrunk (shrinking a

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from hypothesis_budget import mutation_budget
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import RequestTooLargeError
 from kvsched.core.kvcache import KVCacheManager
@@ -236,6 +237,9 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 
 KVCacheMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=40, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=mutation_budget(150),
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 test_kvcache_state_machine = KVCacheMachine.TestCase

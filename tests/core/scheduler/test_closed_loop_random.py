@@ -8,6 +8,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hypothesis_budget import mutation_budget
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.kvcache.invariants import check_invariants
@@ -20,7 +21,7 @@ def tok(req: Request, k: int) -> int:
     return 1000 + (req.request_id * 13 + len(req.output_token_ids) + k) % 300
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=mutation_budget(40), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from(["unified", "unified", "two-stage", "recompute"]),
     policy=st.sampled_from(["max_utilization", "guaranteed_no_evict"]),

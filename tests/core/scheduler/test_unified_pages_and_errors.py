@@ -118,3 +118,37 @@ def test_a_single_remaining_context_token_is_scheduled_when_chunking():
     out = make(kv, max_num_tokens=16, chunk_unit_size=4).schedule([c])
     assert ids(out.context_requests) == [0]
     assert c.context_chunk_size == 1 and out.num_scheduled_tokens == 1
+
+
+def test_the_deadlock_message_is_one_sentence_that_ends_with_the_fix():
+    kv = FakeKV(num_device_blocks=3)
+    g = running(kv, 0, prompt=8)
+    kv.caches[0].active = False
+    holder = running(kv, 1, prompt=8)
+    holder.state = RequestState.GENERATION_TO_COMPLETE
+    with pytest.raises(SchedulerDeadlockError) as err:
+        make(kv).schedule([holder, g])
+    assert str(err.value) == (
+        "unified scheduler deadlock: generation requests are active but none could be scheduled or "
+        "evicted: the device KV pool is exhausted. Configure a host tier (CacheConfig.num_host_blocks "
+        "> 0) so requests can be suspended, or give the device more blocks (CacheConfig.num_device_blocks)."
+    )
+
+
+def test_in_flight_lora_requests_are_never_victims():
+    kv = FakeKV(num_device_blocks=4)
+    peft = FakePeft(max_device_pages=10)
+    g0, v1 = running(kv, 0, prompt=8, lora_id=1), running(kv, 1, prompt=8, lora_id=2)
+    out = make(kv, peft_cache=peft).schedule([g0, v1], inflight_request_ids={1})
+    assert ids(out.paused_requests) == [0]  # self-evicts rather than suspending a running batch
+    assert kv.is_request_active(1) and peft.released == [0]
+
+
+def test_a_lora_generation_that_cannot_grow_suspends_itself():
+    kv = FakeKV(num_device_blocks=4)
+    peft = FakePeft(max_device_pages=10)
+    v0 = running(kv, 0, prompt=7, lora_id=1)  # grows in place
+    g1 = running(kv, 1, prompt=8, lora_id=2)  # 2 full blocks, nothing after it to evict
+    out = make(kv, peft_cache=peft).schedule([v0, g1])
+    assert ids(out.generation_requests) == [0] and ids(out.paused_requests) == [1]
+    assert not kv.is_request_active(1) and peft.released == [1]

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sched_fakes import FakeKV, FakePeft, _Cache, ctx
 
+from hypothesis_budget import mutation_budget
 from kvsched.core.errors import InvalidRequestError, SchedulerDeadlockError
 from kvsched.core.request import RequestState
 from kvsched.core.scheduler import UnifiedScheduler
@@ -36,7 +37,7 @@ def build(kv: FakeKV, k: int, spec):
     return r
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=mutation_budget(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     specs=st.lists(req_spec, max_size=14),
     device=st.integers(4, 60),

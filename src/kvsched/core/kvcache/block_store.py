@@ -35,7 +35,7 @@ class BlockStore:
     )
 
     def __init__(
-        self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage, events: bool = True
+        self, num_device_blocks: int, num_host_blocks: int, storage: KVStorage, events: bool
     ) -> None:
         self.device = TierPool(DEVICE, num_device_blocks)
         self.host = TierPool(HOST, num_host_blocks)
@@ -131,23 +131,19 @@ class BlockStore:
         for p, slot in zip(pages, slots):
             p.tier = DEVICE
             p.slot = slot
-            p.locks = 1
-            p.priority = 0
+            p.locks = 1  # priority is set when the page is released into the LRU
         return pages
 
     # -- publishing ----------------------------------------------------------------------------
-    def publish(self, page: Page, key: bytes, parent: bytes | None) -> bool:
-        """Make ``page`` reusable under ``key``; False if another page already holds that key."""
+    def publish(self, page: Page, key: bytes, parent: bytes | None) -> None:
+        """Make ``page`` reusable under ``key``, unless another page already holds that key (then
+        ``page`` stays private: two requests computed the same block at the same time)."""
         if key in self.index:
-            return False
+            return
         page.key = key
         self.index[key] = page
         if self.events_on:
             self._event("stored", key, page.tier, parent)
-        return True
-
-    def lookup(self, key: bytes) -> Page | None:
-        return self.index.get(key)
 
     def _event(self, kind: str, key: bytes, tier: int, parent: bytes | None = None) -> None:
         self.events.append(KVEvent(kind, key, _TIERS[tier], parent))

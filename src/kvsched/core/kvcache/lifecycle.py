@@ -124,7 +124,7 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     store.counters.num_suspends += 1
 
 
-def discard_cache(store: BlockStore, c: RequestCache, req: Any, tpb: int = 0) -> None:
+def discard_cache(store: BlockStore, c: RequestCache, req: Any, tpb: int) -> None:
     """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later.
 
     Its reuse counts are taken back: the context counts again (once) when it is admitted for real.

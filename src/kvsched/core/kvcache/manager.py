@@ -244,7 +244,7 @@ class KVCacheManager:
         """Tokens of ``req``'s context (minus its last token) that are cached now; holds nothing."""
         if not self._reuse:
             return 0
-        scope = (getattr(req, "lora_id", None), getattr(req, "cache_salt", None))
+        scope = (req.lora_id, req.cache_salt)
         root = self._roots.get(scope) or root_key(*scope)
         nfull = (req.num_context_tokens - 1) // self._tpb
         pages, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
@@ -269,12 +269,12 @@ class KVCacheManager:
     def _new_cache(self, req: Any) -> RequestCache:
         """Validate a new request (no state changes on error) and register an empty, pending cache."""
         rid = req.request_id
-        if getattr(req, "beam_width", 1) != 1:
+        if req.beam_width != 1:
             raise UnsupportedFeatureError(f"request {rid}: beam width {req.beam_width} > 1 is not supported")
         n_ctx = req.num_context_tokens
         if n_ctx < 1:
             raise InvalidRequestError(f"request {rid}: empty context")
-        remaining = getattr(req, "max_new_tokens", 1) - len(getattr(req, "output_token_ids", ()))
+        remaining = req.max_new_tokens - len(req.output_token_ids)
         worst = n_ctx + max(0, remaining - 1)
         blocks = -(-worst // self._tpb)
         if blocks > self._store.device.size:
@@ -284,9 +284,9 @@ class KVCacheManager:
             )
         root = b""
         if self._reuse:
-            scope = (getattr(req, "lora_id", None), getattr(req, "cache_salt", None))
+            scope = (req.lora_id, req.cache_salt)
             root = self._roots.get(scope) or self._roots.setdefault(scope, root_key(*scope))
-        c = RequestCache(rid, req, root, getattr(req, "priority", 0), last_key=root)
+        c = RequestCache(rid, req, root, req.priority, last_key=root)
         self._caches[rid] = c
         return c
 
