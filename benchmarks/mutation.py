@@ -45,7 +45,9 @@ DECISION_FILES = (
 )
 ALL_FILES = ("src/kvsched/core/*", "src/kvsched/engine/sampler.py")
 TESTS = ("tests/core", "tests/engine/test_sampler.py")
-_LINE = re.compile(r"^- `(?P<func>[^`]+)`: `(?P<old>.+?)` → `(?P<new>.*?)` — (?P<why>.+)$")
+_LINE = re.compile(
+    r"^- `(?P<func>[^`]+)`: `(?P<old>.+?)` → `(?P<new>.*?)`(?: \(after `(?P<ctx>.+?)`\))? — (?P<why>.+)$"
+)
 _KILLED = {"killed", "timeout", "caught by type check"}
 
 
@@ -54,7 +56,7 @@ class FileScore:
     mutants: int = 0
     killed: int = 0
     equivalent: int = 0
-    survivors: list[tuple[str, str, str]] = field(default_factory=list)
+    survivors: list[tuple[str, str, str, str]] = field(default_factory=list)
 
     @property
     def score(self) -> float:
@@ -118,22 +120,26 @@ def _squash(lines: list[str]) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def mutant_diff(workdir: Path, mutant: str) -> tuple[str, str]:
-    """The mutated line(s) before and after, squashed to one line each."""
+def mutant_diff(workdir: Path, mutant: str) -> tuple[str, str, str]:
+    """The mutated line(s) before and after, squashed to one line each, and the line above them."""
     shown = subprocess.run(
         [sys.executable, "-m", "mutmut", "show", mutant], cwd=workdir, capture_output=True, text=True
     ).stdout
-    old = [ln[1:] for ln in shown.splitlines() if ln.startswith("-") and not ln.startswith("---")]
-    new = [ln[1:] for ln in shown.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
-    return _squash(old), _squash(new)
+    lines = shown.splitlines()
+    old = [ln[1:] for ln in lines if ln.startswith("-") and not ln.startswith("---")]
+    new = [ln[1:] for ln in lines if ln.startswith("+") and not ln.startswith("+++")]
+    first = next((k for k, ln in enumerate(lines) if ln.startswith("-") and not ln.startswith("---")), 0)
+    above = next((ln[1:] for ln in reversed(lines[:first]) if ln.startswith(" ") and ln.strip()), "")
+    return _squash([above]), _squash(old), _squash(new)
 
 
-def load_equivalents() -> dict[tuple[str, str, str], str]:
+def load_equivalents() -> dict[tuple[str, str, str, str], str]:
+    """(function, line above or "" for any, old, new) -> why."""
     out = {}
     for line in EQUIVALENTS.read_text().splitlines():
         m = _LINE.match(line.strip())
         if m:
-            key = (m["func"], _squash([m["old"]]), _squash([m["new"]]))
+            key = (m["func"], _squash([m["ctx"] or ""]), _squash([m["old"]]), _squash([m["new"]]))
             out[key] = m["why"]
     return out
 
@@ -167,7 +173,7 @@ def results(workdir: Path) -> list[tuple[str, str]]:
 
 def report(workdir: Path, pairs: list[tuple[str, str]]) -> dict[str, FileScore]:
     equivalents = load_equivalents()
-    used: set[tuple[str, str, str]] = set()
+    used: set[tuple[str, str, str, str]] = set()
     scores: dict[str, FileScore] = defaultdict(FileScore)
     statuses = Counter(status for _, status in pairs)
     for name, status in pairs:
@@ -178,13 +184,14 @@ def report(workdir: Path, pairs: list[tuple[str, str]]) -> dict[str, FileScore]:
         if status in _KILLED:
             score.killed += 1
             continue
-        old, new = mutant_diff(workdir, name)
-        key = (function_name(name), old, new)
-        if key in equivalents:
+        above, old, new = mutant_diff(workdir, name)
+        func = function_name(name)
+        key = next((k for k in ((func, above, old, new), (func, "", old, new)) if k in equivalents), None)
+        if key is not None:
             score.equivalent += 1
             used.add(key)
         else:
-            score.survivors.append((name, old, new))
+            score.survivors.append((name, f"{func} (after `{above}`)", old, new))
     print(f"\nmutmut statuses: {dict(statuses)}\n")
     header = f"{'file':52} {'mutants':>8} {'killed':>7} {'equiv':>6} {'surv':>5} {'score':>7}"
     print(header)
@@ -207,8 +214,8 @@ def report(workdir: Path, pairs: list[tuple[str, str]]) -> dict[str, FileScore]:
         print(f" {total.mutants - total.killed - total.equivalent:5d} {total.score:6.1f}%")
     print("\nsurviving mutants (not listed as equivalent):")
     for path in sorted(scores):
-        for name, old, new in scores[path].survivors:
-            print(f"  {name}\n      - {old}\n      + {new}")
+        for name, where, old, new in scores[path].survivors:
+            print(f"  {name}  {where}\n      - {old}\n      + {new}")
     stale = set(equivalents) - used
     if stale:
         print(f"\n{len(stale)} entries of {EQUIVALENTS.name} matched no surviving mutant this run")
@@ -221,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", help="mutate just these files (globs as mutmut's only_mutate)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (mutmut browse there)")
+    ap.add_argument("--report-only", action="store_true", help="report on the --keep folder's last run")
     a = ap.parse_args(argv)
+    if a.report_only:
+        if a.keep is None:
+            raise SystemExit("--report-only needs --keep DIR (the folder of an earlier run)")
+        report(a.keep, results(a.keep))
+        return 0
     if (
         shutil.which("mutmut") is None
         and subprocess.run([sys.executable, "-c", "import mutmut"], capture_output=True).returncode

@@ -94,6 +94,9 @@ def test_dropped_blocks_are_counted_across_evictions():
         m2.free_request(r)  # 4 cached; the next request evicts 4: 2 to the host (evicting its 2), 2 dropped
     s = m2.stats()
     assert s.dropped_device_blocks == 4 and s.dropped_host_blocks == 2
+    r = req(4, 16, max_new=1)
+    run_context(m2, r)  # the host drops again
+    assert m2.stats().dropped_host_blocks == 4
     check_invariants(m2)
 
 
@@ -310,7 +313,9 @@ def test_construction_errors_name_the_problem():
         def copy_blocks(self, *a):
             pass
 
-    with pytest.raises(ConfigError, match=r"storage must provide copy_blocks\(\.\.\.\) and bytes_per_block"):
+    with pytest.raises(
+        ConfigError, match=r"^storage must provide copy_blocks\(\.\.\.\) and bytes_per_block$"
+    ):
         KVCacheManager(cfg, CopyOnly())  # type: ignore[arg-type]
 
     class Small(RecordingStorage):
@@ -340,7 +345,9 @@ def test_request_errors_name_the_request_and_the_numbers():
     assert m.resize_context(r, 4)
     with pytest.raises(InvalidRequestError, match=r"request 1: cannot advance by 5 \(history 0, capacity 4"):
         m.advance(r, 5)
-    with pytest.raises(RequestTooLargeError, match="request 2: up to 9 tokens of KV need 3 blocks, more than the 2"):
+    with pytest.raises(
+        RequestTooLargeError, match="request 2: up to 9 tokens of KV need 3 blocks, more than the 2"
+    ):
         m.prepare_context(req(2, 6, max_new=4))
     m.advance(r, 4)
     r.draft_tokens = [1] * 8
@@ -357,3 +364,46 @@ def test_a_suspended_request_has_no_block_table():
     m.suspend_request(r)
     with pytest.raises(InvalidRequestError, match="request 1 is suspended: it has no device blocks"):
         m.block_table(r)
+
+
+def test_blocks_of_generated_tokens_chain_from_the_reused_prefix_and_are_announced():
+    m = manager(device=16, host=0, reuse=True)
+    prompt = list(range(8)) + [99]
+    k1, k2 = keys_of(prompt, 2)
+    a = req(1, prompt, max_new=1)
+    run_context(m, a)
+    m.free_request(a)
+    m.drain_events()
+    b = req(2, prompt, max_new=8)
+    run_context(m, b)  # reuses both blocks; the lookup covered everything it had
+    assert b.num_reused_tokens == 8
+    for t in (40, 41, 42):
+        assert decode(m, b, token=t)  # tokens 9..11 written: block 3 is full
+    tokens = b.prompt_token_ids + b.output_token_ids
+    k3 = keys_of(tokens, 3)[2]
+    assert m.drain_events() == [KVEvent("stored", k3, Tier.DEVICE, k2)]
+    m.free_request(b)
+    c = req(3, tokens[:12] + [1], max_new=1)
+    assert m.prepare_context(c) and c.num_reused_tokens == 12
+
+
+def test_requests_the_manager_cannot_serve_are_refused_by_name():
+    m = manager()
+
+    class Beam:
+        request_id = 9
+        beam_width = 2
+        num_context_tokens = 4
+
+    class Empty:
+        request_id = 8
+        beam_width = 1
+        num_context_tokens = 0
+
+    from kvsched.core.errors import UnsupportedFeatureError
+
+    with pytest.raises(UnsupportedFeatureError, match=r"^request 9: beam width 2 > 1 is not supported$"):
+        m.prepare_context(Beam())
+    with pytest.raises(InvalidRequestError, match=r"^request 8: empty context$"):
+        m.prepare_context(Empty())
+    assert not m.has_request(9) and not m.has_request(8)

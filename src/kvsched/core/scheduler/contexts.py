@@ -10,21 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from kvsched.core.request import Request
+from kvsched.core.scheduler.budget import StepBudget
 from kvsched.core.scheduler.common import check_fits_budget
+
+_SKIP, _STOP = -1, -2  # not admitted: try the next context / end the phase
 
 
 class ContextPhase:
-    """Admits deferred contexts with the budget the generation phase left."""
+    """Admits the contexts the generation phase deferred, with the budget it left."""
 
-    __slots__ = ("_prepare", "_resize", "_capacity", "_max_tokens", "_max_reqs", "_unit", "old_capacity")
+    __slots__ = ("_prepare", "_resize", "_capacity", "_unit", "_peft", "_acquire", "old_capacity")
 
-    def __init__(self, kv: Any, max_tokens: int, max_reqs: int, unit: int | None) -> None:
+    def __init__(self, kv: Any, unit: int | None, peft: Any = None) -> None:
         self._prepare = kv.prepare_context
         self._resize = kv.resize_context
         self._capacity = kv.capacity
-        self._max_tokens = max_tokens
-        self._max_reqs = max_reqs
         self._unit = unit
+        self._peft = peft
+        self._acquire = None if peft is None else peft.acquire
         #: request id -> KV capacity before this step's resize (for ``drop_scheduled``).
         self.old_capacity: dict[int, int] = {}
 
@@ -34,70 +37,63 @@ class ContextPhase:
         drafts = len(req.draft_tokens) if req.is_last_context_chunk else 0
         return req.context_chunk_size + drafts
 
-    def run(
-        self,
-        pending: list[Request],
-        ctx: list[Request],
-        num_tokens: int,
-        num_reqs: int,
-        claimed: int,
-        max_pages: int,
-        lora_ids: set[int],
-        peft: Any,
-        peft_acquire: Any = None,
-    ) -> tuple[int, int, int, bool, bool]:
-        """Schedule ``pending`` into ``ctx``; return the updated counters, has_lora and chunked."""
-        prepare, resize, capacity = self._prepare, self._resize, self._capacity
-        max_tokens, max_reqs, unit = self._max_tokens, self._max_reqs, self._unit
+    def run(self, pending: list[Request], ctx: list[Request], budget: StepBudget) -> bool:
+        """Schedule ``pending`` into ``ctx`` and spend ``budget``; True if a context was cut short."""
         old_capacity = self.old_capacity
         old_capacity.clear()
-        has_lora = chunked = False
+        chunked = False
         for req in pending:
-            if num_reqs >= max_reqs:
+            if budget.num_reqs >= budget.max_reqs:
                 break
             lora = req.lora_id
             pages = 0
             if lora is not None:
-                has_lora = True
-                if peft is not None and lora not in lora_ids:
-                    pages = peft.num_pages(req)
-                    if claimed + pages > max_pages:
-                        continue  # a context short of LoRA pages skips; later ones may share adapters
-            if unit is None:
-                if not prepare(req):
+                pages = budget.lora_pages(req, self._peft)
+                if pages < 0:
+                    continue  # short of LoRA pages: later contexts may share resident adapters
+            cost = self._admit_whole(req, budget) if self._unit is None else self._admit_chunk(req, budget)
+            if cost < 0:
+                if cost == _STOP:
                     break
-                remaining = req.context_remaining_length
-                cost = remaining + len(req.draft_tokens)
-                if num_tokens + cost > max_tokens:
-                    check_fits_budget(req, max_tokens, None)
-                    break
-                old_capacity[req.request_id] = capacity(req)
-                if not resize(req, cost):
-                    continue
-                req.context_chunk_size = remaining
-            else:
-                left = max_tokens - num_tokens
-                if left < unit:
-                    continue
-                if not prepare(req):
-                    continue
-                remaining = req.context_remaining_length
-                # left >= unit, so a cut chunk is at least one unit; remaining >= 1 for a context.
-                chunk = remaining if remaining <= left else left - left % unit
-                cost = chunk + len(req.draft_tokens) if chunk == remaining else chunk
-                old_capacity[req.request_id] = capacity(req)
-                if not resize(req, cost):
-                    continue
-                req.context_chunk_size = chunk
-                if chunk < remaining:
-                    chunked = True
+                continue
+            if req.context_chunk_size < req.context_remaining_length:
+                chunked = True
             ctx.append(req)
-            num_tokens += cost
-            num_reqs += 1
+            budget.num_tokens += cost
+            budget.num_reqs += 1
             if lora is not None:
-                if pages:
-                    claimed += pages
-                    lora_ids.add(lora)
-                if peft_acquire is not None:
-                    peft_acquire(req)
-        return num_tokens, num_reqs, claimed, has_lora, chunked
+                budget.commit_pages(lora, pages)
+                if self._acquire is not None:
+                    self._acquire(req)
+        return chunked
+
+    def _admit_whole(self, req: Request, budget: StepBudget) -> int:
+        """The whole remainder in one step: its cost, ``_SKIP`` or ``_STOP``."""
+        if not self._prepare(req):
+            return _STOP
+        remaining = req.context_remaining_length
+        cost = remaining + len(req.draft_tokens)
+        if budget.num_tokens + cost > budget.max_tokens:
+            check_fits_budget(req, budget.max_tokens, None)
+            return _STOP
+        self.old_capacity[req.request_id] = self._capacity(req)
+        if not self._resize(req, cost):
+            return _SKIP
+        req.context_chunk_size = remaining
+        return cost
+
+    def _admit_chunk(self, req: Request, budget: StepBudget) -> int:
+        """A chunk of what the budget has left, rounded down to the unit: its cost, or ``_SKIP``."""
+        unit: int = self._unit  # type: ignore[assignment]
+        left = budget.max_tokens - budget.num_tokens
+        if left < unit or not self._prepare(req):
+            return _SKIP
+        remaining = req.context_remaining_length
+        # left >= unit, so a cut chunk is at least one unit; remaining >= 1 for a context.
+        chunk = remaining if remaining <= left else left - left % unit
+        cost = chunk + len(req.draft_tokens) if chunk == remaining else chunk
+        self.old_capacity[req.request_id] = self._capacity(req)
+        if not self._resize(req, cost):
+            return _SKIP
+        req.context_chunk_size = chunk
+        return cost

@@ -16,10 +16,12 @@ can undo a step. PEFT cache: ``max_device_pages``,
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from kvsched.core.errors import SchedulerDeadlockError
 from kvsched.core.request import Request
+from kvsched.core.scheduler.budget import StepBudget
 from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
     GENERATION_IN_PROGRESS,
@@ -34,7 +36,6 @@ from kvsched.core.scheduler.contexts import ContextPhase
 from kvsched.core.scheduler.output import SchedulerOutput
 
 _RUN, _BUDGET, _KV = 0, 1, 2  # why the generation phase ended
-_NO_IDS: Any = frozenset()
 
 
 class UnifiedScheduler(SchedulerBase):
@@ -65,119 +66,108 @@ class UnifiedScheduler(SchedulerBase):
         self._suspend_kv = kv_cache_manager.suspend_request
         draft = self.draft_kv_cache_manager
         self._draft_suspend = None if draft is None else draft.suspend_request
-        self._peft_release = getattr(peft_cache, "release", None)
-        self._peft_acquire = getattr(peft_cache, "acquire", None)
-        self._contexts = ContextPhase(kv_cache_manager, self._max_tokens, max_batch_size, chunk_unit_size)
+        self._peft_release = None if peft_cache is None else peft_cache.release
+        self._peft_acquire = None if peft_cache is None else peft_cache.acquire
+        self._contexts = ContextPhase(kv_cache_manager, chunk_unit_size, peft_cache)
+        self._budget = StepBudget(self._max_tokens, max_batch_size)
         self._stalled_steps = 0
 
     # -- the pass --------------------------------------------------------------------------------
     def schedule(
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
+        """Generations in order (allocated on the spot, evicting from the tail), then the contexts
+        seen before the pass stopped, then the output order; a pass without progress counts a stall."""
         reqs = order_requests(active_requests, True) if self.priority_mode else active_requests
         inflight = as_id_set(inflight_request_ids) if inflight_request_ids else None
-        max_tokens = self._max_tokens
-        max_reqs = self.max_batch_size
-        peft = self.peft_cache
-        try_alloc = self._try_alloc
-        peft_acquire = self._peft_acquire
-        gen_state = GENERATION_IN_PROGRESS
-        ctx_state = CONTEXT_INIT
-
-        gen: list[Request] = []
+        budget = self._start_step(reqs)
+        out = SchedulerOutput()
         pending: list[Request] = []
-        paused: list[Request] = []
-        gen_append = gen.append
-        pending_append = pending.append
-        num_tokens = num_reqs = claimed = max_pages = 0
-        lora_ids: set[int] = _NO_IDS  # only grows when a PEFT cache counts pages
-        has_lora = False
-        if peft is not None:
-            lora_ids = set()
-            max_pages = peft.max_device_pages
-            claimed = self._pre_claim(reqs, lora_ids)
+        stop = self._schedule_generations(reqs, inflight, budget, out, pending)
+        chunked = self._contexts.run(pending, out.context_requests, budget) if pending else False
+        self._track_progress(out, stop)
+        if budget.has_lora or chunked:
+            out.context_requests = sort_output(
+                out.context_requests, out.generation_requests, budget.has_lora, chunked
+            )
+        out.num_scheduled_tokens = budget.num_tokens
+        return out
 
+    # -- pieces ----------------------------------------------------------------------------------
+    def _start_step(self, reqs: Sequence[Request]) -> StepBudget:
+        """A fresh budget; adapters of requests finishing this step stay resident: their pages count."""
+        budget = self._budget
+        peft = self.peft_cache
+        if peft is None:
+            budget.reset(0)
+            return budget
+        budget.reset(peft.max_device_pages)
+        for r in reqs:
+            if r.lora_id is not None and r.state == GENERATION_TO_COMPLETE:
+                budget.claim_resident(r, peft.num_pages(r))
+        return budget
+
+    def _schedule_generations(
+        self,
+        reqs: Sequence[Request],
+        inflight: AbstractSet[int] | None,
+        budget: StepBudget,
+        out: SchedulerOutput,
+        pending: list[Request],
+    ) -> int:
+        """Allocate each generation in list order; defer contexts to ``pending``; stop at the first
+        request that does not fit a budget or the KV cache. Returns why it stopped."""
+        gen_append = out.generation_requests.append
+        pending_append = pending.append
+        paused = out.paused_requests
+        try_alloc = self._try_alloc
+        peft = self.peft_cache
+        acquire = self._peft_acquire
+        gen_state, ctx_state = GENERATION_IN_PROGRESS, CONTEXT_INIT
+        max_tokens, max_reqs = budget.max_tokens, budget.max_reqs
+        num_tokens = num_reqs = 0
         stop = _RUN
-        end = len(reqs)
+        end = len(reqs)  # shrinks to the first tail victim: nothing from there on runs this step
         for i, req in enumerate(reqs):
             if i >= end:
                 break
             if inflight is not None and req.request_id in inflight:
                 continue
             state = req.state
-            if state == gen_state:
-                if num_reqs >= max_reqs:
+            if state != gen_state:
+                if state == ctx_state:
+                    pending_append(req)
+                continue
+            if num_reqs >= max_reqs:
+                stop = _BUDGET
+                break
+            drafts = req.draft_tokens
+            cost = 1 + len(drafts) if drafts else 1
+            if num_tokens + cost > max_tokens:
+                stop = _BUDGET
+                break
+            lora = req.lora_id
+            if lora is not None:
+                pages = budget.lora_pages(req, peft)  # checked before, claimed after the allocation
+                if pages < 0:
                     stop = _BUDGET
                     break
-                drafts = req.draft_tokens
-                cost = 1 + len(drafts) if drafts else 1
-                if num_tokens + cost > max_tokens:
-                    stop = _BUDGET
+            if not try_alloc(req):
+                ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
+                if not ok:
+                    self._self_evict(req, paused)
+                    stop = _KV
                     break
-                lora = req.lora_id
-                if lora is None:
-                    if not try_alloc(req):
-                        ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
-                        if not ok:
-                            self._self_evict(req, paused)
-                            stop = _KV
-                            break
-                    gen_append(req)
-                    num_tokens += cost
-                    num_reqs += 1
-                    continue
-                # With a LoRA adapter: pages are checked before and committed after the allocation.
-                has_lora = True
-                pages = 0
-                if peft is not None and lora not in lora_ids:
-                    pages = peft.num_pages(req)
-                    if claimed + pages > max_pages:
-                        stop = _BUDGET
-                        break
-                if not try_alloc(req):
-                    ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
-                    if not ok:
-                        self._self_evict(req, paused)
-                        stop = _KV
-                        break
-                gen_append(req)
-                num_tokens += cost
-                num_reqs += 1
-                if pages:
-                    claimed += pages
-                    lora_ids.add(lora)
-                if peft_acquire is not None:
-                    peft_acquire(req)
-            elif state == ctx_state:
-                pending_append(req)
-
-        ctx: list[Request] = []
-        chunked = False
-        if pending:
-            num_tokens, num_reqs, claimed, ctx_lora, chunked = self._contexts.run(
-                pending, ctx, num_tokens, num_reqs, claimed, max_pages, lora_ids, peft, peft_acquire
-            )
-            has_lora = has_lora or ctx_lora
-
-        if not gen and not ctx:
-            self._check_deadlock(stop, paused)
-        else:
-            self._stalled_steps = 0
-        if has_lora or chunked:
-            ctx = sort_output(ctx, gen, has_lora, chunked)
-        return SchedulerOutput(ctx, gen, paused, [], num_tokens)
-
-    # -- pieces ----------------------------------------------------------------------------------
-    def _pre_claim(self, reqs: Sequence[Request], lora_ids: set[int]) -> int:
-        """Adapters of requests finishing this step stay resident: count their pages first."""
-        peft = self.peft_cache
-        claimed = 0
-        for r in reqs:
-            lora = r.lora_id
-            if lora is not None and r.state == GENERATION_TO_COMPLETE and lora not in lora_ids:
-                claimed += peft.num_pages(r)
-                lora_ids.add(lora)
-        return claimed
+            gen_append(req)
+            num_tokens += cost
+            num_reqs += 1
+            if lora is not None:
+                budget.commit_pages(lora, pages)
+                if acquire is not None:
+                    acquire(req)
+        budget.num_tokens = num_tokens
+        budget.num_reqs = num_reqs
+        return stop
 
     def _suspend(self, req: Request) -> None:
         self._suspend_kv(req)
@@ -199,7 +189,7 @@ class UnifiedScheduler(SchedulerBase):
         end: int,
         req: Request,
         paused: list[Request],
-        inflight: Iterable[int] | None,
+        inflight: AbstractSet[int] | None,
     ) -> tuple[bool, int]:
         """Suspend started, active requests from the tail (never ``i`` or before) until ``req`` fits.
 
@@ -222,6 +212,12 @@ class UnifiedScheduler(SchedulerBase):
                     return True, end
             j -= 1
         return False, end
+
+    def _track_progress(self, out: SchedulerOutput, stop: int) -> None:
+        if out.generation_requests or out.context_requests:
+            self._stalled_steps = 0
+        else:
+            self._check_deadlock(stop, out.paused_requests)
 
     def _check_deadlock(self, stop: int, paused: list[Request]) -> None:
         """Raise only when KV allocation (not a token/batch/LoRA budget) stopped every request."""
