@@ -18,13 +18,15 @@ from tqdm.auto import tqdm
 from kvsched.bench.client import RequestResult, RequestSpec, send_request
 from kvsched.bench.datasets import SampleRequest
 from kvsched.bench.metrics import BenchmarkMetrics, compute_metrics
-from kvsched.core.errors import ConfigError
+from kvsched.core.errors import ConfigError, KVSchedError
 
 _SHARD = 8  # connections per httpx pool
 
 
-class ServerUnreachableError(RuntimeError):
-    """The first test request failed: wrong URL, model name, or the server is down."""
+class ServerUnreachableError(KVSchedError, RuntimeError):
+    """The first test request failed: wrong URL, model name, or the server is down.
+
+    A kvsched error, so the command line reports it as one line and exits with status 2."""
 
 
 @dataclass(slots=True)

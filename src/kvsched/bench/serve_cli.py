@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from kvsched.bench.datasets import DATASETS, DatasetConfig, build_dataset
 from kvsched.core.errors import ConfigError
@@ -18,6 +17,16 @@ def _rate(text: str) -> float:
     if value <= 0 or math.isnan(value):
         raise argparse.ArgumentTypeError(f"request rate must be > 0 or inf, got {text}")
     return value
+
+
+def _percentiles(text: object) -> list[float]:
+    try:
+        values = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"--metric-percentiles {text!r} is invalid: use numbers like 50,90,99") from exc
+    if any(not 0 < v <= 100 for v in values):
+        raise ConfigError(f"--metric-percentiles {text!r} is invalid: each must be in (0, 100]")
+    return values
 
 
 def add_serve_bench_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -85,54 +94,51 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.bench.client import RequestSpec
     from kvsched.bench.metrics import parse_goodput
     from kvsched.bench.report import format_table, result_dict, write_json
-    from kvsched.bench.runner import LoadConfig, ServerUnreachableError, run_benchmark
+    from kvsched.bench.runner import LoadConfig, run_benchmark
 
-    try:
-        base = args.base_url.rstrip("/")
-        model = args.model or _first_model(base)
-        endpoint = "chat" if "chat" in args.endpoint else "completions"
-        spec = RequestSpec(
-            api_url=base + args.endpoint,
-            model=model,
-            endpoint=endpoint,
-            temperature=args.temperature,
-            ignore_eos=not args.no_ignore_eos,
-        )
-        dcfg = DatasetConfig(
-            name=args.dataset,
-            num_prompts=args.num_prompts,
-            seed=args.seed,
-            prompt_format=args.prompt_format,
-            vocab_size=args.vocab_size,
-            input_len=args.random_input_len,
-            output_len=args.random_output_len,
-            range_ratio=args.random_range_ratio,
-            prefix_len=args.prefix_len,
-            num_prefixes=args.num_prefixes,
-            trace_path=args.trace_path,
-            length_scale=args.length_scale,
-            max_input_len=args.max_input_len,
-            max_output_len=args.max_output_len,
-            time_scale=args.time_scale,
-            priority_mix=args.priority_mix,
-        )
-        load = LoadConfig(
-            request_rate=args.request_rate,
-            burstiness=args.burstiness,
-            max_concurrency=args.max_concurrency,
-            use_trace_timestamps=args.use_trace_timestamps,
-            seed=args.seed,
-            timeout_s=args.timeout,
-            progress=not args.disable_tqdm,
-            initial_test=not args.skip_initial_test,
-        )
-        slos = parse_goodput(args.goodput)
-        percentiles = [float(x) for x in str(args.metric_percentiles).split(",") if x.strip()]
-        samples = build_dataset(dcfg)
-        metrics, results = run_benchmark(spec, samples, load, slos=slos, percentiles=percentiles)
-    except (ConfigError, ServerUnreachableError, ValueError) as exc:
-        print(f"kvsched bench serve: error: {exc}", file=sys.stderr)
-        return 2
+    # Errors are reported once, by kvsched.cli.main: a kvsched error is one line and status 2.
+    base = args.base_url.rstrip("/")
+    model = args.model or _first_model(base)
+    endpoint = "chat" if "chat" in args.endpoint else "completions"
+    spec = RequestSpec(
+        api_url=base + args.endpoint,
+        model=model,
+        endpoint=endpoint,
+        temperature=args.temperature,
+        ignore_eos=not args.no_ignore_eos,
+    )
+    dcfg = DatasetConfig(
+        name=args.dataset,
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        prompt_format=args.prompt_format,
+        vocab_size=args.vocab_size,
+        input_len=args.random_input_len,
+        output_len=args.random_output_len,
+        range_ratio=args.random_range_ratio,
+        prefix_len=args.prefix_len,
+        num_prefixes=args.num_prefixes,
+        trace_path=args.trace_path,
+        length_scale=args.length_scale,
+        max_input_len=args.max_input_len,
+        max_output_len=args.max_output_len,
+        time_scale=args.time_scale,
+        priority_mix=args.priority_mix,
+    )
+    load = LoadConfig(
+        request_rate=args.request_rate,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        use_trace_timestamps=args.use_trace_timestamps,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        progress=not args.disable_tqdm,
+        initial_test=not args.skip_initial_test,
+    )
+    slos = parse_goodput(args.goodput)
+    percentiles = _percentiles(args.metric_percentiles)
+    samples = build_dataset(dcfg)
+    metrics, results = run_benchmark(spec, samples, load, slos=slos, percentiles=percentiles)
     print(format_table(metrics))
     if args.result_json:
         config = {
