@@ -25,7 +25,7 @@ class LetterTokenizer:
     def encode(self, text: str) -> list[int]:
         return [ord(c) - 97 for c in text]
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, *, skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + i % 26) for i in ids)
 
 

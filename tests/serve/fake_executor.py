@@ -3,7 +3,8 @@
 Bytes are tokens (ids 0..255). Output token ``i`` of a prompt is ``a..z`` chosen from the prompt's
 byte sum, so every prompt has a known continuation. KV is counted in 16-token blocks; a request is
 admitted FIFO when its blocks fit, holds them until it finishes or is aborted. A prompt that starts
-with ``hang`` never finishes on its own (only an abort ends it), for disconnect tests.
+with ``hang`` never finishes on its own (only an abort or a stop string ends it), for disconnect tests.
+Text and stop strings come from the engine's own :class:`TextStream`, as in the real executor.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from types import SimpleNamespace
 from kvsched.core.errors import DuplicateRequestError, InvalidRequestError, UnknownRequestError
 from kvsched.core.request import SamplingParams
 from kvsched.engine.outputs import StepOutput
+from kvsched.engine.text_stream import TextStream
 
 TPB = 16
 
@@ -29,7 +31,7 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", "replace")
 
 
@@ -37,8 +39,8 @@ class ByteTokenizer:
 class _Req:
     ids: list[int]
     params: SamplingParams
+    stream: TextStream
     out: list[int] = field(default_factory=list)
-    text: str = ""
     blocks: int = 0
 
 
@@ -101,7 +103,7 @@ class FakeExecutor:
             raise InvalidRequestError(f"request {request_id!r}: prompt token ids must be in [0, 256)")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(f"request {request_id!r}: exceeds max_model_len={self.max_model_len}")
-        self._reqs[request_id] = _Req(ids, params)
+        self._reqs[request_id] = _Req(ids, params, TextStream(self.tokenizer, ids, params.stop))
         return request_id
 
     def abort_request(self, request_id) -> None:
@@ -138,16 +140,12 @@ class FakeExecutor:
                 req.blocks = need
             tok = 97 + (sum(req.ids) + len(req.out)) % 26
             req.out.append(tok)
-            delta = chr(tok)
-            req.text += delta
             reason = "length" if len(req.out) >= req.params.max_tokens else None
             if req.ids[:4] == list(b"hang"):
                 reason = None
-            for stop in req.params.stop or ():
-                cut = req.text.find(stop)
-                if cut >= 0:
-                    delta = delta[: max(0, len(delta) - (len(req.text) - cut))]
-                    req.text, reason = req.text[:cut], "stop"
+            delta, stopped = req.stream.push([tok], final=reason is not None)
+            if stopped:
+                reason = "stop"
             if reason is not None:
                 self.used_blocks -= req.blocks
                 del self._reqs[rid]

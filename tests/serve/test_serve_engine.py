@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import ssl
@@ -72,10 +73,34 @@ def test_stop_string_matches_engine_stop(tiny_server, reference) -> None:
         model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=stop, stream=True
     )
     assert "".join(c.choices[0].text for c in chunks) == want.text
-    deadline = time.monotonic() + 30  # the server's stop aborted the engine request: KV is back
+    deadline = time.monotonic() + 30  # the engine finished the request at the stop: KV is back
     while ex.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not ex.has_unfinished_requests() and ex.kv.stats().used_device_blocks == 0
+
+
+def test_a_stop_string_split_across_two_tokens_is_held_back_and_never_streamed(tiny_server) -> None:
+    """The stop's first character arrives with one token, the rest with the next: the engine must hold
+    that character back (nothing streamed is ever cut), and the stream ends right before it."""
+    srv, _ = tiny_server
+    client = srv.client()
+    kw = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 24, "temperature": 0, "stream": True}
+    kw["extra_body"] = {"ignore_eos": True}
+    pieces = [c.choices[0].text for c in client.completions.create(**kw)]
+    full, ends = "".join(pieces), list(itertools.accumulate(len(p) for p in pieces))
+    nonempty = [k for k, piece in enumerate(pieces) if piece]
+    i, stop = next(  # two consecutive tokens whose boundary is the first place the stop occurs
+        (a, pieces[a][-1] + pieces[b][0])
+        for a, b in itertools.pairwise(nonempty)
+        if full.find(pieces[a][-1] + pieces[b][0]) == ends[a] - 1
+    )
+    want = full[: ends[i] - 1]
+    sent, reasons = "", []
+    for c in client.completions.create(**kw, stop=stop):
+        sent += c.choices[0].text
+        reasons.append(c.choices[0].finish_reason)
+        assert want.startswith(sent)  # never a character that the stop later cuts
+    assert sent == want and reasons[-1] == "stop"
 
 
 def test_chat_and_engine_side_errors(tiny_server) -> None:

@@ -139,7 +139,7 @@ class Executor:
             prompt=text,
             params=params,
             metrics=RequestMetrics(arrival_time=req.arrival_time),
-            stream=TextStream(self.core.decode, token_ids, params.stop),
+            stream=TextStream(self.core.tokenizer, token_ids, params.stop),
             generator=gen,
             logprobs=[] if params.logprobs is not None else None,
         )
@@ -277,8 +277,11 @@ class Executor:
         if tracked.logprobs is not None and logprob is not None:
             tracked.logprobs.append(logprob)
         delta, stopped = tracked.stream.push([token], final=req.is_finished)
-        if stopped and not req.is_finished:
-            finish_request(req, "stop", self.kv, now=now)
+        if stopped:  # a stop string: the text stream is its one owner
+            if req.is_finished:
+                req.finish_reason = "stop"  # it ends the text, so it names the reason (as in vLLM)
+            else:
+                finish_request(req, "stop", self.kv, now=now)
         if req.is_finished:
             self._retire(tracked)
         return StepOutput(

@@ -12,7 +12,7 @@ import json
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
@@ -189,20 +189,32 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
+class TokenDecoder(Protocol):
+    """What :class:`IncrementalDetokenizer` needs from a tokenizer."""
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str: ...
+
+
+#: Prompt tokens decoded together with the first outputs, so a leading space comes out as in the full text.
+PROMPT_CONTEXT_TOKENS = 6
+
+
 class IncrementalDetokenizer:
     """Streams text as tokens arrive, holding back bytes of a character split over several tokens.
 
-    Each call decodes only a short window (from the last emitted boundary), so a stream costs O(tokens).
+    The engine's one detokenizer (the executor's :class:`kvsched.engine.text_stream.TextStream` wraps
+    it). Each call decodes only a short window (from the last emitted boundary), so a stream costs
+    O(tokens); the offsets are vLLM's ``prefix_offset`` / ``read_offset`` scheme.
     """
 
     __slots__ = ("tokenizer", "skip_special_tokens", "ids", "prefix_offset", "read_offset", "text")
 
     def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True
+        self, tokenizer: TokenDecoder, prompt_ids: Sequence[int] = (), *, skip_special_tokens: bool = True
     ):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-5:])  # context so a leading space decodes as in the full text
+        self.ids: list[int] = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.text = ""

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from kvsched.core.request import SamplingParams
@@ -76,8 +75,8 @@ class AsyncEngine:
 
         ``priority``: higher = more important (used by an engine in priority mode).
 
-        Stop strings are applied here, not in the engine (see :mod:`kvsched.serve.stops`); a hit
-        aborts the engine request, which frees its KV.
+        ``params`` go to the engine as they are: it decides every stop (EOS, length, stop token ids,
+        stop strings with hold-back) and its text deltas and finish reasons are streamed unchanged.
         """
         if not self.is_running:
             raise EngineClosedError(
@@ -91,11 +90,8 @@ class AsyncEngine:
         stream = _Stream(self._loop.create_future())
         self._streams[rid] = stream
         self._num_waiting += 1
-        stops = params.stop
-        if stops:
-            params = replace(params, stop=None)
         self._command(("add", rid, prompt_token_ids, params, priority))
-        return RequestHandle(self, rid, stream, len(prompt_token_ids), stops)
+        return RequestHandle(self, rid, stream, len(prompt_token_ids))
 
     def _release(self, rid: int, stream: _Stream) -> bool:
         """Forget a request; abort it in the engine if it had not finished. True if aborted."""

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvsched.core.errors import KVSchedError
 from kvsched.engine.outputs import StepOutput
-from kvsched.serve.stops import StopBuffer
 
 if TYPE_CHECKING:
     from kvsched.serve.async_engine import AsyncEngine
@@ -37,7 +35,7 @@ class RequestHandle:
     unfinished) and records its latencies."""
 
     __slots__ = ("_engine", "request_id", "_stream", "num_prompt_tokens", "num_output_tokens", "arrival",
-                 "first_token_time", "finish_reason", "_closed", "_stops")  # fmt: skip
+                 "first_token_time", "finish_reason", "_closed")  # fmt: skip
 
     def __init__(
         self,
@@ -45,10 +43,8 @@ class RequestHandle:
         request_id: int,
         stream: _Stream,
         num_prompt_tokens: int,
-        stops: Sequence[str] | None = None,
     ) -> None:
         self._engine = engine
-        self._stops = StopBuffer(stops) if stops else None
         self.request_id = request_id
         self._stream = stream
         self.num_prompt_tokens = num_prompt_tokens
@@ -66,7 +62,7 @@ class RequestHandle:
         return self
 
     async def __anext__(self) -> StepOutput:
-        if self.finish_reason is not None:  # the last delta was returned (engine or stop string)
+        if self.finish_reason is not None:  # the last delta was returned
             raise StopAsyncIteration
         item = await self._stream.queue.get()
         if isinstance(item, BaseException):
@@ -76,13 +72,6 @@ class RequestHandle:
             if self.first_token_time is None:
                 self.first_token_time = time.monotonic()
             self.num_output_tokens += len(item.new_token_ids)
-        if self._stops is not None:
-            text, hit = self._stops.push(item.text_delta)
-            if hit:  # finished here; the engine has not, so close() aborts it there (frees its KV)
-                item.finished, item.finish_reason = True, "stop"
-            elif item.finished:
-                text += self._stops.flush()
-            item.text_delta = text
         if item.finished:
             self.finish_reason = item.finish_reason
         return item
