@@ -63,7 +63,9 @@ class PeftCache:
     def release(self, req: Request) -> None:
         """Drop ``req``'s ownership; an adapter without owners may be evicted from the device."""
         lora = req.lora_id
-        owners = self._owners.get(lora) if lora is not None else None
+        if lora is None:
+            return
+        owners = self._owners.get(lora)
         if owners is not None:
             owners.discard(req.request_id)
             if not owners:

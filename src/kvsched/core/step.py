@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from kvsched.core.errors import InvalidRequestError, UnknownRequestError
+from kvsched.core.protocols import StepKV
 from kvsched.core.request import Request, RequestState
+from kvsched.core.scheduler.output import SchedulerOutput
 
 _GEN = RequestState.GENERATION_IN_PROGRESS
 _DONE = RequestState.GENERATION_COMPLETE
 
 
-def finish_request(req: Request, reason: str, kv_cache_manager: Any, *, now: float | None = None) -> None:
+def finish_request(req: Request, reason: str, kv_cache_manager: StepKV, *, now: float | None = None) -> None:
     """Mark ``req`` finished (``"length"``, ``"stop"``, ``"abort"``...) and release its KV. Idempotent."""
     if req.state == _DONE:
         return
@@ -71,7 +72,11 @@ def _append(req: Request, tokens: Sequence[int]) -> tuple[int, str | None]:
 
 
 def apply_step(
-    output: Any, sampled: Mapping[int, Sequence[int]], kv_cache_manager: Any, *, now: float = 0.0
+    output: SchedulerOutput,
+    sampled: Mapping[int, Sequence[int]],
+    kv_cache_manager: StepKV,
+    *,
+    now: float = 0.0,
 ) -> list[Request]:
     """Apply one executed step; return the requests that finished in it.
 

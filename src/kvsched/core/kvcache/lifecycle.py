@@ -12,15 +12,14 @@ instead (the prefix stays cached) and its lookup is redone by the next ``prepare
 
 from __future__ import annotations
 
-from typing import Any
-
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.types import DEVICE, HOST
+from kvsched.core.request import Request
 
 
-def attach_prefix(store: BlockStore, c: RequestCache, req: Any, tpb: int, reuse: bool) -> int:
+def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, reuse: bool) -> int:
     """Look the context minus its last token up; hold the matched pages; set the positions.
 
     The keys are hashed on the first lookup only; a repeated one is dict probes. Returns how many
@@ -51,7 +50,7 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Any, tpb: int, reuse:
     return on_host
 
 
-def count_reuse(store: BlockStore, c: RequestCache, req: Any, tpb: int, on_host: int) -> None:
+def count_reuse(store: BlockStore, c: RequestCache, req: Request, tpb: int, on_host: int) -> None:
     """Add an admitted context's lookup to the hit/miss counters (``discard_cache`` takes it back)."""
     hits = len(c.pages)
     counted = (hits - on_host, on_host, len(c.keys or ()) - hits, req.num_context_tokens - hits * tpb)
@@ -124,7 +123,7 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     store.counters.num_suspends += 1
 
 
-def discard_cache(store: BlockStore, c: RequestCache, req: Any, tpb: int) -> None:
+def discard_cache(store: BlockStore, c: RequestCache, req: Request, tpb: int) -> None:
     """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later.
 
     Its reuse counts are taken back: the context counts again (once) when it is admitted for real.

@@ -3,7 +3,7 @@ for the suspend policy)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,8 +27,9 @@ from kvsched.core.kvcache.lifecycle import (
 )
 from kvsched.core.kvcache.prefix import commit_blocks, match_prefix
 from kvsched.core.kvcache.request_cache import RequestCache
-from kvsched.core.kvcache.storage import KVStorage, MetadataStorage
+from kvsched.core.kvcache.storage import KVStorage, MetadataStorage, TieredKVStorage
 from kvsched.core.kvcache.types import DEVICE, KVCacheStats, KVEvent
+from kvsched.core.request import Request
 
 
 class KVCacheManager:
@@ -41,15 +42,15 @@ class KVCacheManager:
             raise ConfigError(f"config must be a CacheConfig, got {type(config).__name__}")
         if storage is None:
             storage = MetadataStorage()
-        elif not (hasattr(storage, "copy_blocks") and hasattr(storage, "bytes_per_block")):
+        elif not isinstance(storage, KVStorage):
             raise ConfigError("storage must provide copy_blocks(...) and bytes_per_block")
-        for attr, want in (
-            ("num_device_blocks", config.num_device_blocks),
-            ("num_host_blocks", config.num_host_blocks),
-        ):
-            have = getattr(storage, attr, None)
-            if have is not None and have < want:
-                raise ConfigError(f"storage has {attr}={have}, fewer than the config's {want}")
+        if isinstance(storage, TieredKVStorage):
+            for attr, have, want in (
+                ("num_device_blocks", storage.num_device_blocks, config.num_device_blocks),
+                ("num_host_blocks", storage.num_host_blocks, config.num_host_blocks),
+            ):
+                if have < want:
+                    raise ConfigError(f"storage has {attr}={have}, fewer than the config's {want}")
         self._config = config
         self._tpb = config.tokens_per_block
         self._reuse = bool(config.enable_block_reuse)
@@ -58,10 +59,10 @@ class KVCacheManager:
         )
         self._caches: dict[int, RequestCache] = {}
         self._max_util = config.max_util_for_resume
-        self._roots: dict[tuple[Any, Any], bytes] = {}
+        self._roots: dict[tuple[int | None, int | None], bytes] = {}
 
     # -- scheduling API (KVCacheManagerV2's, TensorRT-LLM PR #11939) -----------------------------
-    def prepare_context(self, req: Any) -> bool:
+    def prepare_context(self, req: Request) -> bool:
         """Create the cache on the first chunk (with prefix lookup), or resume it; never grows."""
         c = self._caches.get(req.request_id)
         if c is None:
@@ -78,7 +79,7 @@ class KVCacheManager:
             return False
         return c.active or resume_cache(self._store, c, self._max_util)
 
-    def resize_context(self, req: Any, num_tokens: int) -> bool:
+    def resize_context(self, req: Request, num_tokens: int) -> bool:
         """Grow capacity to ``context_current_position + num_tokens``; a failed first chunk lets go."""
         c = self._caches.get(req.request_id)
         if c is None or not c.active:
@@ -97,7 +98,7 @@ class KVCacheManager:
             discard_cache(self._store, c, req, self._tpb)
         return False
 
-    def try_allocate_generation(self, req: Any) -> bool:
+    def try_allocate_generation(self, req: Request) -> bool:
         """Resume if suspended, then make room for this decode step: ``1 + len(draft_tokens)`` tokens.
 
         Capacity becomes ``max(capacity, history + 1 + drafts)``: a repeated call before ``advance``
@@ -117,7 +118,7 @@ class KVCacheManager:
             return True
         return self._grow(c, need)
 
-    def suspend_request(self, req: Any) -> None:
+    def suspend_request(self, req: Request) -> None:
         """Move the request's device-only blocks to the host tier; no-op when not active."""
         c = self._caches.get(req.request_id)
         if c is None or not c.active:
@@ -132,7 +133,7 @@ class KVCacheManager:
         return c is not None and c.active
 
     # -- executor API --------------------------------------------------------------------------
-    def advance(self, req: Any, num_tokens: int) -> None:
+    def advance(self, req: Request, num_tokens: int) -> None:
         """``num_tokens`` more tokens of KV were written; with reuse on, full blocks get published."""
         c = self._caches.get(req.request_id)
         if c is None:
@@ -147,7 +148,7 @@ class KVCacheManager:
         if self._reuse and h - c.committed >= self._tpb:
             commit_blocks(self._store, c, req, self._tpb)
 
-    def free_request(self, req: Any) -> None:
+    def free_request(self, req: Request) -> None:
         """Release everything; published blocks stay cached (tail blocks are evicted first)."""
         c = self._caches.pop(req.request_id, None)
         if c is None:
@@ -156,7 +157,7 @@ class KVCacheManager:
             commit_blocks(self._store, c, req, self._tpb)
         self._store.release_many(c.pages, c.active, c.priority)
 
-    def revert(self, req: Any, capacity: int) -> None:
+    def revert(self, req: Request, capacity: int) -> None:
         """Shrink capacity back to ``max(history, capacity)`` (a step that was grown, then dropped)."""
         c = self._cache(req.request_id)
         new_cap = max(c.history, capacity)
@@ -171,14 +172,14 @@ class KVCacheManager:
         c.capacity = new_cap
         c.alloc_tokens = nb * self._tpb
 
-    def block_table(self, req: Any) -> list[int]:
+    def block_table(self, req: Request) -> list[int]:
         """Device block ids of an active request, one per block of its capacity."""
         c = self._cache(req.request_id)
         if not c.active:
             raise InvalidRequestError(f"request {req.request_id} is suspended: it has no device blocks")
         return list(c.table)
 
-    def build_block_tables(self, reqs: Any, width: int) -> np.ndarray:
+    def build_block_tables(self, reqs: Sequence[Request], width: int) -> np.ndarray:
         """``[len(reqs), width]`` int32 block tables, padded with 0 (a valid index, never read)."""
         out = np.zeros((len(reqs), width), dtype=np.int32)
         for i, req in enumerate(reqs):
@@ -226,13 +227,13 @@ class KVCacheManager:
     def has_request(self, request_id: int) -> bool:
         return request_id in self._caches
 
-    def capacity(self, req: Any) -> int:
+    def capacity(self, req: Request) -> int:
         return self._cache(req.request_id).capacity
 
-    def history(self, req: Any) -> int:
+    def history(self, req: Request) -> int:
         return self._cache(req.request_id).history
 
-    def committed(self, req: Any) -> int:
+    def committed(self, req: Request) -> int:
         return self._cache(req.request_id).committed
 
     def stats(self) -> KVCacheStats:
@@ -240,7 +241,7 @@ class KVCacheManager:
 
         return snapshot_stats(self._store, self._caches)
 
-    def probe_reuse(self, req: Any) -> int:
+    def probe_reuse(self, req: Request) -> int:
         """Tokens of ``req``'s context (minus its last token) that are cached now; holds nothing."""
         if not self._reuse:
             return 0
@@ -266,7 +267,7 @@ class KVCacheManager:
             raise UnknownRequestError(f"request {request_id} has no KV cache (unknown or freed)")
         return c
 
-    def _new_cache(self, req: Any) -> RequestCache:
+    def _new_cache(self, req: Request) -> RequestCache:
         """Validate a new request (no state changes on error) and register an empty, pending cache."""
         rid = req.request_id
         if req.beam_width != 1:

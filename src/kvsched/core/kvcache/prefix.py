@@ -10,12 +10,12 @@ from __future__ import annotations
 import functools
 import struct
 from hashlib import sha256
-from typing import Any
 
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import pack_tokens
 from kvsched.core.kvcache.pages import Page
 from kvsched.core.kvcache.request_cache import RequestCache
+from kvsched.core.request import Request
 
 
 def match_prefix(
@@ -42,7 +42,7 @@ def match_prefix(
     return pages, parent
 
 
-def commit_blocks(store: BlockStore, cache: RequestCache, req: Any, tokens_per_block: int) -> None:
+def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_per_block: int) -> None:
     """Publish every block that became full since the last commit and whose tokens are known.
 
     Tokens of accepted draft tokens may be written to KV before they are appended to the request, so

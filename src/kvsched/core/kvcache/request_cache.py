@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from kvsched.core.kvcache.pages import Page
+from kvsched.core.request import Request
 
 
 @dataclass(slots=True, eq=False)
@@ -21,7 +21,7 @@ class RequestCache:
     """
 
     request_id: int
-    req: Any
+    req: Request
     root: bytes
     priority: int
     pages: list[Page] = field(default_factory=list)

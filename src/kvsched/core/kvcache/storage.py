@@ -13,9 +13,23 @@ from kvsched.core.kvcache.types import Tier
 class KVStorage(Protocol):
     """What the manager needs from a backend: the size of a block and a batched cross-tier copy."""
 
-    bytes_per_block: int
+    @property
+    def bytes_per_block(self) -> int: ...
 
-    def copy_blocks(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None: ...
+    def copy_blocks(
+        self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int], /
+    ) -> None: ...
+
+
+@runtime_checkable
+class TieredKVStorage(KVStorage, Protocol):
+    """A backend with fixed pools (tensors): the manager checks they hold the config's blocks."""
+
+    @property
+    def num_device_blocks(self) -> int: ...
+
+    @property
+    def num_host_blocks(self) -> int: ...
 
 
 class MetadataStorage:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvsched.core.config import SCHEDULER_KINDS, CapacityPolicy, validate_scheduler_options
+from kvsched.core.protocols import Scheduler, SchedulingKV
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.scheduler.recompute import RecomputeScheduler
 from kvsched.core.scheduler.two_stage import TwoStageScheduler
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 
-def make_scheduler(kind: str, kv_cache_manager: Any, **kwargs: Any) -> Any:
+def make_scheduler(kind: str, kv_cache_manager: SchedulingKV, **kwargs: Any) -> Scheduler:
     """Build a scheduler by name, one of :data:`SCHEDULER_KINDS`.
 
     The keywords are the constructors' (budgets, ``peft_cache``, ``draft_kv_cache_manager``,

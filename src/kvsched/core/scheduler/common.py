@@ -8,6 +8,7 @@ from collections.abc import Set as AbstractSet
 
 from kvsched.core.config import check_budgets
 from kvsched.core.errors import InvalidRequestError
+from kvsched.core.protocols import PeftPages, SchedulingKV, require
 from kvsched.core.request import Request, RequestState
 
 #: Stand-in for "no token budget": every comparison against it succeeds without a None check.
@@ -101,14 +102,19 @@ class SchedulerBase:
 
     def _init_common(
         self,
-        kv_cache_manager: object,
+        kv_cache_manager: SchedulingKV,
         max_batch_size: int,
         max_num_tokens: int | None,
         chunk_unit_size: int | None,
-        peft_cache: object,
-        draft_kv_cache_manager: object,
+        peft_cache: PeftPages | None,
+        draft_kv_cache_manager: SchedulingKV | None,
         priority_mode: bool,
     ) -> None:
+        require("kv_cache_manager", kv_cache_manager, SchedulingKV)
+        if draft_kv_cache_manager is not None:
+            require("draft_kv_cache_manager", draft_kv_cache_manager, SchedulingKV)
+        if peft_cache is not None:
+            require("peft_cache", peft_cache, PeftPages)
         self._max_tokens = token_budget(max_batch_size, max_num_tokens, chunk_unit_size)
         self.kv_cache_manager = kv_cache_manager
         self.max_batch_size = max_batch_size
@@ -117,4 +123,4 @@ class SchedulerBase:
         self.peft_cache = peft_cache
         self.draft_kv_cache_manager = draft_kv_cache_manager
         self.priority_mode = priority_mode
-        self.tokens_per_block: int = kv_cache_manager.tokens_per_block  # type: ignore[attr-defined]
+        self.tokens_per_block: int = kv_cache_manager.tokens_per_block

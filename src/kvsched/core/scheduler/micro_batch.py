@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
+from kvsched.core.protocols import SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.common import CONTEXT_INIT, check_fits_budget
 
@@ -57,7 +57,7 @@ def micro_batch(
 
 
 def allocate(
-    kv: Any,
+    kv: SchedulingKV,
     ctx: list[Request],
     gen: list[Request],
     preempted: list[Request],

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from kvsched.core.protocols import PeftPages
 from kvsched.core.request import Request
 
 
@@ -12,7 +11,7 @@ class PageBudget:
 
     __slots__ = ("_peft", "_max", "claimed", "_ids")
 
-    def __init__(self, peft: Any) -> None:
+    def __init__(self, peft: PeftPages | None) -> None:
         self._peft = peft
         self._max = 0 if peft is None else peft.max_device_pages
         self.claimed = 0
@@ -27,6 +26,8 @@ class PageBudget:
         return None if self.claimed + pages > self._max else pages
 
     def commit(self, req: Request, pages: int) -> None:
-        if pages:
+        """Count ``pages`` (from :meth:`need`) as claimed by ``req``'s adapter."""
+        lora = req.lora_id
+        if pages and lora is not None:
             self.claimed += pages
-            self._ids.add(req.lora_id)
+            self._ids.add(lora)

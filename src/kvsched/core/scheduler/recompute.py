@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Set as AbstractSet
 
-from kvsched.core.config import check_capacity_policy
+from kvsched.core.config import CapacityPolicy, check_capacity_policy
 from kvsched.core.errors import UnknownRequestError
+from kvsched.core.protocols import PeftPages, SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
@@ -38,15 +39,17 @@ class RecomputeScheduler(SchedulerBase):
 
     def __init__(
         self,
-        kv_cache_manager: Any,
+        kv_cache_manager: SchedulingKV,
         *,
         max_batch_size: int,
         max_num_tokens: int | None = None,
         chunk_unit_size: int | None = None,
-        peft_cache: Any = None,
-        draft_kv_cache_manager: Any = None,
+        peft_cache: PeftPages | None = None,
+        draft_kv_cache_manager: SchedulingKV | None = None,
         priority_mode: bool = False,
-        policy: Any = None,  # the baselines' common keyword; this one has no capacity stage
+        policy: CapacityPolicy
+        | str
+        | None = None,  # the baselines' common keyword; this one has no capacity stage
     ) -> None:
         check_capacity_policy("recompute", policy)  # a given policy would be ignored: refused
         self._init_common(
@@ -129,7 +132,7 @@ class RecomputeScheduler(SchedulerBase):
             return kv.try_allocate_generation(req)
         return kv.prepare_context(req) and kv.resize_context(req, cost)
 
-    def _pop_victim(self, inflight: Any) -> Request | None:
+    def _pop_victim(self, inflight: AbstractSet[int]) -> Request | None:
         """The most recently admitted running request that is not executing right now."""
         running = self._running
         for j in range(len(running) - 1, -1, -1):
@@ -152,7 +155,7 @@ class RecomputeScheduler(SchedulerBase):
     def _admit(
         self,
         reqs: Sequence[Request],
-        inflight: Any,
+        inflight: AbstractSet[int],
         ctx: list[Request],
         gen: list[Request],
         pages: PageBudget,

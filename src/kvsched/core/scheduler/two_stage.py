@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Set as AbstractSet
 
 from kvsched.core.config import CapacityPolicy, check_capacity_policy
 from kvsched.core.errors import UnknownRequestError
+from kvsched.core.protocols import PeftPages, SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.common import (
     CONTEXT_INIT,
@@ -41,14 +42,14 @@ class TwoStageScheduler(SchedulerBase):
 
     def __init__(
         self,
-        kv_cache_manager: Any,
+        kv_cache_manager: SchedulingKV,
         *,
         policy: CapacityPolicy | str | None = None,  # None: MAX_UTILIZATION
         max_batch_size: int,
         max_num_tokens: int | None = None,
         chunk_unit_size: int | None = None,
-        peft_cache: Any = None,
-        draft_kv_cache_manager: Any = None,
+        peft_cache: PeftPages | None = None,
+        draft_kv_cache_manager: SchedulingKV | None = None,
         priority_mode: bool = False,
     ) -> None:
         self.policy: CapacityPolicy = check_capacity_policy("two-stage", policy)  # type: ignore[assignment]
@@ -95,7 +96,7 @@ class TwoStageScheduler(SchedulerBase):
             target = req.num_tokens + drafts  # KV holds num_tokens - 1; this step writes 1 + drafts
         return max(0, self._blocks(target) - self._held_blocks(req))
 
-    def _no_evict(self, reqs: Sequence[Request], inflight: Any, static: bool) -> list[Request]:
+    def _no_evict(self, reqs: Sequence[Request], inflight: AbstractSet[int], static: bool) -> list[Request]:
         """GUARANTEED_NO_EVICT / STATIC_BATCH: reserve every admitted request's blocks to completion.
 
         Generations (in flight or not) reserve first and are admitted without a check; contexts are
@@ -139,7 +140,7 @@ class TwoStageScheduler(SchedulerBase):
         return fitting
 
     def _max_utilization(
-        self, reqs: Sequence[Request], inflight: Any, preempted: list[Request]
+        self, reqs: Sequence[Request], inflight: AbstractSet[int], preempted: list[Request]
     ) -> list[Request]:
         """One pass; each request needs its next-step blocks; pause started ones from the tail."""
         free = self.kv_cache_manager.num_free_device_blocks
@@ -178,7 +179,7 @@ class TwoStageScheduler(SchedulerBase):
             i += 1
         return fitting
 
-    def _evictable(self, req: Request, inflight: Any) -> bool:
+    def _evictable(self, req: Request, inflight: AbstractSet[int]) -> bool:
         return (
             is_started(req)
             and req.request_id not in inflight
