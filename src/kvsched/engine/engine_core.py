@@ -8,18 +8,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.protocols import Scheduler
 from kvsched.core.scheduler import make_scheduler
 from kvsched.engine.engine_args import EngineArgs
 from kvsched.engine.kv_storage import TensorKVStorage
+from kvsched.engine.model.llama import LlamaForCausalLM
 from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.model_runner import ModelRunner
+
+if TYPE_CHECKING:  # the tokenizers library loads only with a model that has a tokenizer
+    from kvsched.engine.tokenizer import Tokenizer
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,13 +33,13 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 class EngineCore:
     """The assembled engine parts (no request state)."""
 
-    model: Any
+    model: LlamaForCausalLM
     model_config: ModelConfig
-    tokenizer: Any
+    tokenizer: Tokenizer | None
     cache_config: CacheConfig
     storage: TensorKVStorage
     kv: KVCacheManager
-    scheduler: Any
+    scheduler: Scheduler
     runner: ModelRunner
     device: torch.device
     max_model_len: int
@@ -46,7 +51,8 @@ class EngineCore:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids = set(self.model_config.eos_token_ids)
-        ids.update(getattr(self.tokenizer, "eos_token_ids", ()) or ())
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.eos_token_ids)
         return tuple(sorted(ids))
 
     def encode(self, text: str) -> list[int]:
@@ -76,7 +82,9 @@ def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * tokens_per_block * elem
 
 
-def build_engine_core(args: EngineArgs, loaded: tuple[Any, ModelConfig, Any] | None = None) -> EngineCore:
+def build_engine_core(
+    args: EngineArgs, loaded: tuple[LlamaForCausalLM, ModelConfig, Tokenizer | None] | None = None
+) -> EngineCore:
     """Load the model (or take ``loaded`` = (model, config, tokenizer)) and assemble the engine."""
     dtype = _TORCH_DTYPES[args.dtype]
     device = torch.device(args.device)

@@ -9,17 +9,21 @@ token plus its draft tokens at position ``num_tokens - 1``; logits for all of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from kvsched.core.config import CacheConfig
+from kvsched.core.request import Request
+from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.engine.forward_batch import ForwardBatch, SeqInput
 from kvsched.engine.model.llama import KVTensors, LlamaForCausalLM
 
 
 class _BlockTables(Protocol):
-    def block_table(self, req: Any) -> list[int]: ...
+    """The executor's view of the KV manager that a forward needs: each request's device blocks."""
+
+    def block_table(self, req: Request, /) -> list[int]: ...
 
 
 class ModelRunner:
@@ -32,10 +36,12 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
 
-    def build_batch(self, scheduled: Any, kv: _BlockTables) -> tuple[ForwardBatch | None, list[Any]]:
+    def build_batch(
+        self, scheduled: SchedulerOutput, kv: _BlockTables
+    ) -> tuple[ForwardBatch | None, list[Request]]:
         """The flattened batch and, per logits row, the request it belongs to (1 + drafts rows each)."""
         seqs: list[SeqInput] = []
-        rows: list[Any] = []
+        rows: list[Request] = []
         for req in scheduled.context_requests:
             start, n = req.context_current_position, req.context_chunk_size
             last = req.is_last_context_chunk
@@ -52,7 +58,7 @@ class ModelRunner:
             return None, rows
         return ForwardBatch.build(seqs, self.tokens_per_block, self.device), rows
 
-    def run(self, scheduled: Any, kv: _BlockTables) -> tuple[list[Any], torch.Tensor]:
+    def run(self, scheduled: SchedulerOutput, kv: _BlockTables) -> tuple[list[Request], torch.Tensor]:
         """Forward one step -> (request per logits row, logits ``[rows, vocab]`` fp32)."""
         batch, rows = self.build_batch(scheduled, kv)
         if batch is None:

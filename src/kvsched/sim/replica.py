@@ -6,15 +6,16 @@ charge it to the cost model), `apply_step` with deterministic tokens, drop finis
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.peft import PeftCache
+from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request
-from kvsched.core.scheduler import make_scheduler
+from kvsched.core.scheduler import SchedulerOutput, make_scheduler
 from kvsched.core.step import apply_step
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.metrics import MetricsRecorder
@@ -34,13 +35,13 @@ class StepDecision:
     replica: int = 0
 
 
-def decision_of(step: int, out: Any, replica: int = 0) -> StepDecision:
+def decision_of(step: int, out: SchedulerOutput, replica: int = 0) -> StepDecision:
     return StepDecision(
         step,
         tuple((r.request_id, r.context_chunk_size) for r in out.context_requests),
         tuple(r.request_id for r in out.generation_requests),
         tuple(r.request_id for r in out.paused_requests),
-        tuple(r.request_id for r in getattr(out, "preempted_requests", ())),
+        tuple(r.request_id for r in out.preempted_requests),
         replica,
     )
 
@@ -82,7 +83,7 @@ class Replica:
         self.peft = None if lora_pages is None else PeftCache(lora_pages[0], lora_pages[1])
         if self.peft is not None:
             scheduler_kwargs["peft_cache"] = self.peft
-        self.scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
+        self.scheduler: Scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
         self.cost = cost_model
         self.specs = specs
         self.rec = rec
@@ -93,7 +94,7 @@ class Replica:
         self.num_steps = 0
         self.last_tok: dict[int, float] = {}
         # request id -> its output-token function (None: plain ids, base + index) and token base
-        self._tok: dict[int, Any] = {}
+        self._tok: dict[int, Callable[[int], int] | None] = {}
         self._base: dict[int, int] = {}
         self.shape = StepShape()
         self._off = self._on = 0
