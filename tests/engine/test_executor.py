@@ -120,6 +120,11 @@ def test_stop_token_and_stop_string(tiny_llama_dir, hf_ref):
     cut = letters.index(stop)
     assert out.outputs[0].text == letters[:cut] == "".join(deltas)
     assert out.outputs[0].finish_reason == "stop" and len(out.outputs[0].token_ids) <= 7
+    # the stop string completes on the last allowed token: it cuts the text, so it names the reason
+    ex.add_request(prompt, SamplingParams(max_tokens=cut + 2, temperature=0.0, stop=[stop]))
+    [out] = ex.run()
+    assert len(out.outputs[0].token_ids) == cut + 2 and out.outputs[0].text == letters[:cut]
+    assert out.outputs[0].finish_reason == "stop"
 
 
 def test_metrics_and_logprobs(tiny_llama_dir):
@@ -133,9 +138,11 @@ def test_metrics_and_logprobs(tiny_llama_dir):
     outs = ex.run()
     for o in outs:
         m = o.metrics
-        assert len(m.token_times) == len(o.outputs[0].token_ids) == 20
-        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
-        assert m.ttft is not None and m.tpot is not None
+        assert m.num_generation_tokens == len(o.outputs[0].token_ids) == 20
+        assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time
+        assert m.first_token_time < m.last_token_time <= m.finished_time
+        assert m.ttft == m.first_token_time - m.arrival_time > 0
+        assert m.tpot == (m.last_token_time - m.first_token_time) / 19 > 0
         assert m.num_reused_tokens == 32 and o.num_cached_tokens == 32
         lps = o.outputs[0].logprobs
         assert len(lps) == 20 and all(lp <= 0 for lp in lps)

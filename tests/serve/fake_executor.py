@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 from kvsched.core.errors import DuplicateRequestError, InvalidRequestError, UnknownRequestError
 from kvsched.core.request import SamplingParams
-from kvsched.engine.outputs import StepOutput
+from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.text_stream import TextStream
 
 TPB = 16
@@ -40,8 +40,15 @@ class _Req:
     ids: list[int]
     params: SamplingParams
     stream: TextStream
+    metrics: RequestMetrics
     out: list[int] = field(default_factory=list)
     blocks: int = 0
+
+    def result(self, rid: object, reason: str) -> RequestOutput:
+        self.metrics.finished_time = time.monotonic()
+        self.metrics.num_generation_tokens = len(self.out)
+        done = CompletionOutput(0, self.stream.text, self.out, reason)
+        return RequestOutput(rid, None, self.ids, [done], True, self.metrics)
 
 
 class FakeExecutor:
@@ -62,7 +69,7 @@ class FakeExecutor:
         )
         self.stats = SimpleNamespace(num_preempted=0)
         self._reqs: dict[object, _Req] = {}
-        self._finished: dict[object, str] = {}
+        self._finished: dict[object, RequestOutput] = {}
         self.used_blocks = 0
         self.num_aborted = 0
         self.step_gate = threading.Event()  # tests may clear it to hold the engine
@@ -94,7 +101,7 @@ class FakeExecutor:
     def num_unfinished_requests(self) -> int:
         return len(self._reqs)
 
-    def add_request(self, prompt, sampling_params=None, request_id=None, **_: object):
+    def add_request(self, prompt, sampling_params=None, request_id=None, arrival_time=None, **_: object):
         params = sampling_params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if request_id in self._reqs:
@@ -103,7 +110,9 @@ class FakeExecutor:
             raise InvalidRequestError(f"request {request_id!r}: prompt token ids must be in [0, 256)")
         if len(ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(f"request {request_id!r}: exceeds max_model_len={self.max_model_len}")
-        self._reqs[request_id] = _Req(ids, params, TextStream(self.tokenizer, ids, params.stop))
+        stream = TextStream(self.tokenizer, ids, params.stop)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._reqs[request_id] = _Req(ids, params, stream, RequestMetrics(arrival_time=arrival))
         return request_id
 
     def abort_request(self, request_id) -> None:
@@ -112,7 +121,7 @@ class FakeExecutor:
             raise UnknownRequestError(f"unknown request id {request_id!r}")
         self.used_blocks -= req.blocks
         self.num_aborted += 1
-        self._finished[request_id] = "abort"
+        self._finished[request_id] = req.result(request_id, "abort")
 
     def pop_output(self, request_id):
         try:
@@ -140,6 +149,9 @@ class FakeExecutor:
                 req.blocks = need
             tok = 97 + (sum(req.ids) + len(req.out)) % 26
             req.out.append(tok)
+            req.metrics.last_token_time = time.monotonic()
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = req.metrics.last_token_time
             reason = "length" if len(req.out) >= req.params.max_tokens else None
             if req.ids[:4] == list(b"hang"):
                 reason = None
@@ -149,7 +161,7 @@ class FakeExecutor:
             if reason is not None:
                 self.used_blocks -= req.blocks
                 del self._reqs[rid]
-                self._finished[rid] = reason
+                self._finished[rid] = req.result(rid, reason)
             lp = [-0.5] if req.params.logprobs is not None else None
             outputs.append(StepOutput(rid, [tok], delta, reason is not None, reason, lp))
         return outputs

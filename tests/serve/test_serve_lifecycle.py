@@ -62,8 +62,8 @@ def test_disconnect_mid_stream_aborts_and_frees_kv() -> None:
         assert _wait_for(lambda: fake.num_aborted == 1)
         assert _wait_for(lambda: fake.used_blocks == 0 and not fake.has_unfinished_requests())
         assert _wait_for(lambda: srv.engine.num_in_flight == 0)
-        metrics = httpx.get(srv.url + "/metrics", trust_env=False).text
-        assert 'kvsched:request_success_total{finished_reason="abort",model_name="fake-model"} 1.0' in metrics
+        line = 'kvsched:request_success_total{finished_reason="abort",model_name="fake-model"} 1.0'
+        assert _wait_for(lambda: line in httpx.get(srv.url + "/metrics", trust_env=False).text)
 
 
 def test_shutdown_aborts_unfinished_requests() -> None:
@@ -139,5 +139,5 @@ def test_stop_string_finishes_the_engine_request_and_frees_kv() -> None:
         # "hang" requests never finish on their own: the engine's stop string ends them, no abort
         assert _wait_for(lambda: fake.used_blocks == 0 and not fake.has_unfinished_requests())
         assert fake.num_aborted == 0
-        metrics = httpx.get(srv.url + "/metrics", trust_env=False).text
-        assert 'kvsched:request_success_total{finished_reason="stop",model_name="fake-model"} 2.0' in metrics
+        line = 'kvsched:request_success_total{finished_reason="stop",model_name="fake-model"} 2.0'
+        assert _wait_for(lambda: line in httpx.get(srv.url + "/metrics", trust_env=False).text)

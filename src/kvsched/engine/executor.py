@@ -270,10 +270,7 @@ class Executor:
                 m.metrics.num_reused_tokens = req.num_reused_tokens
 
     def _emit(self, tracked: _Tracked, token: int, logprob: float | None, now: float) -> StepOutput:
-        req, metrics = tracked.req, tracked.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        metrics.token_times.append(now)
+        req = tracked.req
         if tracked.logprobs is not None and logprob is not None:
             tracked.logprobs.append(logprob)
         delta, stopped = tracked.stream.push([token], final=req.is_finished)
@@ -296,7 +293,7 @@ class Executor:
     def _retire(self, tracked: _Tracked) -> None:
         req = tracked.req
         m = tracked.metrics
-        m.finished_time = time.monotonic()
+        m.read_times(req)  # first/last token and finish: recorded once, by apply_step / finish_request
         m.num_preemptions = max(m.num_preemptions, req.num_preemptions)
         m.num_recomputed_tokens = req.num_recomputed_tokens
         self.stats.record_finish(req)

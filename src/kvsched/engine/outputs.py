@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from kvsched.core.request import Request
 
 
 @dataclass(slots=True)
 class RequestMetrics:
-    """Wall-clock times (``time.monotonic``) and scheduling counters of one request."""
+    """Wall-clock times (``time.monotonic``) and scheduling counters of one request.
+
+    The times are read, never recorded, here: arrival is ``Request.arrival_time``, and the first
+    token, last token and finish are written once by ``core.step.apply_step`` / ``finish_request``
+    into ``Request.metrics`` (see :meth:`read_times`). ``LLM``, ``kvsched bench offline`` and the
+    server's Prometheus metrics all read this object.
+    """
 
     arrival_time: float
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
-    token_times: list[float] = field(default_factory=list)
+    last_token_time: float | None = None
     finished_time: float | None = None
+    num_generation_tokens: int = 0
     num_suspends: int = 0
     num_resumes: int = 0
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     num_reused_tokens: int = 0
+
+    def read_times(self, req: Request) -> None:
+        """Take the request's times and output length from the core's one record of them."""
+        times = req.metrics
+        self.arrival_time = req.arrival_time
+        self.first_token_time = times.get("first_token")
+        self.last_token_time = times.get("last_token")
+        self.finished_time = times.get("finished")
+        self.num_generation_tokens = len(req.output_token_ids)
 
     @property
     def ttft(self) -> float | None:
@@ -28,10 +46,11 @@ class RequestMetrics:
 
     @property
     def tpot(self) -> float | None:
-        """Mean time per output token after the first."""
-        if len(self.token_times) < 2:
+        """Mean time per output token after the first (vLLM's definition)."""
+        n = self.num_generation_tokens
+        if n < 2 or self.first_token_time is None or self.last_token_time is None:
             return None
-        return (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
+        return (self.last_token_time - self.first_token_time) / (n - 1)
 
     @property
     def e2e_latency(self) -> float | None:

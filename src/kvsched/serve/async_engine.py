@@ -5,6 +5,8 @@ Handlers call :meth:`AsyncEngine.submit` (event-loop thread) and iterate the ret
 Event; step outputs cross back in one ``loop.call_soon_threadsafe`` per step and are routed to per-request
 asyncio queues in the loop thread, so the routing table needs no lock. Closing a handle before its
 request finished (client gone, handler error) aborts it in the engine, which frees its KV at once.
+Each request's end is counted in the Prometheus metrics here, on the engine thread, from the engine's
+result (``RequestOutput.metrics``: the one record of its arrival, first token, last token and finish).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvsched.core.request import SamplingParams
-from kvsched.engine.outputs import StepOutput
+from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.serve.backend import Backend
 from kvsched.serve.handle import EngineClosedError, QueueFullError, RequestHandle, _Stream
 from kvsched.serve.metrics import ServerMetrics
@@ -90,7 +92,7 @@ class AsyncEngine:
         stream = _Stream(self._loop.create_future())
         self._streams[rid] = stream
         self._num_waiting += 1
-        self._command(("add", rid, prompt_token_ids, params, priority))
+        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic()))
         return RequestHandle(self, rid, stream, len(prompt_token_ids))
 
     def _release(self, rid: int, stream: _Stream) -> bool:
@@ -180,32 +182,39 @@ class AsyncEngine:
                 for out in outputs:
                     if out.finished:
                         live.discard(out.request_id)
-                        backend.release(out.request_id)
+                        self._observe(out.finish_reason or "error", backend.release(out.request_id))
             self._publish()
         self._abort_all(live, EngineClosedError("the server shut down before the request finished"))
         self._publish(force=True)
 
     def _apply(self, cmd: tuple, live: set[int], accepted: list[int]) -> None:
         if cmd[0] == "add":
-            _, rid, token_ids, params, priority = cmd
+            _, rid, token_ids, params, priority, arrival = cmd
             try:
-                self.backend.add_request(token_ids, params, rid, priority)
+                self.backend.add_request(token_ids, params, rid, priority, arrival)
             except Exception as exc:  # bad request: fail it alone
                 self._to_loop(self._fail, [rid], exc)
+                self._observe("error", None)
                 return
             live.add(rid)
             accepted.append(rid)
         elif cmd[0] == "abort" and cmd[1] in live:
             live.discard(cmd[1])
-            self.backend.abort_request(cmd[1])
+            self._observe("abort", self.backend.abort_request(cmd[1]))
 
     def _abort_all(self, live: set[int], exc: BaseException) -> None:
         for rid in live:
+            result = None
             with contextlib.suppress(Exception):  # best effort while failing everything
-                self.backend.abort_request(rid)
+                result = self.backend.abort_request(rid)
+            self._observe("error", result)
         if live:
             self._to_loop(self._fail, list(live), exc)
         live.clear()
+
+    def _observe(self, finish_reason: str, result: RequestOutput | None) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_finished(finish_reason, result)
 
     def _publish(self, force: bool = False) -> None:
         if self.metrics is None:

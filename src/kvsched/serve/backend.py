@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from kvsched.core.errors import UnknownRequestError
 from kvsched.core.request import SamplingParams
-from kvsched.engine.outputs import StepOutput
+from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.serve.metrics import EngineSnapshot
 
 
@@ -24,10 +24,15 @@ class Backend(Protocol):
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
     def token_text(self, token_id: int) -> str: ...
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, request_id: Hashable, priority: int = 0
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        request_id: Hashable,
+        priority: int = 0,
+        arrival_time: float | None = None,
     ) -> None: ...
-    def abort_request(self, request_id: Hashable) -> None: ...
-    def release(self, request_id: Hashable) -> None: ...
+    def abort_request(self, request_id: Hashable) -> RequestOutput | None: ...
+    def release(self, request_id: Hashable) -> RequestOutput | None: ...
     def step(self) -> list[StepOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
     def snapshot(self) -> EngineSnapshot: ...
@@ -53,20 +58,31 @@ class ExecutorBackend:
         return self._tokenizer.decode([token_id])
 
     def add_request(
-        self, token_ids: list[int], params: SamplingParams, request_id: Hashable, priority: int = 0
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        request_id: Hashable,
+        priority: int = 0,
+        arrival_time: float | None = None,
     ) -> None:
-        """``priority``: higher = more important (the executor's convention)."""
-        self.executor.add_request(token_ids, params, request_id=request_id, priority=priority)
+        """``priority``: higher = more important (the executor's convention); ``arrival_time``
+        (``time.monotonic``) is when the server received it, the start of its TTFT and latency."""
+        self.executor.add_request(
+            token_ids, params, request_id=request_id, priority=priority, arrival_time=arrival_time
+        )
 
-    def abort_request(self, request_id: Hashable) -> None:
-        """Abort and drop the result; a request that already finished is just dropped."""
+    def abort_request(self, request_id: Hashable) -> RequestOutput | None:
+        """Abort and take the result; a request that already finished is just taken."""
         with contextlib.suppress(UnknownRequestError):
             self.executor.abort_request(request_id)
-        self.release(request_id)
+        return self.release(request_id)
 
-    def release(self, request_id: Hashable) -> None:
-        with contextlib.suppress(UnknownRequestError):
-            self.executor.pop_output(request_id)
+    def release(self, request_id: Hashable) -> RequestOutput | None:
+        """Take a finished request's result (its metrics feed /metrics); None if already taken."""
+        try:
+            return self.executor.pop_output(request_id)
+        except UnknownRequestError:
+            return None
 
     def step(self) -> list[StepOutput]:
         return self.executor.step()

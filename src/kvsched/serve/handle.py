@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,10 +31,10 @@ class _Stream:
 
 class RequestHandle:
     """Async iterator over one request's :class:`StepOutput` deltas; ``close()`` ends it (aborting if
-    unfinished) and records its latencies."""
+    unfinished). Its latencies are the engine's (``RequestOutput.metrics``), counted by the engine thread."""
 
-    __slots__ = ("_engine", "request_id", "_stream", "num_prompt_tokens", "num_output_tokens", "arrival",
-                 "first_token_time", "finish_reason", "_closed")  # fmt: skip
+    __slots__ = ("_engine", "request_id", "_stream", "num_prompt_tokens", "num_output_tokens",
+                 "finish_reason", "_closed")  # fmt: skip
 
     def __init__(
         self,
@@ -49,8 +48,6 @@ class RequestHandle:
         self._stream = stream
         self.num_prompt_tokens = num_prompt_tokens
         self.num_output_tokens = 0
-        self.arrival = time.monotonic()
-        self.first_token_time: float | None = None
         self.finish_reason: str | None = None
         self._closed = False
 
@@ -68,10 +65,7 @@ class RequestHandle:
         if isinstance(item, BaseException):
             self.finish_reason = "error"
             raise item
-        if item.new_token_ids:
-            if self.first_token_time is None:
-                self.first_token_time = time.monotonic()
-            self.num_output_tokens += len(item.new_token_ids)
+        self.num_output_tokens += len(item.new_token_ids)
         if item.finished:
             self.finish_reason = item.finish_reason
         return item
@@ -80,14 +74,4 @@ class RequestHandle:
         if self._closed:
             return
         self._closed = True
-        aborted = self._engine._release(self.request_id, self._stream)
-        metrics = self._engine.metrics
-        if metrics is not None:
-            reason = self.finish_reason if self.finish_reason in ("stop", "length") else None
-            metrics.observe_finished(
-                reason or ("abort" if aborted else "error"),
-                num_prompt=self.num_prompt_tokens,
-                num_output=self.num_output_tokens,
-                ttft=None if self.first_token_time is None else self.first_token_time - self.arrival,
-                e2e=time.monotonic() - self.arrival,
-            )
+        self._engine._release(self.request_id, self._stream)

@@ -3,7 +3,8 @@
 Each server owns its CollectorRegistry, so several servers in one process (tests) do not collide.
 Gauges are set by the engine thread after each step from an :class:`EngineSnapshot`; cumulative engine
 counters (suspends, resumes, prefix hits) are advanced by their deltas; latency histograms are
-observed by the HTTP layer when a request ends.
+observed by the engine thread when a request ends, from the engine's ``RequestOutput.metrics`` (the one
+record of a request's times; the server keeps no clock of its own).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from kvsched.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -83,7 +86,7 @@ class ServerMetrics:
         ).labels(**labels)
         self.e2e = Histogram(
             "kvsched:e2e_request_latency_seconds",
-            "Arrival to last token.",
+            "Arrival to finish (the last token, or the abort).",
             ("model_name",),
             buckets=_LATENCY_BUCKETS,
             registry=reg,
@@ -110,24 +113,22 @@ class ServerMetrics:
             self.prefix_hit_rate.set(snap.prefix_hits / snap.prefix_queries)
         self._last = snap
 
-    def observe_finished(
-        self,
-        finish_reason: str,
-        *,
-        num_prompt: int,
-        num_output: int,
-        ttft: float | None,
-        e2e: float,
-    ) -> None:
-        """Called by the HTTP layer when a request ends (aborted ones count as ``abort``)."""
+    def observe_finished(self, finish_reason: str, result: RequestOutput | None) -> None:
+        """Called by the engine thread when a request ends: ``stop`` / ``length`` as the engine said,
+        ``abort`` (client gone), ``error`` (engine failure or shutdown); ``result`` is the engine's,
+        ``None`` for a request it refused (counted, but it has no tokens or latencies)."""
         self._success.labels(finished_reason=finish_reason, **self._labels).inc()
-        self.prompt_tokens.inc(num_prompt)
-        self.generation_tokens.inc(num_output)
-        self.e2e.observe(e2e)
-        if ttft is not None:
-            self.ttft.observe(ttft)
-            if num_output > 1:
-                self.tpot.observe((e2e - ttft) / (num_output - 1))
+        if result is None:
+            return
+        m = result.metrics
+        self.prompt_tokens.inc(len(result.prompt_token_ids))
+        self.generation_tokens.inc(m.num_generation_tokens)
+        if m.e2e_latency is not None:
+            self.e2e.observe(m.e2e_latency)
+        if m.ttft is not None:
+            self.ttft.observe(m.ttft)
+        if m.tpot is not None:
+            self.tpot.observe(m.tpot)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
