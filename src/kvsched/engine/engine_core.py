@@ -60,10 +60,6 @@ class EngineCore:
             raise InvalidRequestError("this model has no tokenizer: pass prompt token ids, not text")
         return list(self.tokenizer.encode(text))
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        """Text of ``token_ids`` without special tokens; "" for a model without a tokenizer."""
-        return "" if self.tokenizer is None else self.tokenizer.decode(token_ids)
-
     def apply_chat_template(
         self, conversation: Sequence[Mapping[str, str]], add_generation_prompt: bool
     ) -> list[int]:
