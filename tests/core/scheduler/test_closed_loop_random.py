@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hypothesis_budget import mutation_budget
@@ -34,6 +34,11 @@ def tok(req: Request, k: int) -> int:
     batch=st.integers(1, 10),
     priority=st.booleans(),
 )
+# Two started contexts that filled the device between them once waited for each other forever.
+@example(kind="unified", policy="max_utilization", seed=2, tpb=16, slack=0, unit=2, reuse=False,
+         drafts=0, batch=2, priority=False)  # fmt: skip
+@example(kind="unified", policy="max_utilization", seed=160, tpb=16, slack=0, unit=1, reuse=False,
+         drafts=0, batch=3, priority=False)  # fmt: skip
 def test_random_workloads_complete_without_leaks(
     kind, policy, seed, tpb, slack, unit, reuse, drafts, batch, priority
 ):

@@ -152,3 +152,24 @@ def test_a_lora_generation_that_cannot_grow_suspends_itself():
     out = make(kv, peft_cache=peft).schedule([v0, g1])
     assert ids(out.generation_requests) == [0] and ids(out.paused_requests) == [1]
     assert not kv.is_request_active(1) and peft.released == [1]
+
+
+def test_contexts_see_the_budget_a_stopped_generation_phase_left():
+    kv = FakeKV()
+    c0 = ctx(0, prompt=3)
+    g1, g2 = running(kv, 1), running(kv, 2)
+    g2.draft_tokens = [1, 1]  # costs 3, only 2 left: the generation phase stops here
+    out = make(kv, max_num_tokens=3).schedule([c0, g1, g2])
+    assert ids(out.generation_requests) == [1] and out.context_requests == []
+    assert out.num_scheduled_tokens == 1
+    c0b = ctx(3, prompt=2)
+    out = make(kv, max_num_tokens=3).schedule([c0b, g1, g2])
+    assert ids(out.context_requests) == [3] and out.num_scheduled_tokens == 3
+
+
+def test_a_batch_limit_after_a_cut_chunk_keeps_non_last_chunks_first():
+    kv = FakeKV()
+    whole, cut, late = ctx(0, prompt=4), ctx(1, prompt=16), ctx(2, prompt=4)
+    out = make(kv, max_batch_size=2, max_num_tokens=12, chunk_unit_size=4).schedule([whole, cut, late])
+    assert ids(out.context_requests) == [1, 0]  # the cut chunk first, then the last chunk
+    assert cut.context_chunk_size == 8

@@ -163,3 +163,34 @@ def test_dropping_a_non_last_chunk_gives_back_only_the_chunk():
     assert c0.context_chunk_size == 8 and out.num_scheduled_tokens == 8
     sched.drop_scheduled(out, [c0])
     assert out.num_scheduled_tokens == 0 and kv.capacity(c0) == 0
+
+
+def test_a_started_context_that_cannot_grow_suspends_started_contexts_behind_it():
+    # Two half-computed prompts fill the device (3 + 3 of 6 blocks); neither could ever grow while the
+    # other holds its blocks. The first one suspends the second and goes on.
+    kv = FakeKV(num_device_blocks=6)
+    a = started_ctx(kv, 0, prompt=32, done=12)
+    b = started_ctx(kv, 1, prompt=32, done=12)
+    sched = make(kv, max_num_tokens=8, chunk_unit_size=4)
+    out = sched.schedule([a, b])
+    assert ids(out.context_requests) == [0] and a.context_chunk_size == 8
+    assert ids(out.paused_requests) == [1] and not kv.is_request_active(1)
+    assert kv.calls.index(("suspend", 1)) < len(kv.calls) - 1  # a's resize was retried after it
+
+
+def test_a_fresh_context_never_suspends_started_work():
+    kv = FakeKV(num_device_blocks=6)
+    fresh = ctx(0, prompt=16)
+    started = started_ctx(kv, 1, prompt=32, done=24)  # all 6 blocks
+    out = make(kv, max_num_tokens=8, chunk_unit_size=4).schedule([fresh, started])
+    assert out.paused_requests == [] and ("suspend", 1) not in kv.calls
+    assert out.context_requests == []  # the started one cannot grow either, and nothing is behind it
+
+
+def test_whole_prompt_mode_also_lets_the_first_started_context_through():
+    kv = FakeKV(num_device_blocks=6)
+    a = started_ctx(kv, 0, prompt=16, done=12)  # 4 tokens left: needs a 4th block
+    b = started_ctx(kv, 1, prompt=16, done=12)
+    out = make(kv).schedule([a, b])
+    assert ids(out.context_requests) == [0] and a.context_chunk_size == 4
+    assert ids(out.paused_requests) == [1]

@@ -3,23 +3,22 @@
 Scheduling and KV allocation happen in one pass: generation requests first (list order), each one
 allocated on the spot; when the device tier is full, started requests are suspended from the tail to
 the host tier (KV kept) and resume by themselves the next time they are allocated. Contexts seen before
-the pass stopped come second and take the token budget the generations left.
+the pass stopped come second and take the token budget the generations left; a started context that
+cannot grow suspends started contexts behind it the same way.
 
-KV manager members used: ``prepare_context``, ``resize_context``, ``try_allocate_generation``,
-``suspend_request``, ``is_request_active``, ``tokens_per_block``; read-only ``capacity(req)`` for
-each scheduled context, and ``revert`` — both only so that :meth:`UnifiedScheduler.drop_scheduled`
-can undo a step. PEFT cache: ``max_device_pages``,
-``num_pages(req)`` and, if present, ``acquire(req)`` (a request was scheduled with its adapter) and
-``release(req)`` (a request was suspended: it no longer pins its adapter).
+The KV manager is a :class:`~kvsched.core.protocols.SchedulingKV` (``capacity`` and ``revert`` only
+so that :meth:`UnifiedScheduler.drop_scheduled` can undo a step); the PEFT cache a
+:class:`~kvsched.core.protocols.PeftPages`: ``acquire`` when a request is scheduled with its adapter,
+``release`` when it is suspended (it no longer pins its adapter).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
-from typing import Any
 
 from kvsched.core.errors import SchedulerDeadlockError
+from kvsched.core.protocols import PeftPages, SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.budget import StepBudget
 from kvsched.core.scheduler.common import (
@@ -47,13 +46,13 @@ class UnifiedScheduler(SchedulerBase):
 
     def __init__(
         self,
-        kv_cache_manager: Any,
+        kv_cache_manager: SchedulingKV,
         *,
         max_batch_size: int,
         max_num_tokens: int | None = None,
         chunk_unit_size: int | None = None,
-        peft_cache: Any = None,
-        draft_kv_cache_manager: Any = None,
+        peft_cache: PeftPages | None = None,
+        draft_kv_cache_manager: SchedulingKV | None = None,
         priority_mode: bool = False,
     ) -> None:
         self._init_common(
@@ -84,7 +83,11 @@ class UnifiedScheduler(SchedulerBase):
         out = SchedulerOutput()
         pending: list[Request] = []
         stop = self._schedule_generations(reqs, inflight, budget, out, pending)
-        chunked = self._contexts.run(pending, out.context_requests, budget) if pending else False
+        chunked = (
+            self._contexts.run(pending, out.context_requests, budget, self._suspend, out.paused_requests)
+            if pending
+            else False
+        )
         self._track_progress(out, stop)
         if budget.has_lora or chunked:
             out.context_requests = sort_output(
