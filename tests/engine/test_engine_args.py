@@ -3,14 +3,31 @@ import argparse
 import pytest
 
 from kvsched.core.errors import ConfigError
+from kvsched.engine import engine_args
 from kvsched.engine.engine_args import EngineArgs, add_engine_flags, engine_args_from_namespace
 
 
-def test_defaults_are_valid_and_size_the_pool_from_the_default_budget():
+def test_defaults_are_valid_and_size_the_pool_from_the_default_budget(monkeypatch):
+    monkeypatch.setattr(engine_args, "available_memory_bytes", lambda: 64 << 30)
     args = EngineArgs()
     cfg = args.cache_config(bytes_per_block=1 << 20)
-    assert cfg.num_device_blocks == 1024 and cfg.num_host_blocks == 0
+    assert cfg.num_device_blocks == 1024 and cfg.num_host_blocks == 1024  # a host tier by default
     assert cfg.enable_block_reuse
+
+
+def test_the_default_host_tier_is_capped_by_available_memory_and_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(engine_args, "available_memory_bytes", lambda: 400 << 20)
+    cfg = EngineArgs().cache_config(bytes_per_block=1 << 20)
+    assert cfg.num_host_blocks == 100  # a quarter of 400 MiB
+    monkeypatch.setattr(engine_args, "available_memory_bytes", lambda: None)
+    assert EngineArgs().cache_config(bytes_per_block=1 << 20).num_host_blocks == 1024
+    assert EngineArgs(num_host_blocks=0).cache_config(bytes_per_block=1 << 20).num_host_blocks == 0
+    assert EngineArgs(host_kv_bytes=0).cache_config(bytes_per_block=1 << 20).num_host_blocks == 0
+
+
+def test_available_memory_is_read_from_the_os():
+    got = engine_args.available_memory_bytes()
+    assert got is None or got > 0
 
 
 def test_byte_budgets_become_blocks():

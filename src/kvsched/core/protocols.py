@@ -51,9 +51,11 @@ class StepKV(Protocol):
 class SchedulingKV(Protocol):
     """The KV manager as the schedulers see it (allocation happens inside the scheduling pass).
 
-    The unified pass uses the first six members, plus ``capacity``/``revert`` so that
-    ``UnifiedScheduler.drop_scheduled`` can undo a step; the baselines also use ``free_request``
-    (preemption by recompute) and two-stage reads ``num_free_device_blocks`` (its capacity stage).
+    The unified pass uses the allocation calls, ``suspend_request``/``is_request_active``/
+    ``can_suspend`` (a victim the host cannot take is preempted with ``free_request`` instead), and
+    ``capacity``/``revert`` so that ``UnifiedScheduler.drop_scheduled`` can undo a step; the
+    baselines use ``free_request`` (preemption by recompute) and two-stage reads
+    ``num_free_device_blocks`` (its capacity stage).
     A draft-model KV manager is one of these too (``suspend_request`` / ``free_request``).
     """
 
@@ -80,6 +82,10 @@ class SchedulingKV(Protocol):
 
     def is_request_active(self, request_id: int, /) -> bool:
         """A cache exists for the request and is on the device."""
+        ...
+
+    def can_suspend(self, req: Request, /) -> bool:
+        """``suspend_request`` would free the request's device blocks now (the host has room)."""
         ...
 
     def free_request(self, req: Request, /) -> None:

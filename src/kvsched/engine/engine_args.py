@@ -7,6 +7,7 @@ known (a block's size depends on layers, KV heads and head dim), in :meth:`Engin
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -15,6 +16,9 @@ from kvsched.core.errors import ConfigError
 
 _DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_DEVICE_KV_BYTES = 1 << 30
+#: Without a host size, the host tier matches the device pool, capped at this share of the memory
+#: available now (TensorRT-LLM provisions a host tier by default so that suspension can happen).
+DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY = 0.25
 
 
 @dataclass(slots=True)
@@ -104,7 +108,10 @@ class EngineArgs:
                 )
         host = self.num_host_blocks
         if host is None:
-            host = 0 if self.host_kv_bytes is None else self.host_kv_bytes // bytes_per_block
+            if self.host_kv_bytes is None:
+                host = default_host_blocks(device, bytes_per_block)
+            else:
+                host = self.host_kv_bytes // bytes_per_block
         return CacheConfig(
             tokens_per_block=self.tokens_per_block,
             num_device_blocks=device,
@@ -112,6 +119,31 @@ class EngineArgs:
             enable_block_reuse=self.enable_block_reuse,
             max_util_for_resume=self.max_util_for_resume,
         )
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the OS could give us now (Linux ``MemAvailable``, else free pages), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_host_blocks(num_device_blocks: int, bytes_per_block: int) -> int:
+    """The host tier when the user gave no size: as many blocks as the device pool, at most
+    ``DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY`` of the memory available now. Set 0 for none."""
+    available = available_memory_bytes()
+    if available is None:
+        return num_device_blocks
+    cap = int(available * DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY) // bytes_per_block
+    return max(0, min(num_device_blocks, cap))
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

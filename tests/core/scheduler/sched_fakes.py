@@ -104,6 +104,14 @@ class FakeKV:
             return  # no room on the host tier: stays on the device
         c.active = False
 
+    def can_suspend(self, req: Request) -> bool:
+        c = self.caches.get(req.request_id)
+        if c is None or not c.active:
+            return False
+        return self.num_host_blocks is None or (
+            self.used_host_blocks + self._blocks(c.capacity) <= self.num_host_blocks
+        )
+
     def is_request_active(self, request_id: int) -> bool:
         c = self.caches.get(request_id)
         return c is not None and c.active

@@ -8,7 +8,6 @@ import random
 import pytest
 
 from kvsched.core.config import CacheConfig
-from kvsched.core.errors import SchedulerDeadlockError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.kvcache.invariants import check_invariants
 from kvsched.core.request import Request
@@ -158,9 +157,19 @@ def test_speculative_drafts_under_pressure(kind, seed):
         assert preempted > 0
 
 
-@pytest.mark.parametrize("unit", [None, 16])
-def test_without_a_host_tier_unified_reports_the_deadlock_and_recompute_completes(unit):
-    with pytest.raises(SchedulerDeadlockError, match="host tier"):
-        run("unified", None, unit, False, host_blocks=0)
-    reqs, stats, paused, preempted = run("recompute", None, unit, False, host_blocks=0)
+@pytest.mark.parametrize("unit,reuse", UNITS_REUSE)
+def test_without_a_host_tier_unified_degrades_to_recompute_and_completes(unit, reuse):
+    # Suspension cannot happen: victims are preempted for recompute instead, never a deadlock; run()
+    # checks every output token and that no block leaks.
+    reqs, stats, paused, preempted = run("unified", None, unit, reuse, host_blocks=0)
+    assert paused == 0 and stats.num_suspends == 0
+    assert preempted > 0 and sum(r.num_recomputed_tokens for r in reqs) > 0
+    reqs, stats, paused, preempted = run("recompute", None, unit, reuse, host_blocks=0)
     assert preempted > 0
+
+
+@pytest.mark.parametrize("unit", [None, 16])
+@pytest.mark.parametrize("host", [1, 4])
+def test_a_host_tier_too_small_for_some_victims_mixes_suspend_and_recompute(unit, host):
+    reqs, stats, paused, preempted = run("unified", None, unit, False, host_blocks=host)
+    assert preempted > 0 and stats.num_suspends == paused

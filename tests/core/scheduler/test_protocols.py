@@ -113,6 +113,9 @@ class _NoRevert:
     def is_request_active(self, request_id: int) -> bool:
         return True
 
+    def can_suspend(self, req: object) -> bool:
+        return True
+
 
 class _PagesOnly:
     """A PEFT cache without acquire/release: the scheduler could not pin or unpin an adapter."""

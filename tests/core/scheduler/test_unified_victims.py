@@ -64,7 +64,11 @@ def test_nothing_behind_a_tail_victim_is_scheduled_into_the_room_it_freed():
 
 
 class StarvedKV(FakeKV):
-    """No host tier (suspend keeps blocks on the device) and, while ``starved``, every allocation fails."""
+    """Suspension that frees nothing (the manager accepts it, the blocks stay on the device: a
+    suspend/resume ping-pong) and, while ``starved``, every allocation fails."""
+
+    def can_suspend(self, req):
+        return self.is_request_active(req.request_id)
 
     def __init__(self) -> None:
         super().__init__(num_device_blocks=1000, num_host_blocks=0)

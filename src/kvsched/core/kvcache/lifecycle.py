@@ -123,6 +123,15 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     store.counters.num_suspends += 1
 
 
+def suspend_fits(store: BlockStore, c: RequestCache) -> bool:
+    """The host tier can take every page of ``c`` that no other active request locks."""
+    movable = 0
+    for p in c.pages:
+        if p.locks == 1:
+            movable += 1
+    return movable <= store.host.available
+
+
 def discard_cache(store: BlockStore, c: RequestCache, req: Request, tpb: int) -> None:
     """Let go of a fresh cache (only a reused prefix, nothing computed); redo the lookup later.
 

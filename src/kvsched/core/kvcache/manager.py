@@ -24,6 +24,7 @@ from kvsched.core.kvcache.lifecycle import (
     discard_cache,
     resume_cache,
     suspend_cache,
+    suspend_fits,
 )
 from kvsched.core.kvcache.prefix import commit_blocks, match_prefix
 from kvsched.core.kvcache.request_cache import RequestCache
@@ -127,6 +128,18 @@ class KVCacheManager:
             discard_cache(self._store, c, req, self._tpb)
             return
         suspend_cache(self._store, c)
+
+    def can_suspend(self, req: Request) -> bool:
+        """Would :meth:`suspend_request` free the request's device blocks now?
+
+        True for an active request whose blocks that no other active request uses fit the host tier
+        (free plus evictable cached host blocks), and for a fresh cache (it is let go, not copied).
+        False when the host cannot take them: they would stay parked on the device.
+        """
+        c = self._caches.get(req.request_id)
+        if c is None or not c.active:
+            return False
+        return c.history == c.num_reused or suspend_fits(self._store, c)
 
     def is_request_active(self, request_id: int) -> bool:
         c = self._caches.get(request_id)

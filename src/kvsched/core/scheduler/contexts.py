@@ -60,13 +60,12 @@ class ContextPhase:
         pending: list[Request],
         ctx: list[Request],
         budget: StepBudget,
-        suspend: Callable[[Request], None],
-        paused: list[Request],
+        displace: Callable[[Request], None],
     ) -> bool:
         """Schedule ``pending`` into ``ctx`` and spend ``budget``; True if a context was cut short.
 
-        ``suspend`` takes a started context out of the device for a request ahead of it; the victims
-        go to ``paused`` and are not looked at again this step.
+        ``displace`` takes a started context off the device for a request ahead of it (and reports it
+        in the output); a victim is not looked at again this step.
         """
         self.old_capacity.clear()
         admit = self._admit_whole if self._unit is None else self._admit_chunk
@@ -83,7 +82,7 @@ class ContextPhase:
                     continue  # short of LoRA pages: later contexts may share resident adapters
             cost = admit(req, budget)
             if cost < 0 and self._kv_short and k + 1 < end and is_started(req):
-                cost, end = self._evict_behind(pending, k, end, req, budget, suspend, paused)
+                cost, end = self._evict_behind(pending, k, end, req, budget, displace)
             if cost < 0:
                 if cost == _STOP:
                     break
@@ -106,10 +105,9 @@ class ContextPhase:
         end: int,
         req: Request,
         budget: StepBudget,
-        suspend: Callable[[Request], None],
-        paused: list[Request],
+        displace: Callable[[Request], None],
     ) -> tuple[int, int]:
-        """Suspend started, active contexts after ``k`` from the tail until ``req`` is admitted.
+        """Displace started, active contexts after ``k`` from the tail until ``req`` is admitted.
 
         Returns the admission's cost (negative if it still failed) and the new end of ``pending``.
         """
@@ -119,8 +117,7 @@ class ContextPhase:
         while j > k:
             victim = pending[j]
             if is_started(victim) and self._is_active(victim.request_id):
-                suspend(victim)
-                paused.append(victim)
+                displace(victim)
                 end = j
                 cost = admit(req, budget)
                 if cost >= 0 or not self._kv_short:

@@ -14,10 +14,11 @@ so that :meth:`UnifiedScheduler.drop_scheduled` can undo a step); the PEFT cache
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from kvsched.core.errors import SchedulerDeadlockError
+from kvsched.core.errors import SchedulerDeadlockError, UnknownRequestError
 from kvsched.core.protocols import PeftPages, SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.budget import StepBudget
@@ -63,6 +64,7 @@ class UnifiedScheduler(SchedulerBase):
         self._try_alloc = kv_cache_manager.try_allocate_generation
         self._is_active = kv_cache_manager.is_request_active
         self._suspend_kv = kv_cache_manager.suspend_request
+        self._can_suspend = kv_cache_manager.can_suspend
         draft = self.draft_kv_cache_manager
         self._draft_suspend = None if draft is None else draft.suspend_request
         self._peft_release = None if peft_cache is None else peft_cache.release
@@ -84,7 +86,7 @@ class UnifiedScheduler(SchedulerBase):
         pending: list[Request] = []
         stop = self._schedule_generations(reqs, inflight, budget, out, pending)
         chunked = (
-            self._contexts.run(pending, out.context_requests, budget, self._suspend, out.paused_requests)
+            self._contexts.run(pending, out.context_requests, budget, lambda r: self._displace(r, out))
             if pending
             else False
         )
@@ -122,7 +124,6 @@ class UnifiedScheduler(SchedulerBase):
         request that does not fit a budget or the KV cache. Returns why it stopped."""
         gen_append = out.generation_requests.append
         pending_append = pending.append
-        paused = out.paused_requests
         try_alloc = self._try_alloc
         peft = self.peft_cache
         acquire = self._peft_acquire
@@ -156,9 +157,9 @@ class UnifiedScheduler(SchedulerBase):
                     stop = _BUDGET
                     break
             if not try_alloc(req):
-                ok, end = self._evict_tail(reqs, i, end, req, paused, inflight)
+                ok, end = self._evict_tail(reqs, i, end, req, out, inflight)
                 if not ok:
-                    self._self_evict(req, paused)
+                    self._self_evict(req, out)
                     stop = _KV
                     break
             gen_append(req)
@@ -172,18 +173,30 @@ class UnifiedScheduler(SchedulerBase):
         budget.num_reqs = num_reqs
         return stop
 
-    def _suspend(self, req: Request) -> None:
-        self._suspend_kv(req)
-        if self._draft_suspend is not None:
-            self._draft_suspend(req)
+    def _displace(self, req: Request, out: SchedulerOutput) -> None:
+        """Take ``req`` off the device: suspend it (KV kept on the host) when the host tier can take
+        its blocks, else preempt it for recompute (KV freed, its published prefix stays cached), as
+        TensorRT-LLM degrades when suspension cannot happen."""
+        if self._can_suspend(req):
+            self._suspend_kv(req)
+            if self._draft_suspend is not None:
+                self._draft_suspend(req)
+            out.paused_requests.append(req)
+        else:
+            self.kv_cache_manager.free_request(req)
+            draft = self.draft_kv_cache_manager
+            if draft is not None:
+                with contextlib.suppress(UnknownRequestError):
+                    draft.free_request(req)
+            req.reset_for_recompute()
+            out.preempted_requests.append(req)
         if self._peft_release is not None:
             self._peft_release(req)
 
-    def _self_evict(self, req: Request, paused: list[Request]) -> None:
-        """Nothing after it could make room: suspend the failing request itself (if it holds KV)."""
+    def _self_evict(self, req: Request, out: SchedulerOutput) -> None:
+        """Nothing after it could make room: displace the failing request itself (if it holds KV)."""
         if self._is_active(req.request_id):
-            self._suspend(req)
-            paused.append(req)
+            self._displace(req, out)
 
     def _evict_tail(
         self,
@@ -191,10 +204,10 @@ class UnifiedScheduler(SchedulerBase):
         i: int,
         end: int,
         req: Request,
-        paused: list[Request],
+        out: SchedulerOutput,
         inflight: AbstractSet[int] | None,
     ) -> tuple[bool, int]:
-        """Suspend started, active requests from the tail (never ``i`` or before) until ``req`` fits.
+        """Displace started, active requests from the tail (never ``i`` or before) until ``req`` fits.
 
         In priority mode the list is sorted by priority, so the tail holds the lowest priorities and
         the same scan picks the lowest-priority victim nearest the tail. In-flight requests are spared.
@@ -208,8 +221,7 @@ class UnifiedScheduler(SchedulerBase):
                 and (inflight is None or victim.request_id not in inflight)
                 and is_active(victim.request_id)
             ):
-                self._suspend(victim)
-                paused.append(victim)
+                self._displace(victim, out)
                 end = j
                 if self._try_alloc(req):
                     return True, end
@@ -220,7 +232,7 @@ class UnifiedScheduler(SchedulerBase):
         if out.generation_requests or out.context_requests:
             self._stalled_steps = 0
         else:
-            self._check_deadlock(stop, out.paused_requests)
+            self._check_deadlock(stop, out.paused_requests or out.preempted_requests)
 
     def _check_deadlock(self, stop: int, paused: list[Request]) -> None:
         """Raise only when KV allocation (not a token/batch/LoRA budget) stopped every request."""
