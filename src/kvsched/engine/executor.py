@@ -101,15 +101,19 @@ class Executor:
         lora_id: int | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        cache_salt: int | None = None,
     ) -> Hashable:
         """Queue one request; returns its id. Raises InvalidRequestError / DuplicateRequestError.
 
         ``priority``: higher is more important (scheduled first in priority mode, its cached blocks
-        evicted last); the default 0 for every request keeps arrival order.
+        evicted last); the default 0 for every request keeps arrival order. ``cache_salt``: the
+        request's prefix-reuse scope; requests with different salts never share cached blocks.
         """
         params = sampling_params or SamplingParams()
         params.validate()
         priority = check_priority(priority)
+        if cache_salt is not None and type(cache_salt) is not int:
+            raise InvalidRequestError(f"cache_salt must be an int or None, got {type(cache_salt).__name__}")
         if lora_id is not None:
             raise UnsupportedFeatureError(f"lora_id={lora_id}: this engine has no LoRA adapters loaded")
         internal = next(self._ids)
@@ -131,6 +135,7 @@ class Executor:
             eos_token_ids=eos,
             arrival_time=arrival_time,
             priority=priority,
+            cache_salt=cache_salt,
         )
         gen = None if params.seed is None else Sampler.make_generator(params.seed, self.core.device)
         self._tracked[internal] = _Tracked(
