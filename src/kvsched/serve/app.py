@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
 from kvsched.serve.async_engine import AsyncEngine, RequestHandle
+from kvsched.serve.auth import APIKeyMiddleware, check_api_key, open_paths
 from kvsched.serve.backend import Backend
 from kvsched.serve.chunks import ChatChunks, CompletionChunks
 from kvsched.serve.errors import APIError, install_error_handlers, status_of
@@ -31,6 +32,7 @@ from kvsched.serve.protocol import (
     ModelCard,
     ModelList,
 )
+from kvsched.serve.tenancy import check_header_name, salt_id, tenant_of
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -39,6 +41,9 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 class ServerOptions:
     max_waiting: int = 1024  # requests without a first token before new ones get 429
     drain_timeout_s: float = 10.0  # on shutdown, how long running requests may finish
+    api_key: str | None = None  # Bearer key for every path but /health (serve/auth.py); None: open
+    metrics_open: bool = False  # with an api_key, serve /metrics without it
+    tenant_salt_header: str | None = None  # header naming the tenant's cache scope (serve/tenancy.py)
 
 
 def build_app(backend: Backend, model_name: str, options: ServerOptions | None = None) -> FastAPI:
@@ -56,6 +61,10 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
     app.state.engine = engine
     app.state.metrics = metrics
     install_error_handlers(app)
+    if opts.api_key is not None:
+        key = check_api_key(opts.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=key, public=open_paths(opts.metrics_open))
+    salt_header = None if opts.tenant_salt_header is None else check_header_name(opts.tenant_salt_header)
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -63,8 +72,11 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
                 404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "model"
             )
 
-    async def start(token_ids: list[int], params, priority: int) -> RequestHandle:
-        handle = engine.submit(token_ids, params, priority)
+    def cache_salt(body_salt: str | None, raw: Request) -> int | None:
+        return salt_id(tenant_of(raw.headers, salt_header), body_salt)
+
+    async def start(token_ids: list[int], params, priority: int, salt: int | None = None) -> RequestHandle:
+        handle = engine.submit(token_ids, params, priority, cache_salt=salt)
         try:
             await handle.accepted()
         except Exception as exc:
@@ -94,7 +106,8 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         if not ids:
             raise APIError(400, "the prompt encodes to zero tokens", "prompt")
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
-        handle = await start(ids, sampling_params(req, max_tokens, req.logprobs), req.priority)
+        params = sampling_params(req, max_tokens, req.logprobs)
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
@@ -125,7 +138,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
         num_top = (req.top_logprobs or 0) if req.logprobs else 0
         params = sampling_params(req, max_tokens, num_top if req.logprobs else None)
-        handle = await start(ids, params, req.priority)
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
             first, enc = [True], ChatChunks(rid, model_name)

@@ -72,10 +72,18 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self._num_waiting
 
-    def submit(self, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0) -> RequestHandle:
+    def submit(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        *,
+        cache_salt: int | None = None,
+    ) -> RequestHandle:
         """Queue a request (never blocks). Raises QueueFullError or EngineClosedError.
 
-        ``priority``: higher = more important (used by an engine in priority mode).
+        ``priority``: higher = more important (used by an engine in priority mode). ``cache_salt``:
+        the request's prefix-cache scope (``serve/tenancy.py``); None shares the unsalted cache.
 
         ``params`` go to the engine as they are: it decides every stop (EOS, length, stop token ids,
         stop strings with hold-back) and its text deltas and finish reasons are streamed unchanged.
@@ -92,7 +100,7 @@ class AsyncEngine:
         stream = _Stream(self._loop.create_future())
         self._streams[rid] = stream
         self._num_waiting += 1
-        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic()))
+        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt))
         return RequestHandle(self, rid, stream, len(prompt_token_ids))
 
     def _release(self, rid: int, stream: _Stream) -> bool:
@@ -189,9 +197,9 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple, live: set[int], accepted: list[int]) -> None:
         if cmd[0] == "add":
-            _, rid, token_ids, params, priority, arrival = cmd
+            _, rid, token_ids, params, priority, arrival, salt = cmd
             try:
-                self.backend.add_request(token_ids, params, rid, priority, arrival)
+                self.backend.add_request(token_ids, params, rid, priority, arrival, salt)
             except Exception as exc:  # bad request: fail it alone
                 self._to_loop(self._fail, [rid], exc)
                 self._observe("error", None)

@@ -30,6 +30,7 @@ class Backend(Protocol):
         request_id: Hashable,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: int | None = None,
     ) -> None: ...
     def abort_request(self, request_id: Hashable) -> RequestOutput | None: ...
     def release(self, request_id: Hashable) -> RequestOutput | None: ...
@@ -64,11 +65,18 @@ class ExecutorBackend:
         request_id: Hashable,
         priority: int = 0,
         arrival_time: float | None = None,
+        cache_salt: int | None = None,
     ) -> None:
         """``priority``: higher = more important (the executor's convention); ``arrival_time``
-        (``time.monotonic``) is when the server received it, the start of its TTFT and latency."""
+        (``time.monotonic``) is when the server received it, the start of its TTFT and latency;
+        ``cache_salt``: its prefix-cache scope (``serve/tenancy.py``), None for the shared cache."""
         self.executor.add_request(
-            token_ids, params, request_id=request_id, priority=priority, arrival_time=arrival_time
+            token_ids,
+            params,
+            request_id=request_id,
+            priority=priority,
+            arrival_time=arrival_time,
+            cache_salt=cache_salt,
         )
 
     def abort_request(self, request_id: Hashable) -> RequestOutput | None:

@@ -18,6 +18,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="name clients send (default: from --model)")
     p.add_argument("--max-waiting", type=int, default=1024, help="requests without a first token before 429s")
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish requests on shutdown")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on every path but /health (default: $KVSCHED_API_KEY)",
+    )
+    p.add_argument("--metrics-open", action="store_true", help="with an API key, serve /metrics without it")
+    p.add_argument(
+        "--tenant-salt-header",
+        default=None,
+        metavar="NAME",
+        help="header a gateway sets to the tenant: its requests get their own prefix cache scope",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_flags(p)
     p.set_defaults(func=run)
@@ -33,20 +45,34 @@ def served_name(model: str | None, override: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import uvicorn
 
     from kvsched.engine.engine_args import engine_args_from_namespace
     from kvsched.engine.executor import Executor
     from kvsched.serve.app import ServerOptions, build_app
+    from kvsched.serve.auth import resolve_api_key
     from kvsched.serve.backend import ExecutorBackend
+    from kvsched.serve.tenancy import check_header_name
 
     # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
+    api_key = resolve_api_key(args.api_key, os.environ)
+    if args.tenant_salt_header is not None:
+        check_header_name(args.tenant_salt_header)
     engine_args = engine_args_from_namespace(args)
     executor = Executor(engine_args)
     name = served_name(engine_args.model, args.served_model_name)
-    options = ServerOptions(max_waiting=args.max_waiting, drain_timeout_s=args.drain_timeout)
+    options = ServerOptions(
+        max_waiting=args.max_waiting,
+        drain_timeout_s=args.drain_timeout,
+        api_key=api_key,
+        metrics_open=args.metrics_open,
+        tenant_salt_header=args.tenant_salt_header,
+    )
     app = build_app(ExecutorBackend(executor), name, options)
-    print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    auth = "API key required" if api_key else "no API key"
+    print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
     uvicorn.run(
         app,
         host=args.host,

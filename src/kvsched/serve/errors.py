@@ -13,7 +13,13 @@ from kvsched.core.errors import InvalidRequestError, UnsupportedFeatureError
 from kvsched.serve.handle import EngineClosedError, QueueFullError
 from kvsched.serve.protocol import ErrorInfo, ErrorResponse
 
-_TYPES = {400: "BadRequestError", 404: "NotFoundError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    429: "RateLimitError",
+    503: "ServiceUnavailableError",
+}
 
 
 class APIError(Exception):

@@ -44,6 +44,9 @@ class _SamplingFields(_Request):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
+    # The request's prefix-cache scope (as vLLM accepts it): requests with different salts never share
+    # cached KV blocks. A gateway's --tenant-salt-header scopes it further (serve/tenancy.py).
+    cache_salt: str | None = Field(None, min_length=1)
 
     @field_validator("max_tokens")
     @classmethod
