@@ -179,7 +179,9 @@ def test_a_started_context_that_cannot_grow_suspends_started_contexts_behind_it(
     out = sched.schedule([a, b])
     assert ids(out.context_requests) == [0] and a.context_chunk_size == 8
     assert ids(out.paused_requests) == [1] and not kv.is_request_active(1)
-    assert kv.calls.index(("suspend", 1)) < len(kv.calls) - 1  # a's resize was retried after it
+    after = calls_after(kv, ("suspend", 1))
+    assert ("resize", 0) in after  # a's resize was retried after it
+    assert ("prepare", 1) not in after  # the victim is not looked at again this step
 
 
 def test_a_fresh_context_never_suspends_started_work():
@@ -198,3 +200,53 @@ def test_whole_prompt_mode_also_lets_the_first_started_context_through():
     out = make(kv).schedule([a, b])
     assert ids(out.context_requests) == [0] and a.context_chunk_size == 4
     assert ids(out.paused_requests) == [1]
+
+
+def test_context_eviction_stops_as_soon_as_the_request_fits():
+    kv = FakeKV(num_device_blocks=9)
+    a = started_ctx(kv, 0, prompt=32, done=12)  # 3 blocks, needs 2 more for a chunk of 8
+    b = started_ctx(kv, 1, prompt=32, done=12)
+    c = started_ctx(kv, 2, prompt=32, done=12)
+    out = make(kv, max_num_tokens=8, chunk_unit_size=4).schedule([a, b, c])
+    assert ids(out.context_requests) == [0] and ids(out.paused_requests) == [2]
+    assert kv.is_request_active(1)
+
+
+def test_context_eviction_takes_as_many_victims_as_needed_from_the_tail():
+    kv = FakeKV(num_device_blocks=7)
+    a = started_ctx(kv, 0, prompt=40, done=12)  # 3 blocks; a chunk of 12 needs 3 more
+    b = started_ctx(kv, 1, prompt=32, done=8)  # 2 blocks
+    c = started_ctx(kv, 2, prompt=32, done=8)  # 2 blocks
+    out = make(kv, max_num_tokens=12, chunk_unit_size=4).schedule([a, b, c])
+    assert ids(out.context_requests) == [0] and a.context_chunk_size == 12
+    assert ids(out.paused_requests) == [2, 1]
+
+
+def test_suspended_contexts_behind_are_not_victims_and_keep_their_kv():
+    kv = FakeKV(num_device_blocks=6)
+    a = started_ctx(kv, 0, prompt=32, done=24)  # all 6 blocks, cannot grow
+    s = started_ctx(kv, 1, prompt=32, done=8)
+    kv.caches[1].active = False  # on the host
+    out = make(kv, max_num_tokens=8, chunk_unit_size=4).schedule([a, s])
+    assert out.paused_requests == [] and out.preempted_requests == [] and out.context_requests == []
+    assert kv.caches[1].capacity == 8 and s.num_preemptions == 0
+
+
+def test_a_started_context_never_displaces_itself():
+    kv = FakeKV(num_device_blocks=6)
+    a = started_ctx(kv, 0, prompt=32, done=24)
+    fresh = ctx(1, prompt=8)
+    out = make(kv, max_num_tokens=8, chunk_unit_size=4).schedule([a, fresh])
+    assert out.paused_requests == [] and out.preempted_requests == [] and kv.is_request_active(0)
+
+
+@pytest.mark.parametrize("unit", [None, 4])
+def test_a_context_short_of_token_budget_displaces_nobody(unit):
+    kv = FakeKV(num_device_blocks=100)
+    g = running(kv, 0)
+    a = started_ctx(kv, 1, prompt=32, done=12)  # 20 tokens left
+    b = started_ctx(kv, 2, prompt=32, done=12)
+    budget = 4 if unit else 20  # chunked: 3 tokens left < unit; whole: 20 tokens > 19 left
+    out = make(kv, max_num_tokens=budget, chunk_unit_size=unit).schedule([g, a, b])
+    assert out.paused_requests == [] and ("suspend", 2) not in kv.calls
+    assert kv.is_request_active(2)

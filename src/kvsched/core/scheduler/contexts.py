@@ -81,8 +81,8 @@ class ContextPhase:
                 if pages < 0:
                     continue  # short of LoRA pages: later contexts may share resident adapters
             cost = admit(req, budget)
-            if cost < 0 and self._kv_short and k + 1 < end and is_started(req):
-                cost, end = self._evict_behind(pending, k, end, req, budget, displace)
+            if cost < 0 and self._kv_short and is_started(req):
+                cost, end = self._evict_behind(pending, k, end, req, cost, budget, displace)
             if cost < 0:
                 if cost == _STOP:
                     break
@@ -104,15 +104,16 @@ class ContextPhase:
         k: int,
         end: int,
         req: Request,
+        cost: int,
         budget: StepBudget,
         displace: Callable[[Request], None],
     ) -> tuple[int, int]:
         """Displace started, active contexts after ``k`` from the tail until ``req`` is admitted.
 
-        Returns the admission's cost (negative if it still failed) and the new end of ``pending``.
+        ``cost`` is the refusal so far. Returns the admission's cost (negative if it still failed) and
+        the new end of ``pending``.
         """
         admit = self._admit_whole if self._unit is None else self._admit_chunk
-        cost = _SKIP
         j = end - 1
         while j > k:
             victim = pending[j]
