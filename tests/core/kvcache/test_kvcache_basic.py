@@ -210,10 +210,10 @@ def test_invariant_checker_catches_corruption():
     with pytest.raises(AssertionError, match="owned twice"):
         check_invariants(m)
     store.device.free.pop()
-    m._caches[1].table[0] = 3  # table no longer mirrors the pages
+    m._caches[1].table[0] = 3  # table no longer mirrors the blocks
     with pytest.raises(AssertionError, match="stale table"):
         check_invariants(m)
-    m._caches[1].table[0] = m._caches[1].pages[0].slot
-    m._caches[1].pages[0].locks += 1
+    m._caches[1].table[0] = m._caches[1].blocks[0].slot
+    m._caches[1].blocks[0].locks += 1
     with pytest.raises(AssertionError, match="refcount"):
         check_invariants(m)

@@ -82,8 +82,8 @@ def test_commit_publishes_the_lookup_keys():
     assert m.prepare_context(again) and again.context_current_position == 12
 
 
-def test_recycled_page_objects_start_clean():
-    """Dropped and freed Page objects are reused for new blocks: no stale lock, key or LRU entry."""
+def test_recycled_block_objects_start_clean():
+    """Dropped and freed Block objects are reused for new blocks: no stale lock, key or LRU entry."""
     m = make(tpb=4, device=4, host=0, reuse=True)
     a = req(1, list(range(13)), max_new=1)
     run_context(m, a)
@@ -91,11 +91,11 @@ def test_recycled_page_objects_start_clean():
     m.free_request(a)  # 3 published blocks cached, the partial tail freed
     b = req(2, [90 + k for k in range(16)], max_new=1)
     run_context(m, b)  # needs all 4 blocks: the 3 cached ones are dropped (no host tier)
-    pages = m._caches[2].pages
-    assert old & {id(p) for p in pages}  # objects were reused
-    assert [p.slot for p in pages] == m.block_table(b)
-    assert all(p.locks == 1 and p.holds == 0 and p.bucket is None for p in pages)
-    assert sum(p.key is not None for p in pages) == 4  # b's own 4 full blocks, published anew
+    blocks = m._caches[2].blocks
+    assert old & {id(p) for p in blocks}  # objects were reused
+    assert [p.slot for p in blocks] == m.block_table(b)
+    assert all(p.locks == 1 and p.holds == 0 and p.bucket is None for p in blocks)
+    assert sum(p.key is not None for p in blocks) == 4  # b's own 4 full blocks, published anew
     check_invariants(m)
     m.free_request(b)
     assert m.stats().cached_device_blocks == 4

@@ -104,7 +104,7 @@ def test_suspended_published_blocks_can_be_hit_by_another_request():
     assert m.prepare_context(b) and b.context_current_position == 8
     assert m.stats().reuse_hit_blocks_host == 2
     check_invariants(m)
-    assert m.try_allocate_generation(a)  # pages were brought up by b: only a's tail moves
+    assert m.try_allocate_generation(a)  # blocks were brought up by b: only a's tail moves
     assert m.block_table(a)[:2] == m.block_table(b)[:2]
     check_invariants(m)
 

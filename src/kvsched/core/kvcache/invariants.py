@@ -7,7 +7,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from kvsched.core.kvcache.block_store import BlockStore
-from kvsched.core.kvcache.pages import Page
+from kvsched.core.kvcache.blocks import Block
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats
 
@@ -38,36 +38,36 @@ def check_invariants(manager: KVCacheManager) -> None:
     tpb = manager.tokens_per_block
     locks: Counter[int] = Counter()
     holds: Counter[int] = Counter()
-    pages: dict[int, Page] = {}
+    blocks: dict[int, Block] = {}
     for c in caches.values():
         assert 0 <= c.committed <= c.history <= c.capacity <= c.alloc_tokens, c
-        assert c.alloc_tokens == len(c.pages) * tpb, c
+        assert c.alloc_tokens == len(c.blocks) * tpb, c
         assert c.committed % tpb == 0, c
-        assert len({id(p) for p in c.pages}) == len(c.pages), f"request {c.request_id} holds a page twice"
+        assert len({id(p) for p in c.blocks}) == len(c.blocks), f"request {c.request_id} holds a block twice"
         if c.active:
-            assert c.table == [p.slot for p in c.pages], f"stale table of request {c.request_id}"
-            assert all(p.tier == DEVICE for p in c.pages)
+            assert c.table == [p.slot for p in c.blocks], f"stale table of request {c.request_id}"
+            assert all(p.tier == DEVICE for p in c.blocks)
         else:
             assert not c.table
-        for p in c.pages:
-            pages[id(p)] = p
+        for p in c.blocks:
+            blocks[id(p)] = p
             (locks if c.active else holds)[id(p)] += 1
-    for p in pages.values():
+    for p in blocks.values():
         assert p.locks == locks[id(p)] and p.holds == holds[id(p)], f"bad refcount {p}"
-        assert p.bucket is None, f"referenced page in the LRU {p}"
-    assert store.num_locked == sum(1 for p in pages.values() if p.locks), "bad locked count"
-    parked = {id(p) for p in pages.values() if p.tier == DEVICE and not p.locks and p.holds}
+        assert p.bucket is None, f"referenced block in the LRU {p}"
+    assert store.num_locked == sum(1 for p in blocks.values() if p.locks), "bad locked count"
+    parked = {id(p) for p in blocks.values() if p.tier == DEVICE and not p.locks and p.holds}
     assert parked == {id(p) for p in store.parked}, "parked set out of date"
     for tier, pool in ((DEVICE, store.device), (HOST, store.host)):
-        cached = pool.cached_pages()
+        cached = pool.cached_blocks()
         assert len(cached) == pool.num_cached
         for p in cached:
             assert p.tier == tier and p.key is not None and p.locks == 0 and p.holds == 0, p
-            assert store.index.get(p.key) is p, f"cached page not in index {p}"
-            pages[id(p)] = p
-        owned = [p.slot for p in pages.values() if p.tier == tier]
+            assert store.index.get(p.key) is p, f"cached block not in index {p}"
+            blocks[id(p)] = p
+        owned = [p.slot for p in blocks.values() if p.tier == tier]
         slots = owned + pool.free
         assert len(slots) == len(set(slots)) == pool.size, f"tier {tier}: slot leaked or owned twice"
         assert all(0 <= s < pool.size for s in slots)
     for key, p in store.index.items():
-        assert p.key == key and id(p) in pages, f"index entry for a dead page {p}"
+        assert p.key == key and id(p) in blocks, f"index entry for a dead block {p}"

@@ -1,11 +1,11 @@
 """Request-cache transitions: attach a reused prefix, suspend, resume, discard.
 
 Suspend policy (why it is safe for shared blocks): a request's references turn from locks into
-holds. Pages that no active request locks any more are copied to the host tier in one batch (as
+holds. Blocks that no active request locks any more are copied to the host tier in one batch (as
 many as the host can take; the rest are "parked" on the device and move down later when the device
-needs room and the host has some). Pages shared with an active request stay where they are, pinned
-by that request (parked once it lets go). A held page is never dropped, only moved, so resume always
-finds every page again (on the device, or on the host to copy back) and data comes back byte for
+needs room and the host has some). Blocks shared with an active request stay where they are, pinned
+by that request (parked once it lets go). A held block is never dropped, only moved, so resume always
+finds every block again (on the device, or on the host to copy back) and data comes back byte for
 byte. A fresh cache (nothing computed yet, at most a reused prefix) is never copied: it is discarded
 instead (the prefix stays cached) and its lookup is redone by the next ``prepare_context``.
 """
@@ -20,10 +20,10 @@ from kvsched.core.request import Request
 
 
 def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, reuse: bool) -> int:
-    """Look the context minus its last token up; hold the matched pages; set the positions.
+    """Look the context minus its last token up; hold the matched blocks; set the positions.
 
     The keys are hashed on the first lookup only; a repeated one is dict probes. Returns how many
-    matched pages are on the host tier (for ``count_reuse``).
+    matched blocks are on the host tier (for ``count_reuse``).
     """
     c.pending = False
     reused = on_host = 0
@@ -34,16 +34,16 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, re
             packed = pack_tokens(req.token_slice(0, nfull * tpb))
             keys = c.keys = chain_keys(c.root, packed, tpb * 4)
         get = store.index.get
-        pages = []
+        blocks = []
         for key in keys:
-            page = get(key)
-            if page is None:
+            block = get(key)
+            if block is None:
                 break
-            pages.append(page)
-        on_host = store.hold_many(pages)
-        reused = len(pages) * tpb
-        c.pages = pages
-        c.last_key = keys[len(pages) - 1] if pages else c.root
+            blocks.append(block)
+        on_host = store.hold_many(blocks)
+        reused = len(blocks) * tpb
+        c.blocks = blocks
+        c.last_key = keys[len(blocks) - 1] if blocks else c.root
     c.capacity = c.history = c.committed = c.num_reused = c.alloc_tokens = reused
     req.context_current_position = reused
     req.num_reused_tokens = reused
@@ -52,7 +52,7 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, re
 
 def count_reuse(store: BlockStore, c: RequestCache, req: Request, tpb: int, on_host: int) -> None:
     """Add an admitted context's lookup to the hit/miss counters (``discard_cache`` takes it back)."""
-    hits = len(c.pages)
+    hits = len(c.blocks)
     counted = (hits - on_host, on_host, len(c.keys or ()) - hits, req.num_context_tokens - hits * tpb)
     _add_counts(store, counted, tpb, 1)
     c.counted = counted
@@ -70,16 +70,16 @@ def _add_counts(store: BlockStore, counted: tuple[int, int, int, int], tpb: int,
 
 
 def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
-    """Bring every page of a held cache to the device and lock it; False (no change) if short."""
+    """Bring every block of a held cache to the device and lock it; False (no change) if short."""
     device = store.device
     if max_util < 1.0 and (device.size - device.available) / device.size > max_util:
         return False
-    pages = c.pages
-    onboard = [p for p in pages if p.tier == HOST]
+    blocks = c.blocks
+    onboard = [p for p in blocks if p.tier == HOST]
     if onboard:
-        # Our own parked pages must not be pushed to the host to make room for the others.
+        # Our own parked blocks must not be pushed to the host to make room for the others.
         parked = store.parked
-        mine = [p for p in pages if p in parked]
+        mine = [p for p in blocks if p in parked]
         for p in mine:
             del parked[p]
         if not store.reserve(DEVICE, len(onboard)):
@@ -88,14 +88,14 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
             return False
         store.migrate(onboard, DEVICE)
     parked = store.parked
-    for p in pages:
+    for p in blocks:
         if p.locks == 0:
             store.num_locked += 1
             if p in parked:
                 del parked[p]
         p.locks += 1
         p.holds -= 1
-    c.table = [p.slot for p in pages]
+    c.table = [p.slot for p in blocks]
     c.active = True
     if c.was_suspended:
         c.was_suspended = False
@@ -104,14 +104,14 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
 
 
 def suspend_cache(store: BlockStore, c: RequestCache) -> None:
-    """Locks become holds; pages no active request uses go to the host (one batched copy)."""
-    pages = c.pages
-    for p in pages:
+    """Locks become holds; blocks no active request uses go to the host (one batched copy)."""
+    blocks = c.blocks
+    for p in blocks:
         p.locks -= 1
         p.holds += 1
         if p.locks == 0:
             store.num_locked -= 1
-    movable = [p for p in pages if p.locks == 0]
+    movable = [p for p in blocks if p.locks == 0]
     n = min(len(movable), store.host.available)
     if n:
         store.migrate(movable[:n], HOST)
@@ -124,9 +124,9 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
 
 
 def suspend_fits(store: BlockStore, c: RequestCache) -> bool:
-    """The host tier can take every page of ``c`` that no other active request locks."""
+    """The host tier can take every block of ``c`` that no other active request locks."""
     movable = 0
-    for p in c.pages:
+    for p in c.blocks:
         if p.locks == 1:
             movable += 1
     return movable <= store.host.available
@@ -140,8 +140,8 @@ def discard_cache(store: BlockStore, c: RequestCache, req: Request, tpb: int) ->
     if c.counted is not None:
         _add_counts(store, c.counted, tpb, -1)
         c.counted = None
-    store.release_many(c.pages, c.active, c.priority)
-    c.pages = []
+    store.release_many(c.blocks, c.active, c.priority)
+    c.blocks = []
     c.table = []
     c.capacity = c.history = c.committed = c.num_reused = c.alloc_tokens = 0
     c.last_key = c.root

@@ -168,7 +168,7 @@ class KVCacheManager:
             raise UnknownRequestError(f"request {req.request_id} has no KV cache (unknown or freed)")
         if self._reuse and not c.pending:
             commit_blocks(self._store, c, req, self._tpb)
-        self._store.release_many(c.pages, c.active, c.priority)
+        self._store.release_many(c.blocks, c.active, c.priority)
 
     def revert(self, req: Request, capacity: int) -> None:
         """Shrink capacity back to ``max(history, capacity)`` (a step that was grown, then dropped)."""
@@ -177,8 +177,8 @@ class KVCacheManager:
         if new_cap >= c.capacity:
             return
         nb = -(-new_cap // self._tpb)
-        extra = c.pages[nb:]
-        del c.pages[nb:]
+        extra = c.blocks[nb:]
+        del c.blocks[nb:]
         if c.active:
             del c.table[nb:]
         self._store.release_many(extra, c.active, c.priority)
@@ -261,8 +261,8 @@ class KVCacheManager:
         scope = (req.lora_id, req.cache_salt)
         root = self._roots.get(scope) or root_key(*scope)
         nfull = (req.num_context_tokens - 1) // self._tpb
-        pages, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
-        return len(pages) * self._tpb
+        blocks, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
+        return len(blocks) * self._tpb
 
     def clear_cached_blocks(self) -> int:
         """Drop every cached block nobody holds, on both tiers (cold-cache runs); returns how many."""
@@ -290,10 +290,10 @@ class KVCacheManager:
             raise InvalidRequestError(f"request {rid}: empty context")
         remaining = req.max_new_tokens - len(req.output_token_ids)
         worst = n_ctx + max(0, remaining - 1)
-        blocks = -(-worst // self._tpb)
-        if blocks > self._store.device.size:
+        nblocks = -(-worst // self._tpb)
+        if nblocks > self._store.device.size:
             raise RequestTooLargeError(
-                f"request {rid}: up to {worst} tokens of KV need {blocks} blocks, more than the "
+                f"request {rid}: up to {worst} tokens of KV need {nblocks} blocks, more than the "
                 f"{self._store.device.size} blocks of the device pool"
             )
         root = b""
@@ -314,12 +314,12 @@ class KVCacheManager:
                 f"request {c.request_id}: {need} tokens need {nb} blocks, more than the "
                 f"{store.device.size} blocks of the device pool"
             )
-        add = nb - len(c.pages)
+        add = nb - len(c.blocks)
         if not store.reserve(DEVICE, add):
             return False
-        pages = store.new_device_pages(add)
-        c.pages.extend(pages)
-        c.table.extend([p.slot for p in pages])
+        blocks = store.new_device_blocks(add)
+        c.blocks.extend(blocks)
+        c.table.extend([p.slot for p in blocks])
         c.capacity = need
         c.alloc_tokens = nb * tpb
         return True

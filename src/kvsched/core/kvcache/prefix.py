@@ -1,7 +1,7 @@
 """Prefix reuse: match a prompt against published blocks, and publish a request's newly full blocks.
 
 Only whole blocks are keyed and shared, so a reused block is never written again (no copy-on-write).
-When a request completes a block whose key another page already holds (two requests computed the
+When a request completes a block whose key another block already holds (two requests computed the
 same prefix at the same time), its own copy stays private and unpublished; the chain continues.
 """
 
@@ -12,34 +12,34 @@ import struct
 from hashlib import sha256
 
 from kvsched.core.kvcache.block_store import BlockStore
+from kvsched.core.kvcache.blocks import Block
 from kvsched.core.kvcache.keys import pack_tokens
-from kvsched.core.kvcache.pages import Page
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.request import Request
 
 
 def match_prefix(
-    index: dict[bytes, Page], parent: bytes, tokens: list[int], tokens_per_block: int
-) -> tuple[list[Page], bytes]:
-    """Pages of the longest run of whole blocks of ``tokens`` that is published, and the last key.
+    index: dict[bytes, Block], parent: bytes, tokens: list[int], tokens_per_block: int
+) -> tuple[list[Block], bytes]:
+    """Blocks of the longest run of whole blocks of ``tokens`` that is published, and the last key.
 
     Hashes block by block and stops at the first miss, so a cold prompt costs one hash.
     """
     packed = pack_tokens(tokens)
     mv = memoryview(packed)
     step = tokens_per_block * 4
-    pages: list[Page] = []
+    blocks: list[Block] = []
     get = index.get
     for start in range(0, len(packed) - step + 1, step):
         h = sha256(parent)
         h.update(mv[start : start + step])
         key = h.digest()
-        page = get(key)
-        if page is None:
+        block = get(key)
+        if block is None:
             break
-        pages.append(page)
+        blocks.append(block)
         parent = key
-    return pages, parent
+    return blocks, parent
 
 
 def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_per_block: int) -> None:
@@ -53,36 +53,36 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
     end = min(cache.history, req.num_tokens) // tokens_per_block * tokens_per_block
     if end <= start:
         return
-    pages = cache.pages
-    block = start // tokens_per_block
+    blocks = cache.blocks
+    idx = start // tokens_per_block
     last = end // tokens_per_block
     parent = cache.last_key
     keys = cache.keys
-    if keys is not None and block < len(keys):
+    if keys is not None and idx < len(keys):
         # Blocks of the looked-up context: their keys were hashed at lookup.
         index = store.index
         events = store.events_on
         stop = min(last, len(keys))
-        for b in range(block, stop):
+        for b in range(idx, stop):
             key = keys[b]
-            page = pages[b]
-            if page.key is None and key not in index:
-                page.key = key
-                index[key] = page
+            block = blocks[b]
+            if block.key is None and key not in index:
+                block.key = key
+                index[key] = block
                 if events:
-                    store._event("stored", key, page.tier, parent if b else None)
+                    store._event("stored", key, block.tier, parent if b else None)
             parent = key
-        block = stop
-    if block < last:
+        idx = stop
+    if idx < last:
         pack = _block_struct(tokens_per_block).pack
-        tokens = req.token_slice(block * tokens_per_block, end)
+        tokens = req.token_slice(idx * tokens_per_block, end)
         for i in range(0, len(tokens), tokens_per_block):
             key = sha256(parent + pack(*tokens[i : i + tokens_per_block])).digest()
-            page = pages[block]
-            if page.key is None:
-                store.publish(page, key, parent if block else None)
+            block = blocks[idx]
+            if block.key is None:
+                store.publish(block, key, parent if idx else None)
             parent = key
-            block += 1
+            idx += 1
     cache.last_key = parent
     cache.committed = end
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvsched.core.kvcache.pages import Page
+from kvsched.core.kvcache.blocks import Block
 from kvsched.core.request import Request
 
 
 @dataclass(slots=True, eq=False)
 class RequestCache:
-    """Lengths in tokens, always ``committed <= history <= capacity <= len(pages) * tokens_per_block``.
+    """Lengths in tokens, always ``committed <= history <= capacity <= len(blocks) * tokens_per_block``.
 
-    ``table`` mirrors the device slots of ``pages`` while the cache is active (locked pages never
+    ``table`` mirrors the device slots of ``blocks`` while the cache is active (locked blocks never
     move). ``pending`` marks a cache whose prefix lookup is still to be done (new, or discarded
     after its first chunk failed to get blocks). ``keys`` are the chain keys of the context's
     looked-up blocks, hashed once (a waiting context looks up again each step; commit reuses them).
@@ -24,13 +24,13 @@ class RequestCache:
     req: Request
     root: bytes
     priority: int
-    pages: list[Page] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
     table: list[int] = field(default_factory=list)
     capacity: int = 0
     history: int = 0
     committed: int = 0
     num_reused: int = 0
-    # Tokens the allocated blocks can hold (len(pages) * tokens_per_block).
+    # Tokens the allocated blocks can hold (len(blocks) * tokens_per_block).
     alloc_tokens: int = 0
     last_key: bytes = b""
     active: bool = False

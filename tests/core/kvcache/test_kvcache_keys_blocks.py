@@ -2,8 +2,8 @@ from hashlib import sha256
 
 from kvc_helpers import make, req
 
+from kvsched.core.kvcache.blocks import Block, TierPool
 from kvsched.core.kvcache.keys import block_key, chain_keys, pack_tokens, root_key
-from kvsched.core.kvcache.pages import Page, TierPool
 
 
 def test_root_key_depends_on_scope():
@@ -30,15 +30,15 @@ def test_chain_keys_match_block_key_and_ignore_partial_tail():
 def test_pool_alloc_low_ids_first_and_lru_priority_order():
     pool = TierPool(0, 6)
     assert pool.alloc(2) == [0, 1]
-    pages = [Page(0, s, priority=prio) for s, prio in zip(range(4), (0, 5, 0, 5))]
-    for p in pages:
+    blocks = [Block(0, s, priority=prio) for s, prio in zip(range(4), (0, 5, 0, 5))]
+    for p in blocks:
         pool.push_cached(p)
     assert pool.available == 4 + 4
-    pool.remove_cached(pages[0])
-    assert pages[0].bucket is None and pool.num_cached == 3
+    pool.remove_cached(blocks[0])
+    assert blocks[0].bucket is None and pool.num_cached == 3
     # lowest priority first, then oldest first within a priority
-    assert pool.pop_victims(2) == [pages[2], pages[1]]
-    assert pool.pop_victims(1) == [pages[3]]
+    assert pool.pop_victims(2) == [blocks[2], blocks[1]]
+    assert pool.pop_victims(1) == [blocks[3]]
     assert pool.num_cached == 0 and not pool.buckets
 
 
