@@ -86,7 +86,7 @@ def speed(num_requests: int | None, replicas: int, split: bool) -> None:
 
 
 def cpu_split(specs: list, sc: Scenario) -> None:
-    import kvsched.sim.replica as replica_mod
+    import kvsched.core.loop as loop_mod
 
     sim = sc.simulator(specs, "unified")
     spent = {"schedule": 0.0, "apply_step": 0.0}
@@ -102,14 +102,14 @@ def cpu_split(specs: list, sc: Scenario) -> None:
 
         return wrapper
 
-    original = replica_mod.apply_step
-    replica_mod.apply_step = timed(original, "apply_step")
+    original = loop_mod.apply_step
+    loop_mod.apply_step = timed(original, "apply_step")
     for rep in sim.replicas:
         rep.scheduler.schedule = timed(rep.scheduler.schedule, "schedule")
     try:
         s = sim.run().summary
     finally:
-        replica_mod.apply_step = original
+        loop_mod.apply_step = original
     rest = s["cpu_s"] - spent["schedule"] - spent["apply_step"]
     print(
         f"  CPU split (instrumented run, {s['cpu_s']:.1f} s): scheduler.schedule {spent['schedule']:.1f} s, "

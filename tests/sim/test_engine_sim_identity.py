@@ -85,8 +85,8 @@ class RecordingScheduler:
     decisions: list[StepDecision] = field(default_factory=list)
     last_empty: bool = False
 
-    def schedule(self, active):
-        out = self.inner.schedule(active)
+    def schedule(self, active, inflight_request_ids=frozenset()):
+        out = self.inner.schedule(active, inflight_request_ids)
         self.last_empty = not out.context_requests and not out.generation_requests
         if not self.last_empty:
             self.decisions.append(decision_of(len(self.decisions), out))
@@ -102,7 +102,7 @@ def _engine(kind: str, policy: str | None, sched: dict) -> Executor:
 def _run_engine(ex: Executor, specs: list[RequestSpec], durations: list[float]) -> list[StepDecision]:
     """The simulator's time rules: admit arrivals up to `now`, idle to the next one, step, add a duration."""
     rec = RecordingScheduler(ex.scheduler)
-    ex.scheduler = rec
+    ex.loop.scheduler = rec
     pending = sorted(specs, key=lambda s: (s.arrival_time, s.request_id))
     now, i, steps = 0.0, 0, 0
     while i < len(pending) or ex.has_unfinished_requests():

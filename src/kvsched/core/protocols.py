@@ -10,11 +10,13 @@ checks at construction time and in tests (``isinstance`` checks names only; mypy
 - :class:`PeftPages` — the LoRA page budget (:class:`~kvsched.core.peft.PeftCache`).
 - :class:`~kvsched.core.kvcache.storage.KVStorage` — where block data lives (re-exported here).
 - :class:`Scheduler` — what the engine's executor and the simulator's replicas call on a scheduler.
+- :class:`StepRunner` — runs one scheduled batch for :class:`~kvsched.core.loop.StepLoop` (engine:
+  model + sampler; simulator: cost model + virtual clock).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Generic, Protocol, runtime_checkable
 
 from kvsched.core.errors import ConfigError
@@ -30,6 +32,7 @@ __all__ = [
     "Scheduler",
     "SchedulingKV",
     "StepKV",
+    "StepRunner",
     "TieredKVStorage",
     "missing_members",
     "require",
@@ -125,6 +128,19 @@ class Scheduler(Protocol):
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()
     ) -> SchedulerOutput:
         """Decide this step's batch, allocating its KV; requests in ``inflight_request_ids`` are skipped."""
+        ...
+
+
+@runtime_checkable
+class StepRunner(Protocol):
+    """Executes one scheduled batch for the step loop (engine: forward + sampler; simulator: cost model).
+
+    Any callable of this shape is one (a bound method, a function); it must not change request state
+    itself: :func:`kvsched.core.step.apply_step` applies what it returns.
+    """
+
+    def __call__(self, output: SchedulerOutput, /) -> Mapping[int, Sequence[int]]:
+        """Tokens per scheduled request id: none for a non-last context chunk, else 1 + accepted drafts."""
         ...
 
 

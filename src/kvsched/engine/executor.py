@@ -1,5 +1,9 @@
 """The engine loop: schedule → forward → sample → step update → text, one call of :meth:`step` each.
 
+The schedule → run → ``apply_step`` order is the core's :class:`~kvsched.core.loop.StepLoop`, shared
+with the simulator; this module supplies the runner (model forward + sampler) and what surrounds a step
+here: request intake, text and stop strings, metrics, KV events.
+
 The scheduler allocates KV and may suspend requests to the host tier (``paused_requests``); the
 executor leaves those alone (no reset, no recompute) and counts them. Requests with bad input are
 rejected in :meth:`add_request` with a typed error before they touch any shared state, so they fail
@@ -33,13 +37,16 @@ from kvsched.core.errors import (
     UnsupportedFeatureError,
 )
 from kvsched.core.kvcache import KVEvent
+from kvsched.core.loop import StepLoop
+from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request, RequestState, SamplingParams
-from kvsched.core.step import apply_step, finish_request
+from kvsched.core.scheduler.output import SchedulerOutput
+from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
 from kvsched.engine.engine_core import EngineCore, build_engine_core
 from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
-from kvsched.engine.sampler import Sampler
+from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.text_stream import TextStream
 
 
@@ -82,7 +89,6 @@ class Executor:
         self.core = core or build_engine_core(self.args)
         self.tokenizer = self.core.tokenizer
         self.kv = self.core.kv
-        self.scheduler = self.core.scheduler
         self.max_model_len = self.core.max_model_len
         self.sampler = Sampler(self.args.seed, self.core.device)
         self.stats = EngineStats()
@@ -91,6 +97,16 @@ class Executor:
         self._by_external: dict[Hashable, int] = {}
         self._active: list[Request] = []
         self._finished: dict[Hashable, RequestOutput] = {}
+        #: The rows and samples of the batch the runner just ran, read back by :meth:`step`.
+        self._batch: tuple[list[Request], SampleResult, bool] | None = None
+        self.loop = StepLoop(
+            self.core.scheduler, self.kv, self._run_batch, time.monotonic, on_schedule=self._note_schedule
+        )
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler the loop drives (replace it through ``loop.scheduler``)."""
+        return self.loop.scheduler
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(
@@ -211,10 +227,8 @@ class Executor:
         """Run one scheduling step; returns the new tokens/text of each request that advanced."""
         if not self._active:
             return []
-        out = self.scheduler.schedule(self._active)
-        now = time.monotonic()
-        self._note_schedule(out, now)
-        if out.is_empty:
+        out, finished = self.loop.step(self._active)
+        if finished is None:
             if out.paused_requests or out.preempted_requests:
                 self._publish_kv_events()  # suspends moved blocks between tiers
                 return []  # KV was freed this step; the next one can make progress
@@ -222,15 +236,10 @@ class Executor:
                 f"nothing could be scheduled for {len(self._active)} unfinished requests "
                 f"(free device blocks: {self.kv.num_free_device_blocks})"
             )
-        rows, logits = self.core.runner.run(out, self.kv)
-        sample_rows = [self._tracked[r.request_id] for r in rows]
-        want_lp = any(t.logprobs is not None for t in sample_rows)
-        result = self.sampler(
-            logits, [t.params for t in sample_rows], [t.generator for t in sample_rows], want_lp
-        )
-        sampled = {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
-        now = time.monotonic()
-        finished = apply_step(out, sampled, self.kv, now=now)
+        assert self._batch is not None  # set by _run_batch, which ran since the scheduler ran something
+        rows, result, want_lp = self._batch
+        self._batch = None
+        now = self.loop.now
         self.stats.record_step(out, len(result.token_ids), self.kv)
         outputs = []
         for i, (req, tok) in enumerate(zip(rows, result.token_ids)):
@@ -251,13 +260,26 @@ class Executor:
         return done
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _run_batch(self, out: SchedulerOutput) -> dict[int, list[int]]:
+        """The loop's runner: one forward pass and one sampled token per logits row."""
+        rows, logits = self.core.runner.run(out, self.kv)
+        sample_rows = [self._tracked[r.request_id] for r in rows]
+        want_lp = any(t.logprobs is not None for t in sample_rows)
+        result = self.sampler(
+            logits, [t.params for t in sample_rows], [t.generator for t in sample_rows], want_lp
+        )
+        self._batch = (rows, result, want_lp)
+        return {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
+
     def _publish_kv_events(self) -> None:
         if self.on_kv_events is not None:
             events = self.kv.drain_events()
             if events:
                 self.on_kv_events(events)
 
-    def _note_schedule(self, out, now: float) -> None:
+    def _note_schedule(self, out: SchedulerOutput) -> None:
+        """The loop's ``on_schedule`` hook: suspend / resume / preemption counts, first scheduled time."""
+        now = time.monotonic()
         for req in out.paused_requests:
             tracked = self._tracked[req.request_id]
             tracked.metrics.num_suspends += 1

@@ -1,7 +1,8 @@
 """One simulated serving instance: its own KV manager (metadata only), scheduler, active list and clock.
 
-`step()` is one engine iteration with the engine's contract: `schedule(active)`, run the batch (here:
-charge it to the cost model), `apply_step` with deterministic tokens, drop finished requests.
+`step()` is one engine iteration through the core's `StepLoop`, the loop the engine runs: `schedule(active)`,
+run the batch (here: charge it to the cost model and advance the virtual clock), `apply_step` with
+deterministic tokens; then record metrics and drop finished requests.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.loop import StepLoop
 from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request
 from kvsched.core.scheduler import SchedulerOutput, make_scheduler
-from kvsched.core.step import apply_step
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.metrics import MetricsRecorder
 from kvsched.sim.storage import CountingStorage
@@ -83,7 +84,9 @@ class Replica:
         self.peft = None if lora_pages is None else PeftCache(lora_pages[0], lora_pages[1])
         if self.peft is not None:
             scheduler_kwargs["peft_cache"] = self.peft
-        self.scheduler: Scheduler = make_scheduler(scheduler, self.kv, **scheduler_kwargs)
+        self.loop = StepLoop(
+            make_scheduler(scheduler, self.kv, **scheduler_kwargs), self.kv, self._run, self._now
+        )
         self.cost = cost_model
         self.specs = specs
         self.rec = rec
@@ -97,6 +100,7 @@ class Replica:
         self._tok: dict[int, Callable[[int], int] | None] = {}
         self._base: dict[int, int] = {}
         self.shape = StepShape()
+        self._dt = 0.0  # duration of the last step run
         self._off = self._on = 0
         # per-run counters read by the executor's summary
         self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
@@ -114,12 +118,16 @@ class Replica:
         f = self._tok[rid]
         return self._base[rid] + index if f is None else f(index)
 
-    def step(self) -> list[Request] | None:
-        """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
-        out = self.scheduler.schedule(self.active)
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.loop.scheduler
+
+    def _now(self) -> float:
+        return self.clock
+
+    def _run(self, out: SchedulerOutput) -> dict[int, tuple[int]]:
+        """The loop's runner: the batch's cost moves the clock on; its tokens are deterministic."""
         ctx, gen = out.context_requests, out.generation_requests
-        if not ctx and not gen:
-            return None
         shape = self.shape
         shape.reset()
         sampled: dict[int, tuple[int]] = {}
@@ -154,7 +162,7 @@ class Replica:
             shape.d2h_bytes = (off - self._off) * self.block_bytes
             shape.h2d_bytes = (on - self._on) * self.block_bytes
             self._off, self._on = off, on
-        dt = self.cost.step_time(shape)
+        dt = self._dt = self.cost.step_time(shape)
         now = self.clock = self.clock + dt
         if self.decisions is not None:
             self.decisions.append(decision_of(self.num_steps, out, self.index))
@@ -167,25 +175,31 @@ class Replica:
                 last_tok[r.request_id] = now
                 self.reused += r.num_reused_tokens
                 self.context_tokens += r.num_context_tokens
-        kv = self.kv
-        finished = apply_step(out, sampled, kv, now=now)
+        return sampled
+
+    def step(self) -> list[Request] | None:
+        """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
+        out, finished = self.loop.step(self.active)
+        if finished is None:
+            return None
+        now, kv, shape = self.clock, self.kv, self.shape
         if self._drain_events and self.num_steps % 256 == 0:
             kv.drain_events()  # nobody subscribes in a simulation: keep the event list bounded
         self.rec.step(
             now,
-            dt,
+            self._dt,
             self._num_device - kv.num_free_device_blocks,
             self._num_host - kv.num_free_host_blocks,
-            len(ctx) + len(gen),
+            len(out.context_requests) + len(out.generation_requests),
             shape.num_tokens,
             self.index,
         )
         if finished:
             for r in finished:
                 rid = r.request_id
-                del last_tok[rid]
-                del tok[rid]
-                del base[rid]
+                del self.last_tok[rid]
+                del self._tok[rid]
+                del self._base[rid]
                 if self.peft is not None:
                     self.peft.release(r)  # as the engine does when a request finishes
                 self.preemptions += r.num_preemptions
