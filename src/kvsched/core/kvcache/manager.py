@@ -3,6 +3,7 @@ for the suspend policy)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,11 +33,14 @@ from kvsched.core.kvcache.storage import KVStorage, MetadataStorage, TieredKVSto
 from kvsched.core.kvcache.types import DEVICE, KVCacheStats, KVEvent
 from kvsched.core.request import Request
 
+#: Root keys of recent (adapter, salt) scopes: bounded, since every tenant salt is a scope of its own.
+_cached_root_key = functools.lru_cache(maxsize=4096)(root_key)
+
 
 class KVCacheManager:
     """Paged KV cache with a device and a host tier, prefix reuse and suspend/resume."""
 
-    __slots__ = ("_config", "_tpb", "_reuse", "_store", "_caches", "_max_util", "_roots")
+    __slots__ = ("_config", "_tpb", "_reuse", "_store", "_caches", "_max_util")
 
     def __init__(self, config: CacheConfig, storage: KVStorage | None = None) -> None:
         if not isinstance(config, CacheConfig):
@@ -60,7 +64,6 @@ class KVCacheManager:
         )
         self._caches: dict[int, RequestCache] = {}
         self._max_util = config.max_util_for_resume
-        self._roots: dict[tuple[int | None, int | None], bytes] = {}
 
     # -- scheduling API (KVCacheManagerV2's, TensorRT-LLM PR #11939) -----------------------------
     def prepare_context(self, req: Request) -> bool:
@@ -258,8 +261,7 @@ class KVCacheManager:
         """Tokens of ``req``'s context (minus its last token) that are cached now; holds nothing."""
         if not self._reuse:
             return 0
-        scope = (req.lora_id, req.cache_salt)
-        root = self._roots.get(scope) or root_key(*scope)
+        root = _cached_root_key(req.lora_id, req.cache_salt)
         nfull = (req.num_context_tokens - 1) // self._tpb
         blocks, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
         return len(blocks) * self._tpb
@@ -298,8 +300,7 @@ class KVCacheManager:
             )
         root = b""
         if self._reuse:
-            scope = (req.lora_id, req.cache_salt)
-            root = self._roots.get(scope) or self._roots.setdefault(scope, root_key(*scope))
+            root = _cached_root_key(req.lora_id, req.cache_salt)
         c = RequestCache(rid, req, root, req.priority, last_key=root)
         self._caches[rid] = c
         return c
