@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from kvsched.core.errors import ConfigError
 from kvsched.serve.async_engine import AsyncEngine, RequestHandle
 from kvsched.serve.auth import APIKeyMiddleware, check_api_key, open_paths
 from kvsched.serve.backend import Backend
 from kvsched.serve.chunks import ChatChunks, CompletionChunks
 from kvsched.serve.errors import APIError, install_error_handlers, status_of
 from kvsched.serve.generation import Formatter, check_context, collect, sampling_params, sse_stream, usage
+from kvsched.serve.guards import DEFAULT_MAX_REQUEST_BYTES, install_guards
 from kvsched.serve.metrics import CONTENT_TYPE, ServerMetrics
+from kvsched.serve.prompts import PromptEncoder
 from kvsched.serve.protocol import (
     ChatChoice,
     ChatCompletionRequest,
@@ -35,6 +38,8 @@ from kvsched.serve.protocol import (
 from kvsched.serve.tenancy import check_header_name, salt_id, tenant_of
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+#: Default ``--max-tokens-cap``: a request without max_tokens no longer runs to the end of a long context.
+DEFAULT_MAX_TOKENS_CAP = 4096
 
 
 @dataclass(slots=True)
@@ -44,22 +49,34 @@ class ServerOptions:
     api_key: str | None = None  # Bearer key for every path but /health (serve/auth.py); None: open
     metrics_open: bool = False  # with an api_key, serve /metrics without it
     tenant_salt_header: str | None = None  # header naming the tenant's cache scope (serve/tenancy.py)
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413 (serve/guards.py)
+    # max_tokens at most this (clamped, as vLLM's max_new_tokens); None: the rest of the context
+    max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP
+
+    def __post_init__(self) -> None:
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
+            raise ConfigError(f"max_tokens_cap must be >= 1 (or None), got {self.max_tokens_cap}")
 
 
 def build_app(backend: Backend, model_name: str, options: ServerOptions | None = None) -> FastAPI:
     opts = options or ServerOptions()
     metrics = ServerMetrics(model_name)
     engine = AsyncEngine(backend, metrics, max_waiting=opts.max_waiting)
+    prompts = PromptEncoder(backend)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
         await engine.shutdown(opts.drain_timeout_s)
+        prompts.close()
 
     app = FastAPI(title="kvsched", lifespan=lifespan)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.drain = lambda: engine.drain(opts.drain_timeout_s)  # serve/server_thread.DrainingServer
     install_error_handlers(app)
     if opts.api_key is not None:
         key = check_api_key(opts.api_key)
@@ -102,10 +119,8 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
         check_model(req.model)
-        ids = backend.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
-        if not ids:
-            raise APIError(400, "the prompt encodes to zero tokens", "prompt")
-        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
+        ids = await prompts.completion(req.prompt)
+        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         params = sampling_params(req, max_tokens, req.logprobs)
         handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
@@ -134,8 +149,8 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        ids = backend.encode_chat(messages)
-        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len)
+        ids = await prompts.chat(messages)
+        max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         num_top = (req.top_logprobs or 0) if req.logprobs else 0
         params = sampling_params(req, max_tokens, num_top if req.logprobs else None)
         handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
@@ -161,4 +176,5 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         )
         return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
 
+    install_guards(app, opts.max_request_bytes)
     return app

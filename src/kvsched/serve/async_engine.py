@@ -114,12 +114,27 @@ class AsyncEngine:
         self._command(("abort", rid))
         return True
 
-    async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
-        """Refuse new requests, let running ones finish for up to ``drain_timeout_s``, abort the rest."""
+    async def drain(self, timeout_s: float, grace_s: float = 5.0) -> None:
+        """Refuse new requests, let open ones finish for up to ``timeout_s``, then fail the rest with
+        EngineClosedError: each handler still runs, so a stream ends with an in-band error event and
+        ``data: [DONE]``, and a non-streaming request gets a JSON 503. Waits up to ``grace_s`` for those
+        handlers to let go. Called when the HTTP server starts shutting down (``serve/server_thread.py``),
+        before uvicorn's own graceful timeout would cancel the handlers mid-body."""
         self._closing = True
-        deadline = time.monotonic() + drain_timeout_s
+        deadline = time.monotonic() + timeout_s
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        if not self._streams or self._thread is None or not self._thread.is_alive():
+            return
+        reason = f"the server shut down before the request finished (drain timeout {timeout_s:g} s)"
+        self._command(("fail_all", reason))
+        deadline = time.monotonic() + grace_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+        """Drain (see :meth:`drain`; at once if the server already did), then stop the engine thread."""
+        await self.drain(drain_timeout_s)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
@@ -209,6 +224,8 @@ class AsyncEngine:
         elif cmd[0] == "abort" and cmd[1] in live:
             live.discard(cmd[1])
             self._observe("abort", self.backend.abort_request(cmd[1]))
+        elif cmd[0] == "fail_all":
+            self._abort_all(live, EngineClosedError(cmd[1]))
 
     def _abort_all(self, live: set[int], exc: BaseException) -> None:
         for rid in live:

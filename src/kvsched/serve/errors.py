@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,9 +18,14 @@ _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    413: "RequestTooLargeError",
     429: "RateLimitError",
+    500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
+#: Seconds a client should wait after a 429 (overload) before retrying: the ``Retry-After`` header.
+RETRY_AFTER_S = 1
+log = logging.getLogger("kvsched.serve")
 
 
 class APIError(Exception):
@@ -32,13 +38,25 @@ class APIError(Exception):
         self.param = param
 
 
+def _printable(text: str) -> str:
+    """Text a JSON body can carry: a lone surrogate echoed from the request is written as ``\\udXXX``."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
-    err = ErrorInfo(message=message, type=_TYPES.get(status, "APIError"), param=param, code=status)
+    err = ErrorInfo(
+        message=_printable(message),
+        type=_TYPES.get(status, "APIError"),
+        param=None if param is None else _printable(param),
+        code=status,
+    )
     return ErrorResponse(error=err).model_dump()
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+    """The JSON error; a 429 says when to retry (``Retry-After``, RFC 9110 §10.2.3)."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else None
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def sse_error(exc: BaseException) -> str:
@@ -56,7 +74,9 @@ def status_of(exc: BaseException) -> tuple[int, str]:
         return 503, str(exc)
     if isinstance(exc, InvalidRequestError | UnsupportedFeatureError):
         return 400, str(exc)
-    return 500, f"internal error: {type(exc).__name__}: {exc}"
+    # An unexpected error: its text may hold internals, so the client gets the type only; logged once, here.
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return 500, f"internal server error ({type(exc).__name__}); the server log has the details"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -93,4 +113,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, _body_problem(exc.__cause__) or str(exc.detail))
+
+
+def _body_problem(cause: BaseException | None) -> str | None:
+    """FastAPI says only "There was an error parsing the body"; name the two causes a client can fix."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 JSON: {cause.reason} at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the JSON body is nested too deeply"
+    return None

@@ -24,8 +24,10 @@ from kvsched.serve.protocol import (
 )
 
 
-def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -> int:
-    """The max_tokens to use; a prompt that leaves no room is a 400 that names the numbers."""
+def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int, cap: int | None = None) -> int:
+    """The max_tokens to use, as vLLM chooses it: a request whose prompt + max_tokens exceeds the context
+    is a 400 that names the numbers; without max_tokens, the rest of the context; then at most ``cap``
+    (``--max-tokens-cap``), which clamps rather than refuses, as vLLM's server-side ``max_new_tokens``."""
     if max_tokens is None:
         max_tokens = max_model_len - num_prompt
     if num_prompt + max_tokens > max_model_len or max_tokens < 1:
@@ -36,7 +38,7 @@ def check_context(num_prompt: int, max_tokens: int | None, max_model_len: int) -
             "completion). Please reduce the length of the prompt or of max_tokens.",
             "max_tokens" if num_prompt < max_model_len else "prompt",
         )
-    return max_tokens
+    return max_tokens if cap is None else min(max_tokens, cap)
 
 
 def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:

@@ -10,14 +10,44 @@ of vLLM, where a lower value is served earlier. It orders scheduling when the se
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+#: A per-request ``seed`` is a signed 64-bit integer (``torch.long``), the range vLLM's OpenAI server accepts;
+#: anything outside is a 400 rather than an overflow inside the sampler.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, field: str) -> str:
+    """Text must be encodable as UTF-8: a lone surrogate (JSON ``"\\ud800"``) cannot be tokenized or echoed."""
+    if not value.isascii():
+        bad = _SURROGATE.search(value)
+        if bad is not None:
+            raise ValueError(
+                f"{field} holds a lone UTF-16 surrogate (U+{ord(bad.group()):04X} at character "
+                f"{bad.start()}), which is not valid Unicode text"
+            )
+    return value
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_text(cls, v: Any, info: ValidationInfo) -> Any:
+        """Every string field, alone or in a list, is checked once here, before any handler sees it."""
+        name = info.field_name or "text"
+        if isinstance(v, str):
+            check_text(v, name)
+        elif isinstance(v, list) and v and isinstance(v[0], str):
+            for item in v:
+                check_text(item, name)
+        return v
 
 
 class StreamOptions(_Request):
@@ -32,7 +62,7 @@ class _SamplingFields(_Request):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = 0  # -1 (vLLM's 'disabled') is accepted and means 0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False

@@ -1,7 +1,9 @@
-"""Run a uvicorn server in a background thread (tests, notebooks, embedding in a benchmark)."""
+"""Run a uvicorn server that drains the engine first on shutdown, in the foreground (``kvsched serve``)
+or in a background thread (tests, notebooks, embedding in a benchmark)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any
@@ -9,12 +11,27 @@ from typing import Any
 import uvicorn
 
 
+class DrainingServer(uvicorn.Server):
+    """On shutdown, first lets the app drain (``app.state.drain``: running requests finish for the drain
+    timeout, the rest end with an error event), then shuts uvicorn down as usual.
+
+    uvicorn runs the app's lifespan shutdown only after its own graceful timeout, by which time it has
+    cancelled the open handlers and cut their streams mid-body without an error event or ``[DONE]``.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        drain = getattr(getattr(self.config.app, "state", None), "drain", None)
+        if drain is not None and not self.force_exit:
+            await drain()
+        await super().shutdown(sockets)
+
+
 class UvicornThread:
     """``with UvicornThread(app) as srv: httpx.get(srv.url + "/health")``. Port 0 picks a free port."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
         config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
-        self.server = uvicorn.Server(config)
+        self.server = DrainingServer(config)
         self.host = host
         self.port = port
         self._thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
