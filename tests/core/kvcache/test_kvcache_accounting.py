@@ -407,3 +407,31 @@ def test_requests_the_manager_cannot_serve_are_refused_by_name():
     with pytest.raises(InvalidRequestError, match=r"^request 8: empty context$"):
         m.prepare_context(Empty())
     assert not m.has_request(9) and not m.has_request(8)
+
+
+# -- can_suspend -------------------------------------------------------------------------------------
+def test_can_suspend_counts_the_unshared_blocks_against_the_host_room():
+    m = manager(device=8, host=2, reuse=True)
+    shared = list(range(8))
+    a = req(1, shared + [50, 51, 52, 53, 54], max_new=2)  # 4 blocks: 2 shared with b, 2 its own
+    run_context(m, a)
+    b = req(2, shared + [60], max_new=2)
+    run_context(m, b)
+    assert m.can_suspend(a)  # 2 unshared blocks, 2 host slots: exactly enough
+    c = req(3, 4, max_new=2)
+    run_context(m, c)
+    m.suspend_request(c)  # 1 host slot left
+    assert not m.can_suspend(a)
+    assert not m.can_suspend(c)  # suspended already
+    assert not m.can_suspend(req(9, 4))  # unknown
+    m.suspend_request(b)  # b's shared blocks stay locked by a; its own block takes the last slot
+    check_invariants(m)
+
+
+def test_a_fresh_cache_can_always_be_let_go():
+    m = manager(device=8, host=0)
+    r = req(1, 8, max_new=2)
+    assert m.prepare_context(r)
+    assert m.can_suspend(r)  # nothing computed yet: suspending it only lets go of it
+    run_context(m, s := req(2, 8, max_new=2))
+    assert not m.can_suspend(s)  # no host tier

@@ -173,3 +173,29 @@ def test_a_batch_limit_after_a_cut_chunk_keeps_non_last_chunks_first():
     out = make(kv, max_batch_size=2, max_num_tokens=12, chunk_unit_size=4).schedule([whole, cut, late])
     assert ids(out.context_requests) == [1, 0]  # the cut chunk first, then the last chunk
     assert cut.context_chunk_size == 8
+
+
+def test_contexts_see_the_budget_left_when_lora_pages_stopped_the_generations():
+    kv = FakeKV()
+    peft = FakePeft(max_device_pages=3, pages={1: 2, 2: 2})
+    c0 = ctx(0, prompt=2)
+    g1, g2 = running(kv, 1, lora_id=1), running(kv, 2, lora_id=2)
+    out = make(kv, max_batch_size=2, peft_cache=peft).schedule([c0, g1, g2])
+    assert ids(out.generation_requests) == [1] and ids(out.context_requests) == [0]
+    assert out.num_scheduled_tokens == 3
+    out = make(kv, max_batch_size=1, peft_cache=peft).schedule([c0, g1, g2])
+    assert out.context_requests == []  # the one batch slot went to g1
+
+
+def test_preempting_a_victim_frees_its_draft_cache_too():
+    kv, draft = FakeKV(num_device_blocks=4, num_host_blocks=0), FakeKV()
+    g0, v1 = running(kv, 0, prompt=8), running(kv, 1, prompt=8)
+    running(draft, 1, prompt=8)
+    out = make(kv, draft_kv_cache_manager=draft).schedule([g0, v1])
+    assert ids(out.preempted_requests) == [1] and ids(out.generation_requests) == [0]
+    assert 1 not in draft.caches and ("free", 1) in draft.calls
+    assert v1.state == RequestState.CONTEXT_INIT and v1.num_preemptions == 1
+    kv2, empty_draft = FakeKV(num_device_blocks=4, num_host_blocks=0), FakeKV()
+    g0, v1 = running(kv2, 0, prompt=8), running(kv2, 1, prompt=8)
+    out = make(kv2, draft_kv_cache_manager=empty_draft).schedule([g0, v1])  # the draft never saw v1
+    assert ids(out.preempted_requests) == [1]

@@ -173,9 +173,9 @@ def test_a_started_context_that_cannot_grow_suspends_started_contexts_behind_it(
     # Two half-computed prompts fill the device (3 + 3 of 6 blocks); neither could ever grow while the
     # other holds its blocks. The first one suspends the second and goes on.
     kv = FakeKV(num_device_blocks=6)
-    a = started_ctx(kv, 0, prompt=32, done=12)
+    a = started_ctx(kv, 0, prompt=20, done=12)  # its last 8 tokens need 2 more blocks
     b = started_ctx(kv, 1, prompt=32, done=12)
-    sched = make(kv, max_num_tokens=8, chunk_unit_size=4)
+    sched = make(kv, max_num_tokens=16, chunk_unit_size=4)  # budget is left for b after a
     out = sched.schedule([a, b])
     assert ids(out.context_requests) == [0] and a.context_chunk_size == 8
     assert ids(out.paused_requests) == [1] and not kv.is_request_active(1)
