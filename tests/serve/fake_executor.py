@@ -1,4 +1,4 @@
-"""A torch-free stand-in with the Executor's seam, so the HTTP layer is tested fast and exactly.
+"""A torch-free stand-in with the Engine's seam, so the HTTP layer is tested fast and exactly.
 
 Bytes are tokens (ids 0..255). Output token ``i`` of a prompt is ``a..z`` chosen from the prompt's
 byte sum, so every prompt has a known continuation. KV is counted in 16-token blocks; a request is
@@ -61,7 +61,7 @@ class FakeExecutor:
     ) -> None:
         self.step_delay_s = step_delay_s
         self.tokenizer = ByteTokenizer()
-        self.core = SimpleNamespace(apply_chat_template=self._chat)
+        self.parts = SimpleNamespace(apply_chat_template=self._chat)
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
         self.kv = SimpleNamespace(

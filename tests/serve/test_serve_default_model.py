@@ -10,9 +10,9 @@ import pytest
 from live_server import LiveServer
 
 from kvsched.core.request import SamplingParams
-from kvsched.engine.engine_core import build_engine_core
-from kvsched.engine.executor import Executor
+from kvsched.engine.engine import Engine
 from kvsched.engine.llm import LLM
+from kvsched.engine.parts import build_engine_parts
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,9 @@ def test_default_model_greedy_equality() -> None:
     params = SamplingParams(max_tokens=N, temperature=0.0)
     inputs = [PROMPT, {"prompt_token_ids": llm.encode_chat(QUESTION)}]
     want_text, want_chat = (o.outputs[0].text for o in llm.generate(inputs, params, use_tqdm=False))
-    core = llm.engine.core  # the server's engine shares the loaded weights, not the KV or requests
-    loaded = (core.model, core.model_config, core.tokenizer)
-    server_engine = Executor(llm.engine.args, core=build_engine_core(llm.engine.args, loaded=loaded))
+    parts = llm.engine.parts  # the server's engine shares the loaded weights, not the KV or requests
+    loaded = (parts.model, parts.model_config, parts.tokenizer)
+    server_engine = Engine(llm.engine.args, parts=build_engine_parts(llm.engine.args, loaded=loaded))
     with LiveServer(server_engine, model=NAME) as srv:
 
         async def both():  # concurrently: one batch, half the decode steps

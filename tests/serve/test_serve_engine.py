@@ -111,7 +111,7 @@ def test_chat_and_engine_side_errors(tiny_server) -> None:
         model=MODEL, messages=msgs, max_tokens=5, extra_body={"ignore_eos": True}
     )
     assert out.usage.completion_tokens == 5
-    assert out.usage.prompt_tokens == len(ex.core.apply_chat_template(msgs, True))
+    assert out.usage.prompt_tokens == len(ex.parts.apply_chat_template(msgs, True))
     with pytest.raises(openai.BadRequestError, match=r"must be in \[0, 49152\)"):
         client.completions.create(model=MODEL, prompt=[1, 49152], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length is 512"):

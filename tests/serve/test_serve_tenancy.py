@@ -116,7 +116,7 @@ def test_bad_header_name(tenant_server) -> None:
         build_app(ExecutorBackend(ex), MODEL, ServerOptions(tenant_salt_header="X Tenant"))
 
 
-def test_executor_salt_scopes_reuse_and_is_typed() -> None:
+def test_engine_salt_scopes_reuse_and_is_typed() -> None:
     ex = tiny_executor()
     prompt, params = _prompt(), SamplingParams(max_tokens=2, temperature=0.0)
 

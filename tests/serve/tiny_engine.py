@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from kvsched.engine.engine import Engine
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.engine_core import build_engine_core
-from kvsched.engine.executor import Executor
 from kvsched.engine.llm import LLM
 from kvsched.engine.model_config import ModelConfig
+from kvsched.engine.parts import build_engine_parts
 from kvsched.engine.weights.loader import default_model_path, load_model
 
 TINY = ModelConfig(
@@ -30,9 +30,9 @@ def _loaded():
     return load_model(default_model_path(), dummy_config=TINY, seed=0)
 
 
-def tiny_executor(**overrides) -> Executor:
+def tiny_executor(**overrides) -> Engine:
     args = EngineArgs(**{**ENGINE_KW, **overrides})
-    return Executor(args, core=build_engine_core(args, loaded=_loaded()))
+    return Engine(args, parts=build_engine_parts(args, loaded=_loaded()))
 
 
 def tiny_llm(**overrides) -> LLM:

@@ -18,13 +18,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from kvsched.core.request import SamplingParams  # noqa: E402
+from kvsched.engine.engine import Engine  # noqa: E402
 from kvsched.engine.engine_args import EngineArgs  # noqa: E402
-from kvsched.engine.engine_core import build_engine_core  # noqa: E402
-from kvsched.engine.executor import Executor  # noqa: E402
 from kvsched.engine.model_config import ModelConfig  # noqa: E402
+from kvsched.engine.parts import build_engine_parts  # noqa: E402
 from kvsched.engine.weights.dummy import dummy_model  # noqa: E402
 from kvsched.sim.cost import StepShape  # noqa: E402
-from kvsched.sim.executor import Simulator, StepDecision, decision_of  # noqa: E402
+from kvsched.sim.simulator import Simulator, StepDecision, decision_of  # noqa: E402
 from kvsched.sim.workload import RequestSpec, prefix_base, unique_base  # noqa: E402
 
 VOCAB = 256
@@ -93,13 +93,13 @@ class RecordingScheduler:
         return out
 
 
-def _engine(kind: str, policy: str | None, sched: dict) -> Executor:
+def _engine(kind: str, policy: str | None, sched: dict) -> Engine:
     args = EngineArgs(scheduler=kind, capacity_policy=policy, **ENGINE, **sched)
     model = dummy_model(CONFIG, seed=0)
-    return Executor(args, core=build_engine_core(args, loaded=(model, CONFIG, None)))
+    return Engine(args, parts=build_engine_parts(args, loaded=(model, CONFIG, None)))
 
 
-def _run_engine(ex: Executor, specs: list[RequestSpec], durations: list[float]) -> list[StepDecision]:
+def _run_engine(ex: Engine, specs: list[RequestSpec], durations: list[float]) -> list[StepDecision]:
     """The simulator's time rules: admit arrivals up to `now`, idle to the next one, step, add a duration."""
     rec = RecordingScheduler(ex.scheduler)
     ex.loop.scheduler = rec
@@ -126,10 +126,10 @@ def _run_engine(ex: Executor, specs: list[RequestSpec], durations: list[float]) 
     return rec.decisions
 
 
-def _run_sim(ex: Executor, kind: str, policy: str | None, specs, durations, sched: dict):
+def _run_sim(ex: Engine, kind: str, policy: str | None, specs, durations, sched: dict):
     extra = {} if policy is None else {"policy": policy}
     sim = Simulator(
-        specs, ReplayCost(durations), ex.core.cache_config, scheduler=kind, record_decisions=True,
+        specs, ReplayCost(durations), ex.parts.cache_config, scheduler=kind, record_decisions=True,
         **sched, **extra,
     )  # fmt: skip
     return sim.run()

@@ -12,9 +12,9 @@ from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.priority import PriorityMix
 from kvsched.sim.cost import RooflineCostModel
-from kvsched.sim.executor import Simulator
 from kvsched.sim.hardware import GPU_PRESETS
 from kvsched.sim.models import MODEL_PRESETS
+from kvsched.sim.simulator import Simulator
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.workload import RequestSpec, unique_base, with_priorities
 

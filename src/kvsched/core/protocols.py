@@ -9,7 +9,7 @@ checks at construction time and in tests (``isinstance`` checks names only; mypy
 - :class:`StepKV` — what :func:`kvsched.core.step.apply_step` and ``finish_request`` call on it.
 - :class:`PeftPages` — the LoRA page budget (:class:`~kvsched.core.peft.PeftCache`).
 - :class:`~kvsched.core.kvcache.storage.KVStorage` — where block data lives (re-exported here).
-- :class:`Scheduler` — what the engine's executor and the simulator's replicas call on a scheduler.
+- :class:`Scheduler` — what the step loop (:class:`~kvsched.core.loop.StepLoop`) calls on a scheduler.
 - :class:`StepRunner` — runs one scheduled batch for :class:`~kvsched.core.loop.StepLoop` (engine:
   model + sampler; simulator: cost model + virtual clock).
 """
@@ -122,7 +122,7 @@ class PeftPages(Protocol):
 
 @runtime_checkable
 class Scheduler(Protocol):
-    """One scheduling step over the unfinished requests (engine ``Executor``, simulator ``Replica``)."""
+    """One scheduling step over the unfinished requests (called by ``StepLoop`` for engine and simulator)."""
 
     def schedule(
         self, active_requests: Sequence[Request], inflight_request_ids: Iterable[int] = frozenset()

@@ -1,4 +1,4 @@
-"""The request object that the scheduler, the KV manager and the executors share.
+"""The request object that the scheduler, the KV manager, the engine and the simulator share.
 
 Plain writable attributes, as on TensorRT-LLM's ``LlmRequest`` (written the same way in PR #11939's
 KVCacheV2Scheduler and KVCacheManagerV2): the scheduler writes ``context_chunk_size``, the KV manager

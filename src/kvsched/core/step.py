@@ -1,9 +1,10 @@
 """The torch-free step update shared by the engine and the simulator.
 
-After an executor ran a :class:`SchedulerOutput`, :func:`apply_step` moves every scheduled request
-forward: contexts advance by their chunk (and turn into generations at the last chunk), generations
-append their tokens, KV history advances by what was written, and finished requests release their KV.
-Paused and preempted requests are not touched: the scheduler already did all there is to do.
+Once a step's batch ran (:class:`kvsched.core.loop.StepLoop`), :func:`apply_step` moves every scheduled
+request forward: contexts advance by their chunk (and turn into generations at the last chunk),
+generations append their tokens, KV history advances by what was written, and finished requests
+release their KV. Paused (suspended, KV kept) and preempted (KV dropped, to be recomputed) requests are
+not touched: the scheduler already did all there is to do.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvsched.core.request import SamplingParams
-    from kvsched.engine.executor import Executor
+    from kvsched.engine.engine import Engine
 
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -39,11 +39,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.sampling_seed,
         stop=args.stop,
     )
-    engine = Executor(engine_args_from_namespace(args))
+    engine = Engine(engine_args_from_namespace(args))
     ids = []
     for text in args.prompts:
         prompt = (
-            text if args.raw else engine.core.apply_chat_template([{"role": "user", "content": text}], True)
+            text if args.raw else engine.parts.apply_chat_template([{"role": "user", "content": text}], True)
         )
         ids.append(engine.add_request(prompt, params))
     single = len(ids) == 1

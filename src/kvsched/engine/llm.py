@@ -10,8 +10,8 @@ from tqdm import tqdm
 
 from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import SamplingParams
+from kvsched.engine.engine import Engine, check_priority
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.executor import Executor, check_priority
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "RequestMetrics"]
@@ -29,7 +29,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
-        self.engine = Executor(EngineArgs.from_kwargs(model, **engine_args))
+        self.engine = Engine(EngineArgs.from_kwargs(model, **engine_args))
 
     @property
     def tokenizer(self) -> Any:
@@ -86,7 +86,7 @@ class LLM:
     def encode_chat(self, conversation: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         if not conversation:
             raise InvalidRequestError("a conversation needs at least one message")
-        return list(self.engine.core.apply_chat_template(conversation, add_generation_prompt))
+        return list(self.engine.parts.apply_chat_template(conversation, add_generation_prompt))
 
     # -- helpers ---------------------------------------------------------------------------------
     def _run(self, request_ids: list[Any], use_tqdm: bool) -> list[RequestOutput]:

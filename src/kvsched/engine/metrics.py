@@ -16,8 +16,8 @@ class EngineStats:
     num_context_tokens: int = 0
     num_generated_tokens: int = 0
     num_finished: int = 0
-    num_paused: int = 0
-    num_preempted: int = 0
+    num_paused: int = 0  # suspended to the host tier, KV kept (unified scheduler)
+    num_preempted: int = 0  # KV dropped and recomputed (two-stage MAX_UTILIZATION, recompute)
     peak_device_usage: float = 0.0
     peak_host_blocks_used: int = 0
     finish_reasons: dict[str, int] = field(default_factory=dict)

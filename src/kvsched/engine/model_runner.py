@@ -21,7 +21,7 @@ from kvsched.engine.model.llama import KVTensors, LlamaForCausalLM
 
 
 class _BlockTables(Protocol):
-    """The executor's view of the KV manager that a forward needs: each request's device blocks."""
+    """The engine's view of the KV manager that a forward needs: each request's device blocks."""
 
     def block_table(self, req: Request, /) -> list[int]: ...
 

@@ -1,6 +1,6 @@
 """A request's output text: detokenizing and stop strings, decided once in the engine for every caller.
 
-The executor pushes each request's new tokens into its :class:`TextStream`; the deltas that come back are
+The engine pushes each request's new tokens into its :class:`TextStream`; the deltas that come back are
 what ``LLM`` collects and what the server streams as they are, and a stop-string hit finishes the
 request in the engine (vLLM decides stop strings in its detokenizer the same way,
 ``vllm/v1/engine/detokenizer.py``). Token-level stops (EOS, stop token ids, length) are decided by

@@ -202,7 +202,7 @@ PROMPT_CONTEXT_TOKENS = 6
 class IncrementalDetokenizer:
     """Streams text as tokens arrive, holding back bytes of a character split over several tokens.
 
-    The engine's one detokenizer (the executor's :class:`kvsched.engine.text_stream.TextStream` wraps
+    The engine's one detokenizer (the engine's :class:`kvsched.engine.text_stream.TextStream` wraps
     it). Each call decodes only a short window (from the last emitted boundary), so a stream costs
     O(tokens); the offsets are vLLM's ``prefix_offset`` / ``read_offset`` scheme.
     """

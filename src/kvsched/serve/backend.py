@@ -1,6 +1,6 @@
-"""What the server needs from an engine, and the adapter over :class:`kvsched.engine.executor.Executor`.
+"""What the server needs from an engine, and the adapter over :class:`kvsched.engine.engine.Engine`.
 
-The adapter only uses the Executor's public seam (``add_request``, ``abort_request``, ``step``,
+The adapter only uses the Engine's public seam (``add_request``, ``abort_request``, ``step``,
 ``has_unfinished_requests``, ``pop_output``, ``tokenizer``, ``max_model_len``, ``kv``), so any object
 with that seam works — the tests' fake executor included.
 """
@@ -8,7 +8,7 @@ with that seam works — the tests' fake executor included.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Protocol
 
 from kvsched.core.errors import UnknownRequestError
@@ -39,8 +39,20 @@ class Backend(Protocol):
     def snapshot(self) -> EngineSnapshot: ...
 
 
+def gil_free_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]] | None:
+    """``(text, add_special_tokens) -> ids`` through the ``tokenizers`` batch encoder, which releases the
+    GIL (``Tokenizer.encode`` holds it: a 4 MB prompt froze every other thread, the event loop's too,
+    for seconds); ``encode_batch_fast`` also skips the offsets. None if the tokenizer has neither."""
+    rust = getattr(tokenizer, "backend", None)
+    batch = getattr(rust, "encode_batch_fast", None) or getattr(rust, "encode_batch", None)
+    if batch is None:
+        return None
+    return lambda text, special: list(batch([text], add_special_tokens=special)[0].ids)
+
+
 class ExecutorBackend:
-    """Engine-thread side of the server over an Executor (tokenizing is safe from the loop thread)."""
+    """Engine-thread side of the server over an Engine. Tokenizing is thread-safe: the server runs it
+    in worker threads (``serve/prompts.py``), never on the event loop."""
 
     def __init__(self, executor: Any) -> None:
         self.executor = executor
@@ -48,12 +60,19 @@ class ExecutorBackend:
         self._tokenizer = executor.tokenizer
         if self._tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one to read text prompts")
+        self._fast = gil_free_encoder(self._tokenizer)
 
     def encode(self, text: str) -> list[int]:
+        if self._fast is not None:
+            return self._fast(text, True)  # as Tokenizer.encode: add_special_tokens=True
         return list(self._tokenizer.encode(text))
 
     def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
-        return list(self.executor.core.apply_chat_template(messages, True))
+        render = getattr(self._tokenizer, "apply_chat_template", None)
+        if self._fast is not None and render is not None:  # as Tokenizer.encode_chat, GIL released
+            text = render([dict(m) for m in messages], add_generation_prompt=True)
+            return self._fast(text, False)
+        return list(self.executor.parts.apply_chat_template(messages, True))
 
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])

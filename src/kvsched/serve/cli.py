@@ -7,6 +7,21 @@ import sys
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # as serve/guards.py (not imported: it pulls in FastAPI)
+DEFAULT_MAX_TOKENS_CAP = 4096  # as serve/app.py
+
+
+def _count(minimum: int):  # noqa: ANN202 - an argparse type
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +45,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME",
         help="header a gateway sets to the tenant: its requests get their own prefix cache scope",
     )
+    p.add_argument(
+        "--max-request-bytes",
+        type=_count(1),
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="larger request bodies get a 413, refused before they are read (default: 4 MiB)",
+    )
+    p.add_argument(
+        "--max-tokens-cap",
+        type=_count(0),
+        default=DEFAULT_MAX_TOKENS_CAP,
+        metavar="N",
+        help="max_tokens is at most N: a larger or missing one is clamped (default: 4096; 0: only the "
+        "context length limits it)",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_flags(p)
     p.set_defaults(func=run)
@@ -49,11 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from kvsched.engine.engine import Engine
     from kvsched.engine.engine_args import engine_args_from_namespace
-    from kvsched.engine.executor import Executor
     from kvsched.serve.app import ServerOptions, build_app
     from kvsched.serve.auth import resolve_api_key
     from kvsched.serve.backend import ExecutorBackend
+    from kvsched.serve.server_thread import DrainingServer
     from kvsched.serve.tenancy import check_header_name
 
     # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
@@ -61,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tenant_salt_header is not None:
         check_header_name(args.tenant_salt_header)
     engine_args = engine_args_from_namespace(args)
-    executor = Executor(engine_args)
+    engine = Engine(engine_args)
     name = served_name(engine_args.model, args.served_model_name)
     options = ServerOptions(
         max_waiting=args.max_waiting,
@@ -69,15 +100,15 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         metrics_open=args.metrics_open,
         tenant_salt_header=args.tenant_salt_header,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_cap=args.max_tokens_cap or None,
     )
-    app = build_app(ExecutorBackend(executor), name, options)
+    app = build_app(ExecutorBackend(engine), name, options)
     auth = "API key required" if api_key else "no API key"
     print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=max(1, int(args.drain_timeout)),
+    # The app drains first (DrainingServer); uvicorn's own graceful timeout only covers the last bytes.
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )
+    DrainingServer(config).run()
     return 0

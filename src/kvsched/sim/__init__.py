@@ -9,8 +9,8 @@ Pieces (each module has one job):
   data/         the Mooncake conversation trace (gzip, Apache-2.0, kvcache-ai/Mooncake) and its README
   synthetic.py  Poisson/gamma arrivals, length distributions, system prompts, conversations, LoRA mix
   storage.py    a metadata-only KV storage backend that counts copied blocks per direction
-  replica.py    one serving instance: schedule -> cost -> apply_step, exactly the engine's step contract
-  executor.py   Simulator: arrivals by timestamp, replicas behind a router, SimResult
+  replica.py    one serving instance: the engine's step loop (core/loop.py), its runner the cost model
+  simulator.py  Simulator: arrivals by timestamp, replicas behind a router, SimResult
   scenario.py   model x GPU x TP x memory split x budgets -> simulators per policy (oracle included)
   metrics.py    TTFT/TPOT/ITL/E2E, throughput, goodput, KV usage over time
   report.py, plots.py, cli.py   table + JSON, PNG plots, `kvsched sim`

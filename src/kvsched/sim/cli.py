@@ -8,12 +8,12 @@ from typing import Any
 
 from kvsched.core.errors import ConfigError
 from kvsched.core.priority import PriorityMix
-from kvsched.sim.executor import ROUTERS
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS, load_model
 from kvsched.sim.report import comparison_table, priority_lines, ratio_lines, write_json
 from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
+from kvsched.sim.simulator import ROUTERS
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.trace import load_mooncake
 from kvsched.sim.workload import RequestSpec, time_scaled, with_priorities, workload_summary

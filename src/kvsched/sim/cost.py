@@ -1,6 +1,6 @@
 """Step cost: how long one scheduled batch takes on the modelled GPUs.
 
-`StepShape` is the batch reduced to a few sums (built in O(batch) by the executor); a cost model maps it
+`StepShape` is the batch reduced to a few sums (built in O(batch) by the replica); a cost model maps it
 to seconds. `RooflineCostModel` is analytic (public peaks x efficiency factors); `LinearCostModel` is a
 least-squares fit to measured step times (used to calibrate against a real engine).
 """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvsched.sim.executor import SimResult
+from kvsched.sim.simulator import SimResult
 
 
 def _plt():  # noqa: ANN202 - matplotlib is optional

@@ -31,8 +31,8 @@ class StepDecision:
     step: int
     context: tuple[tuple[int, int], ...]  # (request id, chunk size)
     generation: tuple[int, ...]
-    paused: tuple[int, ...]
-    preempted: tuple[int, ...]
+    paused: tuple[int, ...]  # suspended, KV kept
+    preempted: tuple[int, ...]  # KV dropped, to be recomputed
     replica: int = 0
 
 
@@ -102,7 +102,7 @@ class Replica:
         self.shape = StepShape()
         self._dt = 0.0  # duration of the last step run
         self._off = self._on = 0
-        # per-run counters read by the executor's summary
+        # per-run counters read by the simulator's summary
         self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
 
     def admit(self, spec: RequestSpec, t: float) -> None:

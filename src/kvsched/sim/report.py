@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvsched.sim.executor import SimResult
+from kvsched.sim.simulator import SimResult
 
 # (header, key path, format)
 _COLUMNS: tuple[tuple[str, tuple[str, ...], str], ...] = (

@@ -19,10 +19,10 @@ from kvsched.core.config import (
 )
 from kvsched.core.errors import ConfigError
 from kvsched.sim.cost import RooflineCostModel
-from kvsched.sim.executor import Simulator
 from kvsched.sim.hardware import GpuSpec
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import ModelSpec
+from kvsched.sim.simulator import Simulator
 from kvsched.sim.workload import RequestSpec
 
 

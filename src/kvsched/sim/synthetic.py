@@ -128,7 +128,7 @@ def multi_turn_workload(
 ) -> list[RequestSpec]:
     """Conversations: turn k's prompt is turn k-1's prompt + its answer + a new user message.
 
-    Turn k arrives `think_time` s after turn k-1 finished (closed loop, resolved by the executor), so the
+    Turn k arrives `think_time` s after turn k-1 finished (closed loop, resolved by the simulator), so the
     earlier turns' KV can be reused from the prefix cache if it survived.
     """
     if turns < 1 or think_time < 0:

@@ -1,7 +1,7 @@
-"""Builds the parts the executor drives: model + tokenizer, KV storage and manager, scheduler, runner.
+"""Builds the parts the engine drives: model + tokenizer, KV storage and manager, scheduler, runner.
 
-Kept apart from the executor so tests can build an engine from an already-loaded model (a tiny
-random-weight checkpoint) and so the byte-budget → block arithmetic lives in one place.
+Kept apart from the engine loop (engine/engine.py) so tests can build an engine from an already-loaded
+model (a tiny random-weight checkpoint) and so the byte-budget → block arithmetic lives in one place.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 
 @dataclass(slots=True)
-class EngineCore:
+class EngineParts:
     """The assembled engine parts (no request state)."""
 
     model: LlamaForCausalLM
@@ -78,9 +78,9 @@ def kv_bytes_per_block(config: ModelConfig, tokens_per_block: int, dtype: torch.
     return 2 * config.num_layers * config.num_kv_heads * config.head_dim * tokens_per_block * elem
 
 
-def build_engine_core(
+def build_engine_parts(
     args: EngineArgs, loaded: tuple[LlamaForCausalLM, ModelConfig, Tokenizer | None] | None = None
-) -> EngineCore:
+) -> EngineParts:
     """Load the model (or take ``loaded`` = (model, config, tokenizer)) and assemble the engine."""
     dtype = _TORCH_DTYPES[args.dtype]
     device = torch.device(args.device)
@@ -116,7 +116,7 @@ def build_engine_core(
     }
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
     runner = ModelRunner(model, storage, cache_config)
-    return EngineCore(
+    return EngineParts(
         model=model,
         model_config=model_config,
         tokenizer=tokenizer,

@@ -12,9 +12,9 @@ from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.scheduler import make_scheduler
 from kvsched.core.step import apply_step
 from kvsched.sim.cost import RooflineCostModel, StepShape
-from kvsched.sim.executor import Simulator, decision_of, make_request
 from kvsched.sim.hardware import GPU_PRESETS
 from kvsched.sim.models import MODEL_PRESETS
+from kvsched.sim.simulator import Simulator, decision_of, make_request
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 
 COST = RooflineCostModel(MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"])

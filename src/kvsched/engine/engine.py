@@ -5,7 +5,7 @@ with the simulator; this module supplies the runner (model forward + sampler) an
 here: request intake, text and stop strings, metrics, KV events.
 
 The scheduler allocates KV and may suspend requests to the host tier (``paused_requests``); the
-executor leaves those alone (no reset, no recompute) and counts them. Requests with bad input are
+engine leaves those alone (no reset, no recompute) and counts them. Requests with bad input are
 rejected in :meth:`add_request` with a typed error before they touch any shared state, so they fail
 alone while the others keep running.
 
@@ -13,7 +13,7 @@ Priority: ``add_request(..., priority=p)`` sets ``Request.priority``; **higher =
 (vLLM's ``priority`` is the other way round: lower = earlier). It orders the scheduler's pass only with
 ``EngineArgs.priority_mode=True``; the KV manager always evicts cached blocks of lower priority first.
 
-KV events (blocks stored / removed per tier, for a KV-aware router): :meth:`Executor.drain_kv_events`
+KV events (blocks stored / removed per tier, for a KV-aware router): :meth:`Engine.drain_kv_events`
 takes what the KV manager built since the last call; or pass ``on_kv_events`` and the loop hands them
 over after every step that produced some.
 """
@@ -43,9 +43,9 @@ from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.engine_core import EngineCore, build_engine_core
 from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
+from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.text_stream import TextStream
 
@@ -59,7 +59,7 @@ def check_priority(priority: object) -> int:
 
 @dataclass(slots=True)
 class _Tracked:
-    """Executor-side state of one request (the Request itself is shared with scheduler and KV)."""
+    """Engine-side state of one request (the Request itself is shared with scheduler and KV)."""
 
     req: Request
     external_id: Hashable
@@ -72,13 +72,16 @@ class _Tracked:
     suspended: bool = False
 
 
-class Executor:
-    """Owns the model, KV manager, scheduler and sampler; serves requests step by step."""
+class Engine:
+    """The engine loop: serves requests step by step over its :class:`EngineParts` and a sampler.
+
+    ``kvsched.engine.Executor`` is an alias of this class, kept for code written before the rename.
+    """
 
     def __init__(
         self,
         args: EngineArgs | None = None,
-        core: EngineCore | None = None,
+        parts: EngineParts | None = None,
         *,
         on_kv_events: Callable[[list[KVEvent]], None] | None = None,
     ) -> None:
@@ -86,11 +89,11 @@ class Executor:
         #: Called after each step with the KV events of that step (never with an empty list); it runs
         #: on the engine thread, so it must be quick (hand the events to a queue).
         self.on_kv_events = on_kv_events
-        self.core = core or build_engine_core(self.args)
-        self.tokenizer = self.core.tokenizer
-        self.kv = self.core.kv
-        self.max_model_len = self.core.max_model_len
-        self.sampler = Sampler(self.args.seed, self.core.device)
+        self.parts = parts or build_engine_parts(self.args)
+        self.tokenizer = self.parts.tokenizer
+        self.kv = self.parts.kv
+        self.max_model_len = self.parts.max_model_len
+        self.sampler = Sampler(self.args.seed, self.parts.device)
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._tracked: dict[int, _Tracked] = {}
@@ -100,7 +103,7 @@ class Executor:
         #: The rows and samples of the batch the runner just ran, read back by :meth:`step`.
         self._batch: tuple[list[Request], SampleResult, bool] | None = None
         self.loop = StepLoop(
-            self.core.scheduler, self.kv, self._run_batch, time.monotonic, on_schedule=self._note_schedule
+            self.parts.scheduler, self.kv, self._run_batch, time.monotonic, on_schedule=self._note_schedule
         )
 
     @property
@@ -139,9 +142,9 @@ class Executor:
         if external in self._by_external or external in self._finished:
             raise DuplicateRequestError(f"request id {external!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.core.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids = self.parts.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(external, token_ids, params)
-        eos = () if params.ignore_eos else self.core.eos_token_ids
+        eos = () if params.ignore_eos else self.parts.eos_token_ids
         req = Request(
             internal,
             token_ids,
@@ -153,14 +156,14 @@ class Executor:
             priority=priority,
             cache_salt=cache_salt,
         )
-        gen = None if params.seed is None else Sampler.make_generator(params.seed, self.core.device)
+        gen = None if params.seed is None else Sampler.make_generator(params.seed, self.parts.device)
         self._tracked[internal] = _Tracked(
             req=req,
             external_id=external,
             prompt=text,
             params=params,
             metrics=RequestMetrics(arrival_time=req.arrival_time),
-            stream=TextStream(self.core.tokenizer, token_ids, params.stop),
+            stream=TextStream(self.parts.tokenizer, token_ids, params.stop),
             generator=gen,
             logprobs=[] if params.logprobs is not None else None,
         )
@@ -171,7 +174,7 @@ class Executor:
     def _check_prompt(self, rid: Hashable, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
-        vocab = self.core.vocab_size
+        vocab = self.parts.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             raise InvalidRequestError(f"request {rid!r}: prompt token ids must be in [0, {vocab})")
         total = len(token_ids) + params.max_tokens
@@ -262,7 +265,7 @@ class Executor:
     # -- helpers ---------------------------------------------------------------------------------
     def _run_batch(self, out: SchedulerOutput) -> dict[int, list[int]]:
         """The loop's runner: one forward pass and one sampled token per logits row."""
-        rows, logits = self.core.runner.run(out, self.kv)
+        rows, logits = self.parts.runner.run(out, self.kv)
         sample_rows = [self._tracked[r.request_id] for r in rows]
         want_lp = any(t.logprobs is not None for t in sample_rows)
         result = self.sampler(

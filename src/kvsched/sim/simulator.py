@@ -1,9 +1,9 @@
-"""The simulated executor: the real scheduler and KV manager (metadata only) over virtual time.
+"""The simulator: the real scheduler and KV manager (metadata only) over virtual time.
 
 Arrivals are events by timestamp; each replica (`replica.Replica`) steps with the engine's contract and
 its own clock; the replica whose clock is earliest runs next, after every arrival up to that instant was
 routed. Nothing here re-implements a scheduling decision: with one replica the step sequence is exactly
-what an engine loop over the same scheduler would do (see tests/sim/test_executor.py).
+what an engine loop over the same scheduler would do (see tests/sim/test_simulator.py).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The executor's request API: bad input fails alone, abort frees KV at once, seeds, stops, metrics."""
+"""The engine's request API: bad input fails alone, abort frees KV at once, seeds, stops, metrics."""
 
 from __future__ import annotations
 
 import pytest
-from engine_testlib import make_executor, random_prompts
+from engine_testlib import make_engine, random_prompts
 
 from kvsched.core.errors import (
     DuplicateRequestError,
@@ -30,7 +30,7 @@ class LetterTokenizer:
 
 
 def test_bad_inputs_fail_alone_while_others_finish(tiny_llama_dir, hf_ref):
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, max_model_len=200)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, max_model_len=200)
     prompts = random_prompts([5, 23, 40], seed=21)
     ids = [ex.add_request(p, GREEDY, request_id=f"good-{i}") for i, p in enumerate(prompts)]
     ex.step()
@@ -61,13 +61,13 @@ def test_bad_inputs_fail_alone_while_others_finish(tiny_llama_dir, hf_ref):
 
 
 def test_request_larger_than_the_device_pool_is_rejected(tiny_llama_dir):
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=4, num_host_blocks=64)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=4, num_host_blocks=64)
     with pytest.raises(RequestTooLargeError, match="4"):
         ex.add_request([1] * 30, SamplingParams(max_tokens=8))
 
 
 def test_abort_frees_kv_at_once_and_the_rest_continue(tiny_llama_dir, hf_ref):
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, enable_block_reuse=False)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, enable_block_reuse=False)
     keep, drop = random_prompts([9, 60], seed=22)
     kid = ex.add_request(keep, GREEDY)
     did = ex.add_request(drop, GREEDY)
@@ -87,16 +87,16 @@ def test_abort_frees_kv_at_once_and_the_rest_continue(tiny_llama_dir, hf_ref):
 def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llama_dir):
     prompt = random_prompts([12], seed=23)[0]
     params = SamplingParams(max_tokens=16, temperature=1.0, seed=1234)
-    alone = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    alone = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
     alone.add_request(prompt, params)
     [a] = alone.run()
-    crowd = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, seed=99)
+    crowd = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64, seed=99)
     for other in random_prompts([7, 30], seed=24):
         crowd.add_request(other, SamplingParams(max_tokens=16, temperature=1.0))
     rid = crowd.add_request(prompt, params)
     b = next(o for o in crowd.run() if o.request_id == rid)
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
-    greedy = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    greedy = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
     greedy.add_request(prompt, SamplingParams(max_tokens=16, temperature=0.0))
     assert greedy.run()[0].outputs[0].token_ids != a.outputs[0].token_ids
 
@@ -104,8 +104,8 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny_llama_dir):
 def test_stop_token_and_stop_string(tiny_llama_dir, hf_ref):
     prompt = random_prompts([15], seed=25)[0]
     ref = hf_ref.greedy(prompt, 12)
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
-    ex.core.tokenizer = LetterTokenizer()
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=64)
+    ex.parts.tokenizer = LetterTokenizer()
     ex.add_request(prompt, SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[ref[3]]))
     [out] = ex.run()
     first = ref.index(ref[3])
@@ -129,7 +129,7 @@ def test_stop_token_and_stop_string(tiny_llama_dir, hf_ref):
 
 def test_metrics_and_logprobs(tiny_llama_dir):
     system = random_prompts([32], seed=26)[0]
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=12, num_host_blocks=64)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=12, num_host_blocks=64)
     params = SamplingParams(max_tokens=20, temperature=0.0, logprobs=1)
     ex.add_request(random_prompts([3], seed=27, prefix=system)[0], params)
     ex.run()
@@ -176,7 +176,7 @@ def test_high_priority_request_arriving_late_overtakes_under_memory_pressure(tin
     """Six priority-0 requests start (two per batch, a device pool too small for two whole requests);
     a priority-5 request arrives at step 4. In priority mode it takes the slot of the request the KV
     pressure suspends and is never a victim itself, so it finishes before every earlier request."""
-    ex = make_executor(
+    ex = make_engine(
         tiny_llama_dir,
         tokens_per_block=4,
         num_device_blocks=10,
@@ -195,7 +195,7 @@ def test_high_priority_request_arriving_late_overtakes_under_memory_pressure(tin
 
 
 def test_priority_must_be_an_integer(tiny_llama_dir):
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=16)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=16)
     for bad in ("1", 2.0, None, True):
         with pytest.raises(InvalidRequestError, match="priority=.* is invalid: must be an integer"):
             ex.add_request([1, 2, 3], GREEDY, priority=bad)
@@ -208,7 +208,7 @@ def test_kv_events_of_a_prefix_reuse_run(tiny_llama_dir):
     from kvsched.core.kvcache.keys import block_key, root_key
 
     seen: list = []
-    ex = make_executor(tiny_llama_dir, tokens_per_block=8, num_device_blocks=32)
+    ex = make_engine(tiny_llama_dir, tokens_per_block=8, num_device_blocks=32)
     ex.on_kv_events = seen.append
     prefix = random_prompts([24], seed=3)[0]  # three full blocks
     first, second = prefix + [7, 8, 9, 10], prefix + [11, 12, 13, 14, 15, 16, 17, 18, 19]
@@ -233,3 +233,15 @@ def test_kv_events_of_a_prefix_reuse_run(tiny_llama_dir):
     assert [e.kind for e in events] == ["stored"]  # only the fourth block is new
     own = block_key(keys[-1], second[24:32])
     assert events[0].block_hash == own and events[0].parent_hash == keys[-1]
+
+
+def test_the_old_name_executor_is_an_alias_of_engine():
+    import kvsched.engine
+    from kvsched.engine.engine import Engine
+    from kvsched.engine.parts import EngineParts, build_engine_parts
+
+    assert kvsched.engine.Executor is Engine and kvsched.engine.Engine is Engine
+    assert kvsched.engine.EngineParts is EngineParts
+    assert kvsched.engine.build_engine_parts is build_engine_parts
+    with pytest.raises(AttributeError, match="has no attribute 'EngineCore'"):
+        _ = kvsched.engine.EngineCore
