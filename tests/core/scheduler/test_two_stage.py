@@ -62,7 +62,7 @@ def test_max_utilization_preempts_started_requests_from_the_tail_for_recompute()
     assert out.paused_requests == []
 
 
-def test_max_utilization_may_pause_the_current_request_itself():
+def test_max_utilization_may_preempt_the_current_request_itself():
     kv = FakeKV(num_device_blocks=2)
     g0 = running(kv, 0, prompt=8)
     out = make(kv, "max_utilization").schedule([g0])

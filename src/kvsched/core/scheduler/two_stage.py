@@ -4,7 +4,7 @@ replaces for KVCacheManagerV2).
 
 Capacity decides which requests fit in KV memory by *estimating* blocks; micro-batch applies the token
 budget, batch size and FCFS chunking; only then is KV allocated. Under MAX_UTILIZATION a request that
-does not fit pauses started requests from the tail (the current one included); a paused request
+does not fit preempts started requests from the tail (the current one included); a preempted request
 loses its KV (``free_request``) and is reset to prefill again (``reset_for_recompute``).
 
 KV manager members used: ``prepare_context``, ``resize_context``, ``try_allocate_generation``,
@@ -142,7 +142,7 @@ class TwoStageScheduler(SchedulerBase):
     def _max_utilization(
         self, reqs: Sequence[Request], inflight: AbstractSet[int], preempted: list[Request]
     ) -> list[Request]:
-        """One pass; each request needs its next-step blocks; pause started ones from the tail."""
+        """One pass; each request needs its next-step blocks; preempt started ones from the tail."""
         free = self.kv_cache_manager.num_free_device_blocks
         pages = PageBudget(self.peft_cache)
         fitting: list[Request] = []
@@ -187,7 +187,8 @@ class TwoStageScheduler(SchedulerBase):
         )
 
     def _preempt(self, req: Request, preempted: list[Request]) -> None:
-        """Free the request's KV and make it prefill again (V1 pause = terminate + reset)."""
+        """Free the request's KV and make it prefill again (what TensorRT-LLM's V1 calls a pause:
+        terminate + reset; here "paused" always means KV kept)."""
         self.kv_cache_manager.free_request(req)
         if self.draft_kv_cache_manager is not None:
             with contextlib.suppress(UnknownRequestError):
