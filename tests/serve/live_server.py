@@ -1,4 +1,4 @@
-"""A live server on 127.0.0.1 (uvicorn in a thread, free port) over any executor-shaped engine."""
+"""A live server on 127.0.0.1 (uvicorn in a thread, free port) over any engine (real or fake)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import httpx
 import openai
 
 from kvsched.serve.app import ServerOptions, build_app
-from kvsched.serve.backend import ExecutorBackend
+from kvsched.serve.backend import EngineBackend
 from kvsched.serve.server_thread import UvicornThread
 
 MODEL = "fake-model"
@@ -15,7 +15,7 @@ MODEL = "fake-model"
 class LiveServer:
     def __init__(self, fake, options: ServerOptions | None = None, model: str = MODEL) -> None:
         self.fake = fake
-        self.app = build_app(ExecutorBackend(fake), model, options)
+        self.app = build_app(EngineBackend(fake), model, options)
         self.thread = UvicornThread(self.app)
 
     @property

@@ -7,13 +7,13 @@ import httpx
 import openai
 import pytest
 from live_server import MODEL, LiveServer
-from tiny_engine import tiny_executor
+from tiny_engine import tiny_engine
 
 from kvsched.cli import build_parser
 from kvsched.core.errors import ConfigError
 from kvsched.serve.app import ServerOptions, build_app
 from kvsched.serve.auth import ENV_VAR, resolve_api_key
-from kvsched.serve.backend import ExecutorBackend
+from kvsched.serve.backend import EngineBackend
 
 KEY = "sk-test-0123456789"
 BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}
@@ -21,7 +21,7 @@ BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 4, "
 
 @pytest.fixture(scope="module")
 def ex():
-    return tiny_executor()
+    return tiny_engine()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_resolve_api_key() -> None:
 
 def test_build_app_refuses_an_unusable_key(ex) -> None:
     with pytest.raises(ConfigError, match="API key"):
-        build_app(ExecutorBackend(ex), MODEL, ServerOptions(api_key=""))
+        build_app(EngineBackend(ex), MODEL, ServerOptions(api_key=""))
 
 
 def test_cli_flags() -> None:

@@ -9,14 +9,14 @@ import json
 
 import httpx
 import pytest
-from fake_executor import FakeExecutor, expected_text
+from fake_engine import FakeEngine, expected_text
 from live_server import MODEL, LiveServer
 
 from kvsched.serve.app import ServerOptions
 
 
 def test_shutdown_past_the_drain_ends_streams_with_an_error_event(capfd: pytest.CaptureFixture) -> None:
-    fake = FakeExecutor(step_delay_s=0.01)
+    fake = FakeEngine(step_delay_s=0.01)
     srv = LiveServer(fake, ServerOptions(drain_timeout_s=1.0))
     srv.__enter__()
     out: dict = {}

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from live_server import MODEL, LiveServer
-from tiny_engine import tiny_executor, tiny_llm
+from tiny_engine import tiny_engine, tiny_llm
 
 from kvsched.core.request import SamplingParams
 
@@ -24,7 +24,7 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def tiny_server():
-    ex = tiny_executor()
+    ex = tiny_engine()
     with LiveServer(ex) as srv:
         yield srv, ex
 
@@ -191,7 +191,7 @@ def test_memory_pressure_suspends_to_host_and_output_is_unchanged() -> None:
     prompts = [f"item {i}: " + "blue green red " * (8 + i % 5) for i in range(16)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     want = [o.outputs[0].text for o in tiny_llm().generate(prompts, params, use_tqdm=False)]
-    ex = tiny_executor(num_device_blocks=24, num_host_blocks=256, max_batch_size=16)
+    ex = tiny_engine(num_device_blocks=24, num_host_blocks=256, max_batch_size=16)
     with LiveServer(ex) as srv:
 
         async def all_at_once():

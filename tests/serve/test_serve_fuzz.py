@@ -12,7 +12,7 @@ import json
 
 import httpx
 import pytest
-from fake_executor import FakeExecutor
+from fake_engine import FakeEngine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live_server import MODEL, LiveServer
@@ -101,7 +101,7 @@ def _local_port(response: httpx.Response) -> int:
 @pytest.fixture(scope="module")
 def live():
     with (
-        LiveServer(FakeExecutor(max_model_len=512)) as srv,
+        LiveServer(FakeEngine(max_model_len=512)) as srv,
         httpx.Client(base_url=srv.url, trust_env=False, timeout=30) as client,
     ):
         yield srv, client

@@ -8,7 +8,7 @@ import json
 import time
 
 import httpx
-from fake_executor import FakeExecutor, expected_text
+from fake_engine import FakeEngine, expected_text
 from live_server import MODEL, LiveServer
 
 from kvsched.serve.app import ServerOptions
@@ -24,7 +24,7 @@ def _wait_for(cond, timeout_s: float = 10.0) -> bool:
 
 
 def test_queue_full_answers_429_then_recovers() -> None:
-    fake = FakeExecutor()
+    fake = FakeEngine()
     with LiveServer(fake, ServerOptions(max_waiting=2)) as srv:
         fake.step_gate.clear()  # the engine blocks in its first step: nothing gets a first token
 
@@ -51,7 +51,7 @@ def test_queue_full_answers_429_then_recovers() -> None:
 
 
 def test_disconnect_mid_stream_aborts_and_frees_kv() -> None:
-    fake = FakeExecutor(step_delay_s=0.002)
+    fake = FakeEngine(step_delay_s=0.002)
     with LiveServer(fake) as srv:
         with httpx.Client(trust_env=False, timeout=30) as c:
             body = {"model": MODEL, "prompt": "abandon", "max_tokens": 400, "stream": True}
@@ -67,7 +67,7 @@ def test_disconnect_mid_stream_aborts_and_frees_kv() -> None:
 
 
 def test_shutdown_aborts_unfinished_requests() -> None:
-    fake = FakeExecutor(step_delay_s=0.01)
+    fake = FakeEngine(step_delay_s=0.01)
     srv = LiveServer(fake, ServerOptions(drain_timeout_s=0.2))
     srv.thread.server.config.timeout_graceful_shutdown = 0.2
     srv.__enter__()
@@ -98,7 +98,7 @@ def test_shutdown_aborts_unfinished_requests() -> None:
 
 
 def test_non_streaming_client_gone_is_aborted() -> None:
-    fake = FakeExecutor(step_delay_s=0.002)
+    fake = FakeEngine(step_delay_s=0.002)
     with LiveServer(fake) as srv:
         body = {"model": MODEL, "prompt": "hang on", "max_tokens": 10}
         with contextlib.suppress(httpx.TimeoutException):
@@ -108,7 +108,7 @@ def test_non_streaming_client_gone_is_aborted() -> None:
 
 
 def test_engine_failure_fails_requests_and_keeps_serving() -> None:
-    fake = FakeExecutor()
+    fake = FakeEngine()
     with LiveServer(fake) as srv:
         fake.fail_next_step = True
         body = {"model": MODEL, "prompt": "boom", "max_tokens": 5}
@@ -120,7 +120,7 @@ def test_engine_failure_fails_requests_and_keeps_serving() -> None:
 
 
 def test_stop_string_finishes_the_engine_request_and_frees_kv() -> None:
-    fake = FakeExecutor(step_delay_s=0.001)
+    fake = FakeEngine(step_delay_s=0.001)
     with LiveServer(fake) as srv:
         full = expected_text(list(b"hang stop"), 30)
         stop = full[8:10]

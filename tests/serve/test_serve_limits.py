@@ -12,9 +12,9 @@ import time
 
 import httpx
 import pytest
-from fake_executor import ByteTokenizer, FakeExecutor, expected_text
+from fake_engine import ByteTokenizer, FakeEngine, expected_text
 from live_server import MODEL, LiveServer
-from tiny_engine import tiny_executor
+from tiny_engine import tiny_engine
 
 from kvsched.cli import build_parser
 from kvsched.serve.app import DEFAULT_MAX_TOKENS_CAP, ServerOptions
@@ -39,7 +39,7 @@ def test_cli_defaults_match_the_server() -> None:
 
 
 def test_oversized_bodies_get_a_quick_413() -> None:
-    with LiveServer(FakeExecutor()) as srv, _client(srv) as c:
+    with LiveServer(FakeEngine()) as srv, _client(srv) as c:
         big = b'{"model": "fake-model", "prompt": "' + b"a" * 10_000_000 + b'"}'
         t0 = time.perf_counter()
         r = c.post("/v1/completions", content=big, headers=JSON)
@@ -59,7 +59,7 @@ def test_oversized_bodies_get_a_quick_413() -> None:
 
 
 def test_prompt_longer_than_the_context_is_a_400_naming_the_limit() -> None:
-    with LiveServer(FakeExecutor(max_model_len=64)) as srv, _client(srv) as c:
+    with LiveServer(FakeEngine(max_model_len=64)) as srv, _client(srv) as c:
         for prompt in ("x" * 64, list(range(64))):
             r = c.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
             err = r.json()["error"]
@@ -76,9 +76,9 @@ def test_prompt_longer_than_the_context_is_a_400_naming_the_limit() -> None:
 def test_max_tokens_default_and_cap() -> None:
     """vLLM's choice: a request over the context is a 400; a missing max_tokens means the rest of the
     context; the server cap clamps both (a clamped request ends with finish_reason "length")."""
-    fake = FakeExecutor(max_model_len=512)
+    fake = FakeEngine(max_model_len=512)
     msgs = [{"role": "user", "content": "hi"}]
-    n_prompt = len(FakeExecutor._chat(msgs))
+    n_prompt = len(FakeEngine._chat(msgs))
     with LiveServer(fake, ServerOptions(max_tokens_cap=20)) as srv, _client(srv) as c:
         for extra in ({}, {"max_tokens": 100}, {"max_completion_tokens": 100}):
             r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs, **extra})
@@ -92,7 +92,7 @@ def test_max_tokens_default_and_cap() -> None:
         )
         assert r.status_code == 400 and "maximum context length is 512" in r.json()["error"]["message"]
     with (
-        LiveServer(FakeExecutor(max_model_len=512), ServerOptions(max_tokens_cap=None)) as srv,
+        LiveServer(FakeEngine(max_model_len=512), ServerOptions(max_tokens_cap=None)) as srv,
         _client(srv) as c,
     ):
         r = c.post("/v1/chat/completions", json={"model": MODEL, "messages": msgs})
@@ -100,7 +100,7 @@ def test_max_tokens_default_and_cap() -> None:
 
 
 def test_429_carries_retry_after() -> None:
-    fake = FakeExecutor()
+    fake = FakeEngine()
     with LiveServer(fake, ServerOptions(max_waiting=1)) as srv:
         fake.step_gate.clear()  # the engine holds in its first step: nothing gets a first token
 
@@ -128,7 +128,7 @@ class _ExplodingTokenizer(ByteTokenizer):
 
 
 def test_unexpected_error_is_a_json_500_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    fake = FakeExecutor()
+    fake = FakeEngine()
     fake.tokenizer = _ExplodingTokenizer()
     with LiveServer(fake) as srv, _client(srv) as c, caplog.at_level(logging.ERROR, "kvsched.serve"):
         ok = c.post("/v1/completions", json={"model": MODEL, "prompt": "fine", "max_tokens": 2})
@@ -150,7 +150,7 @@ def test_unexpected_error_is_a_json_500_logged_once(caplog: pytest.LogCaptureFix
 # ------------------------------------------------------------------------------ the real tokenizer
 @pytest.fixture(scope="module")
 def tiny_server():
-    with LiveServer(tiny_executor(), ServerOptions(max_request_bytes=2 * 1024 * 1024)) as srv:
+    with LiveServer(tiny_engine(), ServerOptions(max_request_bytes=2 * 1024 * 1024)) as srv:
         yield srv
 
 

@@ -8,7 +8,7 @@ import random
 import ssl
 
 import httpx
-from fake_executor import FakeExecutor, expected_text
+from fake_engine import FakeEngine, expected_text
 from live_server import MODEL, LiveServer
 
 NUM_CLIENTS = 120
@@ -47,7 +47,7 @@ async def _one(c: httpx.AsyncClient, i: int, rng: random.Random) -> tuple[str, s
 
 
 def test_hundreds_of_streams_with_disconnects() -> None:
-    fake = FakeExecutor(num_device_blocks=3000, max_batch_size=128, step_delay_s=0.001)
+    fake = FakeEngine(num_device_blocks=3000, max_batch_size=128, step_delay_s=0.001)
     with LiveServer(fake) as srv:
 
         async def scenario():

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import httpx
-from fake_executor import FakeExecutor
+from fake_engine import FakeEngine
 from live_server import MODEL, LiveServer
 
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -48,7 +48,7 @@ def _wait_for(cond, timeout_s: float = 10.0) -> bool:
 def test_ttft_counts_from_the_server_receiving_the_request() -> None:
     """The server hands its arrival time to the engine: time a request waits for the engine thread
     (here 0.3 s behind a blocked step) is part of its TTFT."""
-    fake = FakeExecutor()
+    fake = FakeEngine()
     with LiveServer(fake) as srv:
 
         async def scenario() -> int:

@@ -1,4 +1,4 @@
-"""The OpenAI routes through the official client against a live server (fake executor)."""
+"""The OpenAI routes through the official client against a live server (fake engine)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import threading
 import httpx
 import openai
 import pytest
-from fake_executor import FakeExecutor, expected_text
+from fake_engine import FakeEngine, expected_text
 from live_server import MODEL
 
 
 def _chat_ids(messages) -> list[int]:
-    return FakeExecutor._chat(messages)
+    return FakeEngine._chat(messages)
 
 
 def test_completion_non_streaming(server) -> None:

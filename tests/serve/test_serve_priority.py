@@ -15,17 +15,17 @@ import httpx
 import openai
 import pytest
 from live_server import MODEL, LiveServer
-from tiny_engine import tiny_executor
+from tiny_engine import tiny_engine
 
 MAX_TOKENS = 16
 
 
-class SteppedExecutor:
-    """The real executor, but :meth:`step` runs only while ``allowed`` steps remain (else returns no
+class SteppedEngine:
+    """The real engine, but :meth:`step` runs only while ``allowed`` steps remain (else returns no
     output at once); records the step each request finished in and the prompt of each request id."""
 
-    def __init__(self, executor) -> None:
-        self._ex = executor
+    def __init__(self, engine) -> None:
+        self._ex = engine
         self.allowed = 0
         self.steps = 0
         self.finished_at: dict = {}
@@ -67,8 +67,8 @@ def test_late_high_priority_request_finishes_first(priority_mode) -> None:
     With ``priority_mode`` it finishes before every earlier request; without it, last."""
     rng = random.Random(7)
     prompts = [[rng.randrange(100, 40000) for _ in range(12)] for _ in range(7)]
-    ex = SteppedExecutor(
-        tiny_executor(
+    ex = SteppedEngine(
+        tiny_engine(
             tokens_per_block=4,
             num_device_blocks=10,
             num_host_blocks=64,
@@ -117,7 +117,7 @@ def test_late_high_priority_request_finishes_first(priority_mode) -> None:
 
 
 def test_priority_field_on_chat_and_bad_values() -> None:
-    ex = SteppedExecutor(tiny_executor())
+    ex = SteppedEngine(tiny_engine())
     ex.allowed = 10**9
     with LiveServer(ex) as srv:
         client = srv.client()

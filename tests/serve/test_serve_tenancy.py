@@ -8,12 +8,12 @@ import random
 import httpx
 import pytest
 from live_server import MODEL, LiveServer
-from tiny_engine import tiny_executor
+from tiny_engine import tiny_engine
 
 from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.request import SamplingParams
 from kvsched.serve.app import ServerOptions, build_app
-from kvsched.serve.backend import ExecutorBackend
+from kvsched.serve.backend import EngineBackend
 from kvsched.serve.tenancy import salt_id
 
 HEADER = "X-Tenant"
@@ -24,7 +24,7 @@ _rng = random.Random(14)
 
 @pytest.fixture(scope="module")
 def tenant_server():
-    ex = tiny_executor()
+    ex = tiny_engine()
     with LiveServer(ex, ServerOptions(tenant_salt_header=HEADER)) as srv:
         yield srv, ex
 
@@ -113,11 +113,11 @@ def test_salt_id() -> None:
 def test_bad_header_name(tenant_server) -> None:
     _, ex = tenant_server
     with pytest.raises(ConfigError, match="tenant-salt-header"):
-        build_app(ExecutorBackend(ex), MODEL, ServerOptions(tenant_salt_header="X Tenant"))
+        build_app(EngineBackend(ex), MODEL, ServerOptions(tenant_salt_header="X Tenant"))
 
 
 def test_engine_salt_scopes_reuse_and_is_typed() -> None:
-    ex = tiny_executor()
+    ex = tiny_engine()
     prompt, params = _prompt(), SamplingParams(max_tokens=2, temperature=0.0)
 
     def run(salt) -> int:

@@ -30,13 +30,13 @@ def _loaded():
     return load_model(default_model_path(), dummy_config=TINY, seed=0)
 
 
-def tiny_executor(**overrides) -> Engine:
+def tiny_engine(**overrides) -> Engine:
     args = EngineArgs(**{**ENGINE_KW, **overrides})
     return Engine(args, parts=build_engine_parts(args, loaded=_loaded()))
 
 
 def tiny_llm(**overrides) -> LLM:
-    """``LLM`` over the tiny model (LLM's constructor only takes a path, so wrap an executor)."""
+    """``LLM`` over the tiny model (LLM's constructor only takes a path, so wrap an engine)."""
     llm = LLM.__new__(LLM)
-    llm.engine = tiny_executor(**overrides)
+    llm.engine = tiny_engine(**overrides)
     return llm

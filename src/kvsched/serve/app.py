@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI routes, /health, /metrics, and the engine's lifespan.
 
 ``build_app(backend, model_name)`` takes any :class:`~kvsched.serve.backend.Backend`; the CLI passes an
-ExecutorBackend over the real engine, tests may pass one over a fake executor.
+EngineBackend over the real engine, tests may pass one over a fake engine.
 """
 
 from __future__ import annotations

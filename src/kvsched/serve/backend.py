@@ -2,7 +2,7 @@
 
 The adapter only uses the Engine's public seam (``add_request``, ``abort_request``, ``step``,
 ``has_unfinished_requests``, ``pop_output``, ``tokenizer``, ``max_model_len``, ``kv``), so any object
-with that seam works — the tests' fake executor included.
+with that seam works — the tests' fake engine included.
 """
 
 from __future__ import annotations
@@ -50,14 +50,14 @@ def gil_free_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]] | None:
     return lambda text, special: list(batch([text], add_special_tokens=special)[0].ids)
 
 
-class ExecutorBackend:
+class EngineBackend:
     """Engine-thread side of the server over an Engine. Tokenizing is thread-safe: the server runs it
     in worker threads (``serve/prompts.py``), never on the event loop."""
 
-    def __init__(self, executor: Any) -> None:
-        self.executor = executor
-        self.max_model_len: int = executor.max_model_len
-        self._tokenizer = executor.tokenizer
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.max_model_len: int = engine.max_model_len
+        self._tokenizer = engine.tokenizer
         if self._tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one to read text prompts")
         self._fast = gil_free_encoder(self._tokenizer)
@@ -72,7 +72,7 @@ class ExecutorBackend:
         if self._fast is not None and render is not None:  # as Tokenizer.encode_chat, GIL released
             text = render([dict(m) for m in messages], add_generation_prompt=True)
             return self._fast(text, False)
-        return list(self.executor.parts.apply_chat_template(messages, True))
+        return list(self.engine.parts.apply_chat_template(messages, True))
 
     def token_text(self, token_id: int) -> str:
         return self._tokenizer.decode([token_id])
@@ -86,10 +86,10 @@ class ExecutorBackend:
         arrival_time: float | None = None,
         cache_salt: int | None = None,
     ) -> None:
-        """``priority``: higher = more important (the executor's convention); ``arrival_time``
+        """``priority``: higher = more important (the engine's convention); ``arrival_time``
         (``time.monotonic``) is when the server received it, the start of its TTFT and latency;
         ``cache_salt``: its prefix-cache scope (``serve/tenancy.py``), None for the shared cache."""
-        self.executor.add_request(
+        self.engine.add_request(
             token_ids,
             params,
             request_id=request_id,
@@ -101,26 +101,26 @@ class ExecutorBackend:
     def abort_request(self, request_id: Hashable) -> RequestOutput | None:
         """Abort and take the result; a request that already finished is just taken."""
         with contextlib.suppress(UnknownRequestError):
-            self.executor.abort_request(request_id)
+            self.engine.abort_request(request_id)
         return self.release(request_id)
 
     def release(self, request_id: Hashable) -> RequestOutput | None:
         """Take a finished request's result (its metrics feed /metrics); None if already taken."""
         try:
-            return self.executor.pop_output(request_id)
+            return self.engine.pop_output(request_id)
         except UnknownRequestError:
             return None
 
     def step(self) -> list[StepOutput]:
-        return self.executor.step()
+        return self.engine.step()
 
     def has_unfinished_requests(self) -> bool:
-        return self.executor.has_unfinished_requests()
+        return self.engine.has_unfinished_requests()
 
     def snapshot(self) -> EngineSnapshot:
-        kv = self.executor.kv
+        kv = self.engine.kv
         s = kv.stats()
-        unfinished = self.executor.num_unfinished_requests
+        unfinished = self.engine.num_unfinished_requests
         hits = s.reuse_hit_tokens_device + s.reuse_hit_tokens_host
         return EngineSnapshot(
             num_running=s.num_active_requests,
@@ -132,5 +132,5 @@ class ExecutorBackend:
             prefix_hits=hits,
             num_suspends=s.num_suspends,
             num_resumes=s.num_resumes,
-            num_preemptions=getattr(self.executor.stats, "num_preempted", 0),
+            num_preemptions=getattr(self.engine.stats, "num_preempted", 0),
         )

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.engine.engine_args import engine_args_from_namespace
     from kvsched.serve.app import ServerOptions, build_app
     from kvsched.serve.auth import resolve_api_key
-    from kvsched.serve.backend import ExecutorBackend
+    from kvsched.serve.backend import EngineBackend
     from kvsched.serve.server_thread import DrainingServer
     from kvsched.serve.tenancy import check_header_name
 
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes,
         max_tokens_cap=args.max_tokens_cap or None,
     )
-    app = build_app(ExecutorBackend(engine), name, options)
+    app = build_app(EngineBackend(engine), name, options)
     auth = "API key required" if api_key else "no API key"
     print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
     # The app drains first (DrainingServer); uvicorn's own graceful timeout only covers the last bytes.

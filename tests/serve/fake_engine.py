@@ -4,7 +4,7 @@ Bytes are tokens (ids 0..255). Output token ``i`` of a prompt is ``a..z`` chosen
 byte sum, so every prompt has a known continuation. KV is counted in 16-token blocks; a request is
 admitted FIFO when its blocks fit, holds them until it finishes or is aborted. A prompt that starts
 with ``hang`` never finishes on its own (only an abort or a stop string ends it), for disconnect tests.
-Text and stop strings come from the engine's own :class:`TextStream`, as in the real executor.
+Text and stop strings come from the engine's own :class:`TextStream`, as in the real engine.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class _Req:
         return RequestOutput(rid, None, self.ids, [done], True, self.metrics)
 
 
-class FakeExecutor:
+class FakeEngine:
     def __init__(
         self,
         num_device_blocks: int = 4096,
