@@ -162,6 +162,10 @@ class FakeEngine:
                 self.used_blocks -= req.blocks
                 del self._reqs[rid]
                 self._finished[rid] = req.result(rid, reason)
-            lp = [-0.5] if req.params.logprobs is not None else None
-            outputs.append(StepOutput(rid, [tok], delta, reason is not None, reason, lp))
+            lp = top = None
+            if req.params.logprobs is not None:  # the sampled token is the most likely; then the next letters
+                lp = [-0.5]
+                n = req.params.logprobs
+                top = [{97 + (tok - 97 + k) % 26: -0.5 - k for k in range(n)}]
+            outputs.append(StepOutput(rid, [tok], delta, reason is not None, reason, lp, top))
         return outputs

@@ -43,6 +43,7 @@ from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
+from kvsched.engine.logprobs import check_num_logprobs
 from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.parts import EngineParts, build_engine_parts
@@ -69,6 +70,7 @@ class _Tracked:
     stream: TextStream
     generator: torch.Generator | None
     logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None
     suspended: bool = False
 
 
@@ -130,6 +132,7 @@ class Engine:
         """
         params = sampling_params or SamplingParams()
         params.validate()
+        check_num_logprobs(params.logprobs)
         priority = check_priority(priority)
         if cache_salt is not None and type(cache_salt) is not int:
             raise InvalidRequestError(f"cache_salt must be an int or None, got {type(cache_salt).__name__}")
@@ -166,6 +169,7 @@ class Engine:
             stream=TextStream(self.parts.tokenizer, token_ids, params.stop),
             generator=gen,
             logprobs=[] if params.logprobs is not None else None,
+            top_logprobs=[] if params.logprobs is not None else None,
         )
         self._by_external[external] = internal
         self._active.append(req)
@@ -247,7 +251,8 @@ class Engine:
         outputs = []
         for i, (req, tok) in enumerate(zip(rows, result.token_ids)):
             tracked = self._tracked[req.request_id]
-            outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now))
+            top = result.top_logprobs[i] if want_lp and result.top_logprobs is not None else None
+            outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now, top))
         if finished or any(o.finished for o in outputs):
             self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
         self._publish_kv_events()
@@ -299,10 +304,19 @@ class Engine:
             if req.num_reused_tokens > m.metrics.num_reused_tokens:
                 m.metrics.num_reused_tokens = req.num_reused_tokens
 
-    def _emit(self, tracked: _Tracked, token: int, logprob: float | None, now: float) -> StepOutput:
+    def _emit(
+        self,
+        tracked: _Tracked,
+        token: int,
+        logprob: float | None,
+        now: float,
+        top: dict[int, float] | None = None,
+    ) -> StepOutput:
         req = tracked.req
         if tracked.logprobs is not None and logprob is not None:
             tracked.logprobs.append(logprob)
+        if tracked.top_logprobs is not None and top is not None:
+            tracked.top_logprobs.append(top)
         delta, stopped = tracked.stream.push([token], final=req.is_finished)
         if stopped:  # a stop string: the text stream is its one owner
             if req.is_finished:
@@ -318,6 +332,7 @@ class Engine:
             finished=req.is_finished,
             finish_reason=req.finish_reason,
             logprobs=None if logprob is None else [logprob],
+            top_logprobs=None if top is None or tracked.top_logprobs is None else [top],
         )
 
     def _retire(self, tracked: _Tracked) -> None:
@@ -340,6 +355,7 @@ class Engine:
                     token_ids=list(req.output_token_ids),
                     finish_reason=req.finish_reason,
                     logprobs=tracked.logprobs,
+                    top_logprobs=tracked.top_logprobs,
                 )
             ],
             finished=True,

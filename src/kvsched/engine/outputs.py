@@ -67,6 +67,9 @@ class StepOutput:
     finished: bool
     finish_reason: str | None = None
     logprobs: list[float] | None = None
+    #: Per new token, the ``SamplingParams.logprobs`` most likely tokens ``{token_id: logprob}``, most
+    #: likely first (the raw distribution's, as ``logprobs``); None when logprobs were not asked for.
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 @dataclass(slots=True)
@@ -78,6 +81,7 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None  # per token, as StepOutput.top_logprobs
 
     @property
     def cumulative_logprob(self) -> float | None:

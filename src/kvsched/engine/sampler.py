@@ -14,14 +14,17 @@ from dataclasses import dataclass
 import torch
 
 from kvsched.core.request import SamplingParams
+from kvsched.engine.logprobs import row_logprobs
 
 
 @dataclass(slots=True)
 class SampleResult:
-    """Chosen token per row, and its log-probability under the model's raw distribution."""
+    """Chosen token per row, its log-probability under the model's raw distribution, and the row's top
+    ``params.logprobs`` tokens ``{token: logprob}`` (engine/logprobs.py)."""
 
     token_ids: list[int]
     logprobs: list[float] | None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 class Sampler:
@@ -52,7 +55,7 @@ class Sampler:
         if n != len(params):
             raise ValueError(f"{n} logits rows for {len(params)} sampling params")
         if n == 0:
-            return SampleResult([], [] if want_logprobs else None)
+            return SampleResult([], [] if want_logprobs else None, [] if want_logprobs else None)
         logits = logits.float()
         chosen = torch.argmax(logits, dim=-1)
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -64,11 +67,10 @@ class Sampler:
                 [generators[i] if generators else None for i in random_rows],
             )
             chosen.index_copy_(0, rows, picked)
-        logprobs = None
-        if want_logprobs:
-            lp = torch.log_softmax(logits, dim=-1).gather(1, chosen.unsqueeze(1)).squeeze(1)
-            logprobs = lp.tolist()
-        return SampleResult(chosen.tolist(), logprobs)
+        if not want_logprobs:
+            return SampleResult(chosen.tolist(), None)
+        lps = row_logprobs(logits, chosen, [p.logprobs or 0 for p in params])
+        return SampleResult(chosen.tolist(), lps.sampled, lps.top)
 
     def _sample_random(
         self,

@@ -20,7 +20,16 @@ from kvsched.serve.auth import APIKeyMiddleware, check_api_key, open_paths
 from kvsched.serve.backend import Backend
 from kvsched.serve.chunks import ChatChunks, CompletionChunks
 from kvsched.serve.errors import APIError, install_error_handlers, status_of
-from kvsched.serve.generation import Formatter, check_context, collect, sampling_params, sse_stream, usage
+from kvsched.serve.generation import (
+    Collected,
+    Formatter,
+    check_context,
+    collect,
+    hold_logprobs,
+    sampling_params,
+    sse_stream,
+    usage,
+)
 from kvsched.serve.guards import DEFAULT_MAX_REQUEST_BYTES, install_guards
 from kvsched.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kvsched.serve.prompts import PromptEncoder
@@ -126,14 +135,17 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
-            offset, enc = [0], CompletionChunks(rid, model_name)
+            offset, enc, held = [0], CompletionChunks(rid, model_name), Collected()
 
             def chunk(d) -> str | None:
+                if want_lp:  # a token whose text is held back sends its logprobs with the next chunk
+                    hold_logprobs(held, d)
                 if not d.text_delta and not d.finished:
                     return None
                 lp = None
                 if want_lp:
-                    lp = fmt.completion_logprobs(d.new_token_ids, d.logprobs or [], offset[0])
+                    lp = fmt.completion_logprobs(held.token_ids, held.logprobs, offset[0], held.top_logprobs)
+                    held.token_ids, held.logprobs, held.top_logprobs = [], [], []
                 offset[0] += len(d.text_delta)
                 return enc.delta(d.text_delta, d.finish_reason, lp)
 
@@ -141,7 +153,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
             body = sse_stream(handle, chunk, usage_chunk)
             return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
         got = await collect(handle, raw.is_disconnected)
-        lp = fmt.completion_logprobs(got.token_ids, got.logprobs, 0) if want_lp else None
+        lp = fmt.completion_logprobs(got.token_ids, got.logprobs, 0, got.top_logprobs) if want_lp else None
         choice = CompletionChoice(text=got.text, logprobs=lp, finish_reason=got.finish_reason)
         return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
 
@@ -156,12 +168,17 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
-            first, enc = [True], ChatChunks(rid, model_name)
+            first, enc, held = [True], ChatChunks(rid, model_name), Collected()
 
             def chunk(d) -> str | None:
+                if req.logprobs:  # a token whose text is held back sends its logprobs with the next chunk
+                    hold_logprobs(held, d)
                 if not d.text_delta and not d.finished and not first[0]:
                     return None
-                lp = fmt.chat_logprobs(d.new_token_ids, d.logprobs or []) if req.logprobs else None
+                lp = None
+                if req.logprobs:
+                    lp = fmt.chat_logprobs(held.token_ids, held.logprobs, held.top_logprobs)
+                    held.token_ids, held.logprobs, held.top_logprobs = [], [], []
                 body = enc.delta(d.text_delta, d.finish_reason, lp, first=first[0])
                 first[0] = False
                 return body
@@ -170,7 +187,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
             body = sse_stream(handle, chunk, usage_chunk)
             return StreamingResponse(body, media_type="text/event-stream", headers=_SSE_HEADERS)
         got = await collect(handle, raw.is_disconnected)
-        lp = fmt.chat_logprobs(got.token_ids, got.logprobs) if req.logprobs else None
+        lp = fmt.chat_logprobs(got.token_ids, got.logprobs, got.top_logprobs) if req.logprobs else None
         choice = ChatChoice(
             message=ChatResponseMessage(content=got.text), logprobs=lp, finish_reason=got.finish_reason
         )

@@ -62,7 +62,15 @@ class Collected:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+def hold_logprobs(held: Collected, delta: StepOutput) -> None:
+    """Add a delta's tokens and logprobs to ``held`` (a stream sends them with its next chunk)."""
+    held.token_ids.extend(delta.new_token_ids)
+    held.logprobs.extend(delta.logprobs or [])
+    held.top_logprobs.extend(delta.top_logprobs or [])
 
 
 async def collect(handle: RequestHandle, is_disconnected: Callable, poll_s: float = 0.5) -> Collected:
@@ -94,6 +102,8 @@ async def collect(handle: RequestHandle, is_disconnected: Callable, poll_s: floa
             out.token_ids.extend(delta.new_token_ids)
             if delta.logprobs:
                 out.logprobs.extend(delta.logprobs)
+            if delta.top_logprobs:
+                out.top_logprobs.extend(delta.top_logprobs)
             if delta.finished:
                 out.finish_reason = delta.finish_reason
                 break
@@ -108,30 +118,61 @@ def usage(handle: RequestHandle) -> UsageInfo:
     return UsageInfo(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
 
 
+def _finite(lp: float) -> float:
+    """JSON has no -inf: a token the model rules out is reported as -9999.0, as vLLM does."""
+    return max(lp, -9999.0)
+
+
 class Formatter:
-    """Turns token ids and logprobs into the logprobs objects of each endpoint."""
+    """Turns token ids and logprobs into the logprobs objects of each endpoint (vLLM's shapes).
+
+    Completions (legacy format): ``top_logprobs`` is one ``{token text: logprob}`` per token holding the
+    ``logprobs`` most likely tokens and always the sampled one, so up to N + 1 entries (OpenAI's
+    documented behaviour). Chat: each token's ``top_logprobs`` lists the ``top_logprobs`` most likely
+    tokens, most likely first.
+    """
 
     def __init__(self, token_text: Callable[[int], str], num_top: int) -> None:
         self.token_text = token_text
         self.num_top = num_top
 
-    def completion_logprobs(self, token_ids: list[int], lps: list[float], offset: int) -> CompletionLogprobs:
+    def completion_logprobs(
+        self,
+        token_ids: list[int],
+        lps: list[float],
+        offset: int,
+        tops: list[dict[int, float]] | None = None,
+    ) -> CompletionLogprobs:
         toks = [self.token_text(t) for t in token_ids]
         offsets, pos = [], offset
         for t in toks:
             offsets.append(pos)
             pos += len(t)
-        top = [{t: lp} for t, lp in zip(toks, lps)] if self.num_top > 0 else []
-        return CompletionLogprobs(tokens=toks, token_logprobs=lps, top_logprobs=top, text_offset=offsets)
+        top = []
+        for i, (text, lp) in enumerate(zip(toks, lps)):
+            ranked = tops[i] if tops and i < len(tops) else {}
+            entry = {self.token_text(k): _finite(v) for k, v in list(ranked.items())[: self.num_top]}
+            entry.setdefault(text, _finite(lp))
+            top.append(entry)
+        return CompletionLogprobs(
+            tokens=toks, token_logprobs=[_finite(lp) for lp in lps], top_logprobs=top, text_offset=offsets
+        )
 
-    def chat_logprobs(self, token_ids: list[int], lps: list[float]) -> ChatChoiceLogprobs:
+    def chat_logprobs(
+        self, token_ids: list[int], lps: list[float], tops: list[dict[int, float]] | None = None
+    ) -> ChatChoiceLogprobs:
         content = []
-        for t, lp in zip(token_ids, lps):
+        for i, (t, lp) in enumerate(zip(token_ids, lps)):
             text = self.token_text(t)
+            ranked = tops[i] if tops and i < len(tops) else {}
+            top = [self._chat_entry(k, v) for k, v in list(ranked.items())[: self.num_top]]
             raw = list(text.encode("utf-8"))
-            top = [{"token": text, "logprob": lp, "bytes": raw}] if self.num_top > 0 else []
-            content.append(ChatLogprob(token=text, logprob=lp, bytes=raw, top_logprobs=top))
+            content.append(ChatLogprob(token=text, logprob=_finite(lp), bytes=raw, top_logprobs=top))
         return ChatChoiceLogprobs(content=content)
+
+    def _chat_entry(self, token_id: int, lp: float) -> dict:
+        text = self.token_text(token_id)
+        return {"token": text, "logprob": _finite(lp), "bytes": list(text.encode("utf-8"))}
 
 
 async def sse_stream(

@@ -176,6 +176,8 @@ class ChatCompletionRequest(_SamplingFields):
                     f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}"
                 )
             self.max_tokens = self.max_completion_tokens
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         return self
 
 
