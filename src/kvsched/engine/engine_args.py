@@ -19,6 +19,8 @@ DEFAULT_DEVICE_KV_BYTES = 1 << 30
 #: Without a host size, the host tier matches the device pool, capped at this share of the memory
 #: available now (TensorRT-LLM provisions a host tier by default so that suspension can happen).
 DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY = 0.25
+#: Proposers of speculative decoding: prompt lookup, or a draft model with its own KV cache.
+SPECULATIVE_KINDS = ("ngram", "draft")
 
 
 @dataclass(slots=True)
@@ -44,6 +46,15 @@ class EngineArgs:
     chunk_unit_size: int | None = None
     max_model_len: int | None = None
     seed: int = 0
+    # Speculative decoding: None (off), "ngram" (prompt lookup) or "draft" (a draft model, see below).
+    speculative: str | None = None
+    num_speculative_tokens: int = 3
+    # Draft model: a Llama-family checkpoint with the target's vocabulary; None = the target's first
+    # draft_num_layers layers + its final norm and head (no extra download).
+    draft_model: str | None = None
+    draft_num_layers: int | None = None  # None: a quarter of the target's layers (at least 1)
+    # Draft KV pool in bytes; None: the device budget is split so both caches get the same block count.
+    draft_kv_bytes: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +76,7 @@ class EngineArgs:
             not isinstance(self.max_model_len, int) or self.max_model_len < 2
         ):
             raise ConfigError(f"max_model_len={self.max_model_len!r} is invalid: must be an integer >= 2")
+        self._validate_speculative()
         if self.chunk_unit_size is not None and self.chunk_unit_size % self.tokens_per_block:
             raise ConfigError(
                 f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "
@@ -74,6 +86,27 @@ class EngineArgs:
         # capacity policy, the same rules make_scheduler applies) and name them in their errors.
         self.scheduler_config()
         self.cache_config(bytes_per_block=1)
+
+    def _validate_speculative(self) -> None:
+        if self.speculative is not None and self.speculative not in SPECULATIVE_KINDS:
+            raise ConfigError(
+                f"speculative={self.speculative!r} is invalid: must be None or one of {', '.join(SPECULATIVE_KINDS)}"
+            )
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"num_speculative_tokens={k!r} is invalid: must be an integer >= 1")
+        n = self.draft_num_layers
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError(f"draft_num_layers={n!r} is invalid: must be an integer >= 1")
+        if self.speculative != "draft":
+            for name in ("draft_model", "draft_num_layers", "draft_kv_bytes"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is set but speculative={self.speculative!r} (needs 'draft')")
+        if self.draft_model is not None and self.draft_num_layers is not None:
+            raise ConfigError("give draft_model or draft_num_layers (a truncated target), not both")
+        b = self.draft_kv_bytes
+        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ConfigError(f"draft_kv_bytes={b!r} is invalid: must be an integer >= 1")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -156,8 +189,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
             continue
         kind = {"int": int, "int | None": int, "float": float}.get(str(f.type), str)
-        choices = {"scheduler": SCHEDULER_KINDS, "capacity_policy": CAPACITY_POLICIES}
-        helps = {"capacity_policy": "two-stage scheduler only (default max_utilization)"}
+        choices = {
+            "scheduler": SCHEDULER_KINDS,
+            "capacity_policy": CAPACITY_POLICIES,
+            "speculative": SPECULATIVE_KINDS,
+        }
+        helps = {
+            "capacity_policy": "two-stage scheduler only (default max_utilization)",
+            "speculative": "speculative decoding: ngram (prompt lookup) or draft (a draft model)",
+            "draft_model": "draft checkpoint with the target's vocabulary (default: a truncated target)",
+        }
         group.add_argument(
             flag,
             dest=f.name,

@@ -6,6 +6,7 @@ model (a tiny random-weight checkpoint) and so the byte-budget → block arithme
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,11 @@ class EngineParts:
     runner: ModelRunner
     device: torch.device
     max_model_len: int
+    #: Speculative decoding with a draft model: the model, its KV tensors and its KV manager (which the
+    #: scheduler keeps at the main cache's capacity for every scheduled request).
+    draft_model: LlamaForCausalLM | None = None
+    draft_storage: TensorKVStorage | None = None
+    draft_kv: KVCacheManager | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -97,7 +103,14 @@ def build_engine_parts(
             f"max_model_len={max_len} is invalid: the model supports "
             f"{model_config.max_position_embeddings} positions"
         )
-    cache_config = args.cache_config(kv_bytes_per_block(model_config, args.tokens_per_block, dtype))
+    draft_model = _draft_model(args, model, model_config, dtype, device)
+    bpb = kv_bytes_per_block(model_config, args.tokens_per_block, dtype)
+    draft_bpb = (
+        0 if draft_model is None else kv_bytes_per_block(draft_model.config, args.tokens_per_block, dtype)
+    )
+    # Without its own budget the draft pool comes out of the device budget: both get the same block count.
+    shared = draft_model is not None and args.draft_kv_bytes is None
+    cache_config = args.cache_config(bpb + draft_bpb if shared else bpb)
     storage = TensorKVStorage(
         cache_config,
         model_config.num_layers,
@@ -114,6 +127,23 @@ def build_engine_parts(
         "policy": args.capacity_policy,  # None unless given; make_scheduler refuses it where unused
         "priority_mode": args.priority_mode,
     }
+    draft_storage = draft_kv = None
+    if draft_model is not None:
+        draft_cfg = dataclasses.replace(cache_config, enable_kv_events=False)
+        if args.draft_kv_bytes is not None:
+            blocks = args.draft_kv_bytes // draft_bpb
+            if blocks < 1:
+                raise ConfigError(
+                    f"draft_kv_bytes={args.draft_kv_bytes} is invalid: smaller than one draft KV block "
+                    f"({draft_bpb} bytes)"
+                )
+            draft_cfg = dataclasses.replace(draft_cfg, num_device_blocks=blocks)
+        dc = draft_model.config
+        draft_storage = TensorKVStorage(
+            draft_cfg, dc.num_layers, dc.num_kv_heads, dc.head_dim, dtype=dtype, device=device
+        )
+        draft_kv = KVCacheManager(draft_cfg, storage=draft_storage)
+        sched_kwargs["draft_kv_cache_manager"] = draft_kv
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
     runner = ModelRunner(model, storage, cache_config)
     return EngineParts(
@@ -127,4 +157,32 @@ def build_engine_parts(
         runner=runner,
         device=device,
         max_model_len=max_len,
+        draft_model=draft_model,
+        draft_storage=draft_storage,
+        draft_kv=draft_kv,
     )
+
+
+def _draft_model(
+    args: EngineArgs, target: LlamaForCausalLM, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> LlamaForCausalLM | None:
+    """The draft model of ``speculative="draft"``: a checkpoint, or a truncated copy of the target."""
+    if args.speculative != "draft":
+        return None
+    if args.draft_model is None:
+        from kvsched.engine.speculative.draft_model import truncated_copy
+
+        n = args.draft_num_layers or max(1, config.num_layers // 4)
+        try:
+            return truncated_copy(target, n)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    from kvsched.engine.weights.loader import load_model
+
+    draft, draft_config, _ = load_model(args.draft_model, dtype=dtype, device=device, seed=args.seed)
+    if draft_config.vocab_size != config.vocab_size:
+        raise ConfigError(
+            f"draft_model {args.draft_model!r} has a vocabulary of {draft_config.vocab_size} tokens, the "
+            f"target {config.vocab_size}: a draft must share the target's vocabulary"
+        )
+    return draft

@@ -30,6 +30,7 @@ from kvsched.core.scheduler.common import (
     order_requests,
     sort_output,
 )
+from kvsched.core.scheduler.draft_mirror import DraftMirror, drop_from_output
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.scheduler.pages import PageBudget
 
@@ -56,6 +57,8 @@ class RecomputeScheduler(SchedulerBase):
             kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
             peft_cache, draft_kv_cache_manager, priority_mode,
         )  # fmt: skip
+        draft = draft_kv_cache_manager
+        self._mirror = None if draft is None else DraftMirror(kv_cache_manager, draft)
         self._running: list[Request] = []  # admission order
         self._running_ids: set[int] = set()
 
@@ -106,7 +109,10 @@ class RecomputeScheduler(SchedulerBase):
         has_lora = any(r.lora_id is not None for r in ctx) or any(r.lora_id is not None for r in gen)
         chunked = any(not r.is_last_context_chunk for r in ctx)
         ctx = sort_output(ctx, gen, has_lora, chunked)
-        return SchedulerOutput(ctx, gen, [], preempted, self._max_tokens - left)
+        out = SchedulerOutput(ctx, gen, [], preempted, self._max_tokens - left)
+        if self._mirror is not None:  # the draft cache follows (TensorRT-LLM's _prepare_draft_resources)
+            drop_from_output(self.kv_cache_manager, out, self._mirror.follow_output(out))
+        return out
 
     # -- pieces ----------------------------------------------------------------------------------
     def _prune(self) -> None:

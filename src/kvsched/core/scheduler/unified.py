@@ -14,11 +14,10 @@ so that :meth:`UnifiedScheduler.drop_scheduled` can undo a step); the PEFT cache
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from kvsched.core.errors import SchedulerDeadlockError, UnknownRequestError
+from kvsched.core.errors import SchedulerDeadlockError
 from kvsched.core.protocols import PeftPages, SchedulingKV
 from kvsched.core.request import Request
 from kvsched.core.scheduler.budget import StepBudget
@@ -33,6 +32,7 @@ from kvsched.core.scheduler.common import (
     sort_output,
 )
 from kvsched.core.scheduler.contexts import ContextPhase
+from kvsched.core.scheduler.draft_mirror import DraftMirror
 from kvsched.core.scheduler.output import SchedulerOutput
 
 _RUN, _BUDGET, _KV = 0, 1, 2  # why the generation phase ended
@@ -66,7 +66,8 @@ class UnifiedScheduler(SchedulerBase):
         self._suspend_kv = kv_cache_manager.suspend_request
         self._can_suspend = kv_cache_manager.can_suspend
         draft = self.draft_kv_cache_manager
-        self._draft_suspend = None if draft is None else draft.suspend_request
+        #: The draft cache follows the main one for every scheduled request (``_prepare_draft_resources``).
+        self._mirror = None if draft is None else DraftMirror(kv_cache_manager, draft)
         self._peft_release = None if peft_cache is None else peft_cache.release
         self._peft_acquire = None if peft_cache is None else peft_cache.acquire
         self._contexts = ContextPhase(kv_cache_manager, chunk_unit_size, peft_cache)
@@ -96,6 +97,10 @@ class UnifiedScheduler(SchedulerBase):
                 out.context_requests, out.generation_requests, budget.has_lora, chunked
             )
         out.num_scheduled_tokens = budget.num_tokens
+        if self._mirror is not None:
+            short = self._mirror.follow_output(out)
+            if short:  # the draft pool cannot follow: run these next step rather than half-cached
+                self.drop_scheduled(out, short)
         return out
 
     # -- pieces ----------------------------------------------------------------------------------
@@ -177,17 +182,16 @@ class UnifiedScheduler(SchedulerBase):
         """Take ``req`` off the device: suspend it (KV kept on the host) when the host tier can take
         its blocks, else preempt it for recompute (KV freed, its published prefix stays cached), as
         TensorRT-LLM degrades when suspension cannot happen."""
-        if self._can_suspend(req):
+        mirror = self._mirror
+        if self._can_suspend(req) and (mirror is None or mirror.can_suspend(req)):
             self._suspend_kv(req)
-            if self._draft_suspend is not None:
-                self._draft_suspend(req)
+            if mirror is not None:
+                mirror.suspend(req)
             out.paused_requests.append(req)
         else:
             self.kv_cache_manager.free_request(req)
-            draft = self.draft_kv_cache_manager
-            if draft is not None:
-                with contextlib.suppress(UnknownRequestError):
-                    draft.free_request(req)
+            if mirror is not None:
+                mirror.free(req)
             req.reset_for_recompute()
             out.preempted_requests.append(req)
         if self._peft_release is not None:
