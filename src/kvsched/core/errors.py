@@ -33,3 +33,13 @@ class UnsupportedFeatureError(KVSchedError, NotImplementedError):
 
 class SchedulerDeadlockError(KVSchedError, RuntimeError):
     """Generation requests exist but none can be scheduled or evicted because KV ran out."""
+
+
+class KVTransferError(KVSchedError, RuntimeError):
+    """Copying KV blocks between tiers failed (the storage backend raised). Nothing moved: the blocks stay
+    where they were, every slot is accounted for. ``request_id`` names the request whose suspend or resume
+    needed the copy (None for a copy no single request asked for)."""
+
+    def __init__(self, message: str, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 
+from kvsched.core.errors import KVTransferError
 from kvsched.core.kvcache.blocks import Block, TierPool
 from kvsched.core.kvcache.storage import KVStorage
 from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats, KVEvent, Tier
@@ -166,7 +167,10 @@ class BlockStore:
                 if extra > len(self.parked) or extra > self.host.available:
                     return False
                 it = iter(self.parked)
-                self.migrate([next(it) for _ in range(extra)], HOST)
+                try:
+                    self.migrate([next(it) for _ in range(extra)], HOST)
+                except KVTransferError:
+                    return False  # the parked blocks stay where they are: no room made
                 deficit -= extra
         elif deficit > pool.num_cached:
             return False
@@ -222,7 +226,13 @@ class BlockStore:
             raise RuntimeError(f"offload: {n} blocks do not fit the host tier")  # caller bug
         dst_slots = host.alloc(n)
         src_slots = [p.slot for p in blocks]
-        self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
+        try:
+            self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
+        except Exception:
+            # Only cached copies were moving: drop them instead (the room is made all the same).
+            host.free.extend(dst_slots)
+            self._drop_many(blocks, DEVICE)
+            return
         self.device.free.extend(src_slots)
         buckets = host.buckets
         prio: int | None = None
@@ -261,7 +271,13 @@ class BlockStore:
         src_pool = self.pool(src)
         dst_slots = dst_pool.alloc(n)
         src_slots = [p.slot for p in blocks]
-        self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
+        try:
+            self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
+        except Exception as exc:
+            dst_pool.free.extend(dst_slots)  # nothing moved: the blocks keep their source slots
+            raise KVTransferError(
+                f"copying {n} KV blocks {Tier(src).name} -> {Tier(dst).name} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         src_pool.free.extend(src_slots)
         parked = self.parked
         if parked:

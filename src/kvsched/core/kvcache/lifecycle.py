@@ -12,6 +12,7 @@ instead (the prefix stays cached) and its lookup is redone by the next ``prepare
 
 from __future__ import annotations
 
+from kvsched.core.errors import KVTransferError
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens
 from kvsched.core.kvcache.request_cache import RequestCache
@@ -86,7 +87,13 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
             for p in mine:
                 parked[p] = None
             return False
-        store.migrate(onboard, DEVICE)
+        try:
+            store.migrate(onboard, DEVICE)
+        except KVTransferError as exc:  # nothing moved: the cache stays suspended as it was
+            for p in mine:
+                parked[p] = None
+            exc.request_id = c.request_id
+            raise
     parked = store.parked
     for p in blocks:
         if p.locks == 0:
@@ -114,7 +121,16 @@ def suspend_cache(store: BlockStore, c: RequestCache) -> None:
     movable = [p for p in blocks if p.locks == 0]
     n = min(len(movable), store.host.available)
     if n:
-        store.migrate(movable[:n], HOST)
+        try:
+            store.migrate(movable[:n], HOST)
+        except KVTransferError as exc:  # nothing moved: the cache stays active as it was
+            for p in blocks:
+                if p.locks == 0:
+                    store.num_locked += 1
+                p.locks += 1
+                p.holds -= 1
+            exc.request_id = c.request_id
+            raise
     for p in movable[n:]:
         store.parked[p] = None  # no host room now: moved later if the device needs the room
     c.active = False
