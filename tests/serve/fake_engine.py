@@ -3,7 +3,9 @@
 Bytes are tokens (ids 0..255). Output token ``i`` of a prompt is ``a..z`` chosen from the prompt's
 byte sum, so every prompt has a known continuation. KV is counted in 16-token blocks; a request is
 admitted FIFO when its blocks fit, holds them until it finishes or is aborted. A prompt that starts
-with ``hang`` never finishes on its own (only an abort or a stop string ends it), for disconnect tests.
+with ``hang`` never finishes on its own (only an abort or a stop string ends it), for disconnect tests;
+one that starts with ``fail`` is failed by the engine at its second token (finish_reason "error"), as
+the real engine fails a request hit by a fault while the others go on.
 Text and stop strings come from the engine's own :class:`TextStream`, as in the real engine.
 """
 
@@ -155,6 +157,12 @@ class FakeEngine:
             reason = "length" if len(req.out) >= req.params.max_tokens else None
             if req.ids[:4] == list(b"hang"):
                 reason = None
+            if req.ids[:4] == list(b"fail") and len(req.out) == 2:
+                self.used_blocks -= req.blocks
+                del self._reqs[rid]
+                self._finished[rid] = req.result(rid, "error")
+                outputs.append(StepOutput(rid, [], "", True, "error", error="injected engine fault"))
+                continue
             delta, stopped = req.stream.push([tok], final=reason is not None)
             if stopped:
                 reason = "stop"

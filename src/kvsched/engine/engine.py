@@ -21,6 +21,7 @@ over after every step that produced some.
 from __future__ import annotations
 
 import itertools
+import logging
 import numbers
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -31,6 +32,8 @@ import torch
 from kvsched.core.errors import (
     DuplicateRequestError,
     InvalidRequestError,
+    KVSchedError,
+    KVTransferError,
     RequestTooLargeError,
     SchedulerDeadlockError,
     UnknownRequestError,
@@ -43,12 +46,15 @@ from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.logprobs import check_num_logprobs
+from kvsched.engine.logprobs import RowLogprobs, check_num_logprobs
 from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.sampler import Sampler, SampleResult
+from kvsched.engine.speculative.speculator import BothCaches, Speculator
 from kvsched.engine.text_stream import TextStream
+
+log = logging.getLogger("kvsched.engine")
 
 
 def check_priority(priority: object) -> int:
@@ -104,8 +110,22 @@ class Engine:
         self._finished: dict[Hashable, RequestOutput] = {}
         #: The rows and samples of the batch the runner just ran, read back by :meth:`step`.
         self._batch: tuple[list[Request], SampleResult, bool] | None = None
+        #: What the scheduler chose in the step under way (None before it chose): a fault after it
+        #: fails these requests only (:meth:`_contain`).
+        self._scheduled: SchedulerOutput | None = None
+        #: Speculative decoding (``EngineArgs.speculative``), or None.
+        self.spec = self._make_speculator()
+        draft_kv = self.parts.draft_kv
+        #: What the step update advances and frees: with a draft cache, finishing frees both.
+        self._step_kv = self.kv if draft_kv is None else BothCaches(self.kv, draft_kv)
+        #: request id -> output length before this step (speculative steps append several tokens).
+        self._before: dict[int, int] = {}
         self.loop = StepLoop(
-            self.parts.scheduler, self.kv, self._run_batch, time.monotonic, on_schedule=self._note_schedule
+            self.parts.scheduler,
+            self._step_kv,
+            self._run_batch,
+            time.monotonic,
+            on_schedule=self._note_schedule,
         )
 
     @property
@@ -145,7 +165,7 @@ class Engine:
         if external in self._by_external or external in self._finished:
             raise DuplicateRequestError(f"request id {external!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
-        token_ids = self.parts.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        token_ids = self._encode(external, prompt) if isinstance(prompt, str) else list(prompt)
         self._check_prompt(external, token_ids, params)
         eos = () if params.ignore_eos else self.parts.eos_token_ids
         req = Request(
@@ -175,6 +195,17 @@ class Engine:
         self._active.append(req)
         return external
 
+    def _encode(self, rid: Hashable, prompt: str) -> list[int]:
+        """Tokenize a text prompt; a tokenizer that raises is this request's InvalidRequestError."""
+        try:
+            return self.parts.encode(prompt)
+        except KVSchedError:
+            raise
+        except Exception as exc:
+            raise InvalidRequestError(
+                f"request {rid!r}: the tokenizer failed on the prompt: {type(exc).__name__}: {exc}"
+            ) from exc
+
     def _check_prompt(self, rid: Hashable, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
             raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
@@ -201,7 +232,7 @@ class Engine:
         if internal is None:
             raise UnknownRequestError(f"unknown request id {request_id!r} (never added, or finished)")
         tracked = self._tracked[internal]
-        finish_request(tracked.req, "abort", self.kv, now=time.monotonic())
+        finish_request(tracked.req, "abort", self._step_kv, now=time.monotonic())
         self._retire(tracked)
         self._active = [r for r in self._active if r.request_id != internal]
 
@@ -234,7 +265,14 @@ class Engine:
         """Run one scheduling step; returns the new tokens/text of each request that advanced."""
         if not self._active:
             return []
-        out, finished = self.loop.step(self._active)
+        if self.spec is not None:
+            self.spec.reserve(self._active)
+        self._scheduled = None
+        try:
+            out, finished = self.loop.step(self._active)
+        except Exception as exc:
+            return self._contain(exc)
+        self._scheduled = None
         if finished is None:
             if out.paused_requests or out.preempted_requests:
                 self._publish_kv_events()  # suspends moved blocks between tiers
@@ -243,6 +281,8 @@ class Engine:
                 f"nothing could be scheduled for {len(self._active)} unfinished requests "
                 f"(free device blocks: {self.kv.num_free_device_blocks})"
             )
+        if self.spec is not None:
+            return self._speculative_outputs(out, finished)
         assert self._batch is not None  # set by _run_batch, which ran since the scheduler ran something
         rows, result, want_lp = self._batch
         self._batch = None
@@ -270,6 +310,8 @@ class Engine:
     # -- helpers ---------------------------------------------------------------------------------
     def _run_batch(self, out: SchedulerOutput) -> dict[int, list[int]]:
         """The loop's runner: one forward pass and one sampled token per logits row."""
+        if self.spec is not None:
+            return self._run_speculative(out)
         rows, logits = self.parts.runner.run(out, self.kv)
         sample_rows = [self._tracked[r.request_id] for r in rows]
         want_lp = any(t.logprobs is not None for t in sample_rows)
@@ -278,6 +320,150 @@ class Engine:
         )
         self._batch = (rows, result, want_lp)
         return {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
+
+    # -- speculative decoding (engine/speculative/) ----------------------------------------------
+    def _make_speculator(self) -> Speculator | None:
+        args = self.args
+        if args.speculative is None:
+            return None
+        from kvsched.engine.speculative import DraftModelProposer, NgramProposer, Proposer
+
+        proposer: Proposer
+        if args.speculative == "ngram":
+            proposer = NgramProposer()
+        else:
+            parts = self.parts
+            assert parts.draft_model is not None and parts.draft_storage is not None
+            assert parts.draft_kv is not None
+            proposer = DraftModelProposer(parts.draft_model, parts.draft_storage, parts.draft_kv)
+        return Speculator(
+            proposer, args.num_speculative_tokens, self.parts.runner, self.kv, self.sampler, self._params_of
+        )
+
+    def _params_of(self, req: Request) -> tuple[SamplingParams, torch.Generator | None]:
+        t = self._tracked[req.request_id]
+        return t.params, t.generator
+
+    def _run_speculative(self, out: SchedulerOutput) -> dict[int, list[int]]:
+        """The loop's runner with speculation: propose, verify in one target forward."""
+        assert self.spec is not None
+        tracked = self._tracked
+        self._before = {
+            r.request_id: len(r.output_token_ids)
+            for rs in (out.context_requests, out.generation_requests)
+            for r in rs
+        }
+        return self.spec.run(out, lambda r: tracked[r.request_id].params.logprobs)
+
+    def _speculative_outputs(self, out: SchedulerOutput, finished: list[Request]) -> list[StepOutput]:
+        """Rewind both caches to the accepted tokens, then emit each request's new tokens."""
+        spec = self.spec
+        assert spec is not None
+        spec.settle(out)
+        now = self.loop.now
+        proposed = spec.counts.proposed
+        outputs = []
+        produced = 0
+        for req in itertools.chain(out.context_requests, out.generation_requests):
+            before = self._before.get(req.request_id)
+            if before is None or len(req.output_token_ids) == before:
+                continue  # a context chunk that is not the last
+            tracked = self._tracked[req.request_id]
+            new = req.output_token_ids[before:]
+            produced += len(new)
+            k = proposed.get(req.request_id, 0)
+            if k:
+                m = tracked.metrics
+                m.num_speculative_steps += 1
+                m.num_draft_tokens += k
+                m.num_accepted_draft_tokens += len(new) - 1
+                self.stats.record_speculation(k, len(new) - 1)
+            outputs.append(self._emit_many(tracked, before, new, spec.logprobs.get(req.request_id), now))
+        self.stats.record_step(out, produced, self.kv)
+        if finished or any(o.finished for o in outputs):
+            self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
+        self._publish_kv_events()
+        return outputs
+
+    def _emit_many(
+        self, tracked: _Tracked, before: int, tokens: list[int], lps: RowLogprobs | None, now: float
+    ) -> StepOutput:
+        """Emit several tokens of one step, token by token through the text stream: a stop string
+        inside them ends the output there (the tokens after it are dropped, as without speculation)."""
+        req = tracked.req
+        delta_all, emitted = "", 0
+        for j, tok in enumerate(tokens):
+            last = j == len(tokens) - 1
+            emitted += 1
+            delta, stopped = tracked.stream.push([tok], final=req.is_finished and last)
+            delta_all += delta
+            if stopped:
+                if not req.is_finished:
+                    finish_request(req, "stop", self._step_kv, now=now)
+                req.finish_reason = "stop"
+                del req.output_token_ids[before + emitted :]
+                break
+        kept = tokens[:emitted]
+        sampled = top = None
+        if lps is not None:
+            sampled, top = lps.sampled[:emitted], lps.top[:emitted]
+            if tracked.logprobs is not None:
+                tracked.logprobs.extend(sampled)
+            if tracked.top_logprobs is not None:
+                tracked.top_logprobs.extend(top)
+        if req.is_finished:
+            self._retire(tracked)
+        return StepOutput(
+            request_id=tracked.external_id,
+            new_token_ids=kept,
+            text_delta=delta_all,
+            finished=req.is_finished,
+            finish_reason=req.finish_reason,
+            logprobs=sampled,
+            top_logprobs=top,
+        )
+
+    # -- faults --------------------------------------------------------------------------------------
+    def _contain(self, exc: Exception) -> list[StepOutput]:
+        """A fault inside a step fails the requests it touched, not the engine; anything else re-raises.
+
+        A failed KV copy (:class:`KVTransferError`: nothing moved, no slot lost) fails the request whose
+        suspend or resume needed it. An exception once the step was scheduled (forward pass, sampler,
+        step update) fails that step's requests. Their KV is freed; the rest are served from the next step.
+        """
+        self._batch = None
+        scheduled, self._scheduled = self._scheduled, None
+        if isinstance(exc, KVTransferError) and exc.request_id in self._tracked:
+            victims = [self._tracked[exc.request_id]]
+            message = f"the engine failed this request: {exc}"
+        elif scheduled is not None:
+            reqs = itertools.chain(scheduled.context_requests, scheduled.generation_requests)
+            victims = [self._tracked[r.request_id] for r in reqs if r.request_id in self._tracked]
+            message = f"the engine failed this request: its step raised {type(exc).__name__}: {exc}"
+        else:
+            raise exc
+        log.warning("%s (%d request(s) failed)", message, len(victims), exc_info=exc)
+        outputs = [self._fail(t, message) for t in victims]
+        self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
+        self._publish_kv_events()
+        return outputs
+
+    def _fail(self, tracked: _Tracked, message: str) -> StepOutput:
+        """End one request with finish_reason "error" and free its KV; ``message`` says why."""
+        req = tracked.req
+        if req.is_finished:  # finished by the step update before the fault: its KV is already freed
+            req.finish_reason = "error"
+        else:
+            finish_request(req, "error", self._step_kv, now=time.monotonic())
+        self._retire(tracked, error=message)
+        return StepOutput(
+            request_id=tracked.external_id,
+            new_token_ids=[],
+            text_delta="",
+            finished=True,
+            finish_reason="error",
+            error=message,
+        )
 
     def _publish_kv_events(self) -> None:
         if self.on_kv_events is not None:
@@ -288,6 +474,8 @@ class Engine:
     def _note_schedule(self, out: SchedulerOutput) -> None:
         """The loop's ``on_schedule`` hook: suspend / resume / preemption counts, first scheduled time."""
         now = time.monotonic()
+        self._scheduled = out
+        self.stats.record_schedule(out)
         for req in out.paused_requests:
             tracked = self._tracked[req.request_id]
             tracked.metrics.num_suspends += 1
@@ -317,12 +505,18 @@ class Engine:
             tracked.logprobs.append(logprob)
         if tracked.top_logprobs is not None and top is not None:
             tracked.top_logprobs.append(top)
-        delta, stopped = tracked.stream.push([token], final=req.is_finished)
+        try:
+            delta, stopped = tracked.stream.push([token], final=req.is_finished)
+        except Exception as exc:  # a detokenizer fault fails this request alone
+            return self._fail(
+                tracked,
+                f"the engine failed this request: detokenizing its output raised {type(exc).__name__}: {exc}",
+            )
         if stopped:  # a stop string: the text stream is its one owner
             if req.is_finished:
                 req.finish_reason = "stop"  # it ends the text, so it names the reason (as in vLLM)
             else:
-                finish_request(req, "stop", self.kv, now=now)
+                finish_request(req, "stop", self._step_kv, now=now)
         if req.is_finished:
             self._retire(tracked)
         return StepOutput(
@@ -335,7 +529,7 @@ class Engine:
             top_logprobs=None if top is None or tracked.top_logprobs is None else [top],
         )
 
-    def _retire(self, tracked: _Tracked) -> None:
+    def _retire(self, tracked: _Tracked, error: str | None = None) -> None:
         req = tracked.req
         m = tracked.metrics
         m.read_times(req)  # first/last token and finish: recorded once, by apply_step / finish_request
@@ -361,4 +555,5 @@ class Engine:
             finished=True,
             metrics=m,
             num_cached_tokens=m.num_reused_tokens,
+            error=error,
         )

@@ -29,6 +29,23 @@ class RequestMetrics:
     num_preemptions: int = 0
     num_recomputed_tokens: int = 0
     num_reused_tokens: int = 0
+    # Speculative decoding: decode steps that verified drafts, drafts proposed, drafts the target kept.
+    num_speculative_steps: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of proposed draft tokens the target accepted (None without speculation)."""
+        n = self.num_draft_tokens
+        return None if n == 0 else self.num_accepted_draft_tokens / n
+
+    @property
+    def mean_accepted_tokens_per_step(self) -> float | None:
+        """Draft tokens accepted per speculative decode step (each step also adds the target's own
+        token, so it produced ``1 +`` this many); None without speculation."""
+        n = self.num_speculative_steps
+        return None if n == 0 else self.num_accepted_draft_tokens / n
 
     def read_times(self, req: Request) -> None:
         """Take the request's times and output length from the core's one record of them."""
@@ -70,6 +87,8 @@ class StepOutput:
     #: Per new token, the ``SamplingParams.logprobs`` most likely tokens ``{token_id: logprob}``, most
     #: likely first (the raw distribution's, as ``logprobs``); None when logprobs were not asked for.
     top_logprobs: list[dict[int, float]] | None = None
+    #: With finish_reason "error": why the engine failed this request (the others kept running).
+    error: str | None = None
 
 
 @dataclass(slots=True)
@@ -99,3 +118,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     num_cached_tokens: int = 0
+    #: With finish_reason "error": why the engine failed this request (the others kept running).
+    error: str | None = None

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvsched.core.errors import InvalidRequestError, UnsupportedFeatureError
-from kvsched.serve.handle import EngineClosedError, QueueFullError
+from kvsched.serve.handle import EngineClosedError, QueueFullError, RequestFailedError
 from kvsched.serve.protocol import ErrorInfo, ErrorResponse
 
 _TYPES = {
@@ -72,6 +72,8 @@ def status_of(exc: BaseException) -> tuple[int, str]:
         return 429, str(exc)
     if isinstance(exc, EngineClosedError):
         return 503, str(exc)
+    if isinstance(exc, RequestFailedError):  # the engine's own words, meant for the client; logged there
+        return 500, str(exc)
     if isinstance(exc, InvalidRequestError | UnsupportedFeatureError):
         return 400, str(exc)
     # An unexpected error: its text may hold internals, so the client gets the type only; logged once, here.
@@ -108,7 +110,13 @@ def install_error_handlers(app: FastAPI) -> None:
         status, message = status_of(exc)
         return error_response(status, message)
 
-    for kind in (InvalidRequestError, UnsupportedFeatureError, QueueFullError, EngineClosedError):
+    for kind in (
+        InvalidRequestError,
+        UnsupportedFeatureError,
+        QueueFullError,
+        EngineClosedError,
+        RequestFailedError,
+    ):
         app.add_exception_handler(kind, _typed)
 
     @app.exception_handler(StarletteHTTPException)

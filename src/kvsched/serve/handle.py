@@ -21,6 +21,11 @@ class EngineClosedError(KVSchedError):
     """The server is shutting down, or the engine failed (HTTP 503)."""
 
 
+class RequestFailedError(KVSchedError):
+    """The engine failed this request alone (finish_reason "error"; the others kept running): HTTP 500,
+    or an in-band error event once a stream has started."""
+
+
 @dataclass(slots=True)
 class _Stream:
     accepted: asyncio.Future
@@ -68,6 +73,8 @@ class RequestHandle:
         self.num_output_tokens += len(item.new_token_ids)
         if item.finished:
             self.finish_reason = item.finish_reason
+            if item.finish_reason == "error":
+                raise RequestFailedError(item.error or "the engine failed this request")
         return item
 
     def close(self) -> None:
