@@ -46,6 +46,19 @@ class OfflineReport:
     reuse_hit_rate: float
     reused_tokens: int
     steps: int
+    # Speculative decoding (0 without): verify steps, drafts proposed, drafts accepted.
+    spec_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def accepted_tokens_per_step(self) -> float:
+        """Draft tokens accepted per speculative decode step (it also adds the target's own token)."""
+        return self.spec_accepted_tokens / self.spec_steps if self.spec_steps else 0.0
 
     @property
     def output_throughput(self) -> float:
@@ -71,6 +84,11 @@ class OfflineReport:
             ("Recompute preemptions", f"{self.preemptions}"),
             ("Prefix reuse hit rate", f"{self.reuse_hit_rate:.1%} ({self.reused_tokens} tokens reused)"),
         ]
+        if self.spec_steps:
+            rows += [
+                ("Speculative acceptance", f"{self.acceptance_rate:.1%} of {self.spec_draft_tokens} drafts"),
+                ("Accepted drafts / step", f"{self.accepted_tokens_per_step:.2f}"),
+            ]
         width = max(len(k) for k, _ in rows)
         line = "=" * (width + 26)
         body = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -124,6 +142,9 @@ def run_offline(
         reuse_hit_rate=kv_stats.reuse_hit_rate,
         reused_tokens=kv_stats.reuse_hit_tokens,
         steps=stats.num_steps,
+        spec_steps=stats.num_speculative_steps,
+        spec_draft_tokens=stats.num_draft_tokens,
+        spec_accepted_tokens=stats.num_accepted_draft_tokens,
     )
 
 

@@ -67,6 +67,16 @@ class ServerMetrics:
         self.preemptions = counter("num_preemptions", "Requests preempted for recompute.").labels(**labels)
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.").labels(**labels)
         self.generation_tokens = counter("generation_tokens", "Tokens generated.").labels(**labels)
+        # Speculative decoding, as vLLM's spec_decode counters (from each finished request's metrics).
+        self.spec_drafts = counter(
+            "spec_decode_num_drafts", "Decode steps that verified draft tokens."
+        ).labels(**labels)
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens proposed.").labels(
+            **labels
+        )
+        self.spec_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens the target accepted."
+        ).labels(**labels)
         self._success = counter("request_success", "Finished requests by reason.", ("finished_reason",))
         self._labels = labels
         self.rejected = counter("request_rejected", "Requests refused (429, queue full).").labels(**labels)
@@ -123,6 +133,10 @@ class ServerMetrics:
         m = result.metrics
         self.prompt_tokens.inc(len(result.prompt_token_ids))
         self.generation_tokens.inc(m.num_generation_tokens)
+        if m.num_speculative_steps:
+            self.spec_drafts.inc(m.num_speculative_steps)
+            self.spec_draft_tokens.inc(m.num_draft_tokens)
+            self.spec_accepted_tokens.inc(m.num_accepted_draft_tokens)
         if m.e2e_latency is not None:
             self.e2e.observe(m.e2e_latency)
         if m.ttft is not None:
