@@ -5,6 +5,11 @@ virtual clock: each step that runs something lasts the next duration of a fixed 
 added once virtual time reaches its arrival, exactly as the simulator admits it. The simulator gets the
 same list through a replaying cost model and the engine's own cache config and scheduler budgets. Both
 step logs must then agree on every context chunk, generation and suspension.
+
+With speculation (prompt lookup, or a truncated-target draft model with its own mirrored KV cache) the
+engine's per-step accepted counts are replayed by the simulator (`ReplayedAcceptance`): the scheduler
+sees `1 + k` draft slots per decode on both sides, both append `1 + accepted` tokens and give the rest
+back, and the logs must still agree step for step.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from kvsched.engine.parts import build_engine_parts  # noqa: E402
 from kvsched.engine.weights.dummy import dummy_model  # noqa: E402
 from kvsched.sim.cost import StepShape  # noqa: E402
 from kvsched.sim.simulator import Simulator, StepDecision, decision_of  # noqa: E402
+from kvsched.sim.speculation import ReplayedAcceptance, SimSpeculation  # noqa: E402
 from kvsched.sim.workload import RequestSpec, prefix_base, unique_base  # noqa: E402
 
 VOCAB = 256
@@ -84,23 +90,30 @@ class RecordingScheduler:
     inner: object
     decisions: list[StepDecision] = field(default_factory=list)
     last_empty: bool = False
+    drafting: list[int] = field(default_factory=list)  # generations given draft slots in the last pass
 
     def schedule(self, active, inflight_request_ids=frozenset()):
         out = self.inner.schedule(active, inflight_request_ids)
         self.last_empty = not out.context_requests and not out.generation_requests
+        self.drafting = [r.request_id for r in out.generation_requests if r.draft_tokens]
         if not self.last_empty:
             self.decisions.append(decision_of(len(self.decisions), out))
         return out
 
 
-def _engine(kind: str, policy: str | None, sched: dict) -> Engine:
-    args = EngineArgs(scheduler=kind, capacity_policy=policy, **ENGINE, **sched)
+def _engine(kind: str, policy: str | None, sched: dict, **spec) -> Engine:
+    args = EngineArgs(scheduler=kind, capacity_policy=policy, **ENGINE, **sched, **spec)
     model = dummy_model(CONFIG, seed=0)
     return Engine(args, parts=build_engine_parts(args, loaded=(model, CONFIG, None)))
 
 
-def _run_engine(ex: Engine, specs: list[RequestSpec], durations: list[float]) -> list[StepDecision]:
-    """The simulator's time rules: admit arrivals up to `now`, idle to the next one, step, add a duration."""
+def _run_engine(
+    ex: Engine, specs: list[RequestSpec], durations: list[float], accepted: dict | None = None
+) -> list[StepDecision]:
+    """The simulator's time rules: admit arrivals up to `now`, idle to the next one, step, add a duration.
+
+    `accepted` (speculation) collects, per request, the drafts the target accepted at each step.
+    """
     rec = RecordingScheduler(ex.scheduler)
     ex.loop.scheduler = rec
     pending = sorted(specs, key=lambda s: (s.arrival_time, s.request_id))
@@ -115,6 +128,10 @@ def _run_engine(ex: Engine, specs: list[RequestSpec], durations: list[float]) ->
             assert internal == s.request_id  # same ids on both sides (the schedulers may tie-break on them)
             i += 1
         ex.step()
+        if accepted is not None and not rec.last_empty:
+            produced = ex.spec.counts.produced
+            for rid in rec.drafting:
+                accepted.setdefault(rid, []).append(len(produced[rid]) - 1)
         if rec.last_empty:  # nothing ran: like the simulator, wait for the next arrival
             assert i < len(pending), "the engine scheduler ran nothing with no arrival left"
             now = max(now, pending[i].arrival_time)
@@ -126,11 +143,11 @@ def _run_engine(ex: Engine, specs: list[RequestSpec], durations: list[float]) ->
     return rec.decisions
 
 
-def _run_sim(ex: Engine, kind: str, policy: str | None, specs, durations, sched: dict):
+def _run_sim(ex: Engine, kind: str, policy: str | None, specs, durations, sched: dict, spec=None):
     extra = {} if policy is None else {"policy": policy}
     sim = Simulator(
         specs, ReplayCost(durations), ex.parts.cache_config, scheduler=kind, record_decisions=True,
-        **sched, **extra,
+        speculation=spec, **sched, **extra,
     )  # fmt: skip
     return sim.run()
 
@@ -171,3 +188,46 @@ def test_a_different_budget_or_clock_on_one_side_is_caught():
     assert engine != res.decisions
     slower = [d * 1.2 for d in durations]  # arrivals land in other steps
     assert _run_sim(ex, "unified", None, specs, slower, SCHED).decisions != engine
+
+
+SPECS = [("ngram", {}), ("draft", {"draft_num_layers": 1})]
+
+
+@pytest.mark.parametrize(("method", "extra"), SPECS, ids=[m for m, _ in SPECS])
+@pytest.mark.parametrize(("kind", "policy"), KINDS, ids=[k for k, _ in KINDS])
+def test_with_speculation_engine_and_simulator_take_identical_decisions(kind, policy, method, extra):
+    """k = 3 drafts per decode; the simulator replays the engine's accepted counts (and, with a draft
+    model, mirrors a draft cache of the engine's draft config, so its suspensions and drops agree too)."""
+    specs, durations = _workload(), _durations()
+    ex = _engine(kind, policy, SCHED, speculative=method, num_speculative_tokens=3, **extra)
+    accepted: dict[int, list[int]] = {}
+    engine = _run_engine(ex, specs, durations, accepted)
+    draft_kv = ex.parts.draft_kv
+    spec = SimSpeculation(
+        3, ReplayedAcceptance(accepted), draft_cache=None if draft_kv is None else draft_kv.config
+    )
+    res = _run_sim(ex, kind, policy, specs, durations, SCHED, spec)
+    assert res.summary["requests"] == len(specs)
+    diff = next((i for i, (a, b) in enumerate(zip(engine, res.decisions)) if a != b), None)
+    assert diff is None, f"step {diff}: engine {engine[diff]} != sim {res.decisions[diff]}"
+    assert len(engine) == len(res.decisions)
+    # every recorded count was replayed, and speculation did something: some drafts kept, some not
+    flat = [a for counts in accepted.values() for a in counts]
+    assert len(flat) == sum(spec.acceptance._next.values())
+    assert 0 < sum(flat) < 3 * len(flat)
+    assert res.summary["spec_mean_accepted_tokens_per_step"] == pytest.approx(sum(flat) / len(flat))
+    assert any(d.paused or d.preempted for d in engine), "the pool is small enough to force displacement"
+
+
+def test_speculation_the_simulator_does_not_replay_changes_the_decisions():
+    """Sharpness: the same engine log against a simulator told that every draft was rejected differs."""
+    specs, durations = _workload(), _durations()
+    ex = _engine("unified", None, SCHED, speculative="ngram", num_speculative_tokens=3)
+    accepted: dict[int, list[int]] = {}
+    engine = _run_engine(ex, specs, durations, accepted)
+    assert sum(map(sum, accepted.values())) > 0
+    rejected = {rid: [0] * (len(c) + 64) for rid, c in accepted.items()}
+    res = _run_sim(
+        ex, "unified", None, specs, durations, SCHED, SimSpeculation(3, ReplayedAcceptance(rejected))
+    )
+    assert res.decisions != engine

@@ -14,6 +14,7 @@ from kvsched.sim.models import MODEL_PRESETS, load_model
 from kvsched.sim.report import comparison_table, priority_lines, ratio_lines, write_json
 from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
 from kvsched.sim.simulator import ROUTERS
+from kvsched.sim.speculation import SPEC_METHODS, Speculation
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.trace import load_mooncake
 from kvsched.sim.workload import RequestSpec, time_scaled, with_priorities, workload_summary
@@ -51,6 +52,28 @@ def add_parser(subparsers: Any) -> None:
         help="schedulers serve higher request priority first (see --priority-mix)",
     )
     d.add_argument("--mfu", type=float, default=None)
+    d.add_argument(
+        "--speculative",
+        choices=SPEC_METHODS,
+        default=None,
+        help="speculative decoding: ngram (prompt lookup, free) or draft (a draft model's forwards)",
+    )
+    d.add_argument("--num-speculative-tokens", type=int, default=3, help="k drafts per decode")
+    d.add_argument(
+        "--acceptance-rate", type=float, default=0.7, help="mean probability that a draft is accepted"
+    )
+    d.add_argument(
+        "--acceptance-spread",
+        type=float,
+        default=0.0,
+        help="std of the per-request acceptance rate (Beta, seeded by --seed; 0 = all the same)",
+    )
+    d.add_argument(
+        "--draft-model", default=None, help="draft preset or HF config.json (default: a truncated target)"
+    )
+    d.add_argument(
+        "--draft-num-layers", type=int, default=None, help="layers of the truncated target (default: 1/4)"
+    )
     d.add_argument("--hbm-efficiency", type=float, default=None)
 
     w = p.add_argument_group("workload (a trace by default)")
@@ -127,6 +150,21 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
         lora_max_pages=a.lora_max_pages,
         lora_pages_per_adapter=a.lora_pages_per_adapter,
         priority_mode=a.priority_mode,
+        speculation=_speculation(a),
+    )
+
+
+def _speculation(a: argparse.Namespace) -> Speculation | None:
+    if a.speculative is None:
+        return None
+    return Speculation(
+        a.speculative,
+        a.num_speculative_tokens,
+        a.acceptance_rate,
+        a.acceptance_spread,
+        draft_model=None if a.draft_model is None else load_model(a.draft_model),
+        draft_num_layers=a.draft_num_layers,
+        seed=a.seed,
     )
 
 

@@ -2,7 +2,9 @@
 
 `step()` is one engine iteration through the core's `StepLoop`, the loop the engine runs: `schedule(active)`,
 run the batch (here: charge it to the cost model and advance the virtual clock), `apply_step` with
-deterministic tokens; then record metrics and drop finished requests.
+deterministic tokens; then record metrics and drop finished requests. With speculation
+(`sim/speculation.py`) the step is the engine's speculative one: draft slots reserved before the pass,
+`1 + accepted` tokens appended, both caches rewound to the accepted tokens afterwards.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request
 from kvsched.core.scheduler import SchedulerOutput, make_scheduler
+from kvsched.core.scheduler.draft_mirror import reserve_draft_slots
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.metrics import MetricsRecorder
+from kvsched.sim.speculation import BothCachesKV, DraftKV, SimSpeculation
 from kvsched.sim.storage import CountingStorage
 from kvsched.sim.workload import RequestSpec
 
@@ -72,11 +76,24 @@ class Replica:
         block_bytes: float,
         decisions: list[StepDecision] | None,
         lora_pages: tuple[int, int] | None = None,
+        speculation: SimSpeculation | None = None,
         **scheduler_kwargs: Any,
     ) -> None:
         self.index = index
         self.storage = CountingStorage(int(round(block_bytes)))
         self.kv = KVCacheManager(cache_config, storage=self.storage)
+        self.spec = speculation
+        #: the draft model's KV cache, mirrored by the scheduler (speculation with a draft model)
+        self.draft: DraftKV | None = None
+        self._draft_storage = CountingStorage(0)
+        step_kv: Any = self.kv
+        if speculation is not None and speculation.draft_cache is not None:
+            self._draft_storage = CountingStorage(int(round(speculation.draft_block_bytes)))
+            self.draft = DraftKV(KVCacheManager(speculation.draft_cache, storage=self._draft_storage))
+            scheduler_kwargs["draft_kv_cache_manager"] = self.draft.kv
+            step_kv = BothCachesKV(self.kv, self.draft.kv)
+        #: speculative counters: steps that proposed, drafts proposed, drafts accepted
+        self.spec_steps = self.spec_drafts = self.spec_accepted = 0
         self._num_device = self.kv.num_device_blocks
         self._num_host = self.kv.num_host_blocks
         self._drain_events = cache_config.enable_kv_events
@@ -85,7 +102,7 @@ class Replica:
         if self.peft is not None:
             scheduler_kwargs["peft_cache"] = self.peft
         self.loop = StepLoop(
-            make_scheduler(scheduler, self.kv, **scheduler_kwargs), self.kv, self._run, self._now
+            make_scheduler(scheduler, self.kv, **scheduler_kwargs), step_kv, self._run, self._now
         )
         self.cost = cost_model
         self.specs = specs
@@ -102,6 +119,7 @@ class Replica:
         self.shape = StepShape()
         self._dt = 0.0  # duration of the last step run
         self._off = self._on = 0
+        self._doff = self._don = 0
         # per-run counters read by the simulator's summary
         self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
 
@@ -125,12 +143,12 @@ class Replica:
     def _now(self) -> float:
         return self.clock
 
-    def _run(self, out: SchedulerOutput) -> dict[int, tuple[int]]:
+    def _run(self, out: SchedulerOutput) -> dict[int, tuple[int, ...]]:
         """The loop's runner: the batch's cost moves the clock on; its tokens are deterministic."""
         ctx, gen = out.context_requests, out.generation_requests
         shape = self.shape
         shape.reset()
-        sampled: dict[int, tuple[int]] = {}
+        sampled: dict[int, tuple[int, ...]] = {}
         for r in ctx:
             last = r.is_last_context_chunk
             shape.add_context(r.context_current_position, r.context_chunk_size, last)
@@ -140,11 +158,24 @@ class Replica:
         kv_sum = n_plain = 0
         rids = [r.request_id for r in gen]
         prev = list(map(last_tok.__getitem__, rids))
-        for r in gen:  # add_decode inlined for the common one-token case (no drafts in a simulation)
+        spec = self.spec
+        if spec is not None and self.draft is not None:
+            self.draft.propose(out)  # before the drafts are judged, as the engine's draft runner
+        for r in gen:  # add_decode inlined for the common one-token case (no drafts)
             rid = r.request_id
             n_out = len(r.output_token_ids)
             if r.draft_tokens:
-                shape.add_decode(len(r.prompt_token_ids) + n_out - 1, 1 + len(r.draft_tokens))
+                nd = len(r.draft_tokens)
+                shape.add_decode(len(r.prompt_token_ids) + n_out - 1, 1 + nd)
+                if spec is not None:  # the target verifies the drafts: 1 + accepted tokens
+                    a = spec.acceptance.accepted(rid, nd)
+                    self.spec_steps += 1
+                    self.spec_drafts += nd
+                    self.spec_accepted += a
+                    f = tok[rid]
+                    b = base[rid]
+                    sampled[rid] = tuple(b + n_out + j if f is None else f(n_out + j) for j in range(a + 1))
+                    continue
             else:
                 kv_sum += len(r.prompt_token_ids) + n_out
                 n_plain += 1
@@ -162,7 +193,16 @@ class Replica:
             shape.d2h_bytes = (off - self._off) * self.block_bytes
             shape.h2d_bytes = (on - self._on) * self.block_bytes
             self._off, self._on = off, on
-        dt = self._dt = self.cost.step_time(shape)
+        dsto = self._draft_storage  # the draft cache's suspends and resumes move its blocks too
+        doff, don = dsto.d2h_blocks, dsto.h2d_blocks
+        if doff != self._doff or don != self._don:
+            shape.d2h_bytes += (doff - self._doff) * dsto.bytes_per_block
+            shape.h2d_bytes += (don - self._don) * dsto.bytes_per_block
+            self._doff, self._don = doff, don
+        dt = self.cost.step_time(shape)
+        if spec is not None and spec.draft_cost is not None and self.draft is not None:
+            dt += self.draft.cost(spec.draft_cost)  # the draft's k forwards run before the target's
+        self._dt = dt
         now = self.clock = self.clock + dt
         if self.decisions is not None:
             self.decisions.append(decision_of(self.num_steps, out, self.index))
@@ -177,11 +217,27 @@ class Replica:
                 self.context_tokens += r.num_context_tokens
         return sampled
 
+    def _settle(self, out: SchedulerOutput) -> None:
+        """After the step update, as the engine's ``Speculator.settle``: the main cache gives back what
+        the rejected drafts took (capacity -> history), the draft cache keeps what was validated."""
+        kv = self.kv
+        for rs in (out.context_requests, out.generation_requests):
+            for req in rs:
+                if kv.is_request_active(req.request_id):
+                    kv.revert(req, kv.history(req))
+        if self.draft is not None:
+            self.draft.settle(out)
+
     def step(self) -> list[Request] | None:
         """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
+        spec = self.spec
+        if spec is not None:
+            reserve_draft_slots(self.active, spec.k)
         out, finished = self.loop.step(self.active)
         if finished is None:
             return None
+        if spec is not None:
+            self._settle(out)
         now, kv, shape = self.clock, self.kv, self.shape
         if self._drain_events and self.num_steps % 256 == 0:
             kv.drain_events()  # nobody subscribes in a simulation: keep the event list bounded
@@ -202,6 +258,8 @@ class Replica:
                 del self._base[rid]
                 if self.peft is not None:
                     self.peft.release(r)  # as the engine does when a request finishes
+                if spec is not None:
+                    spec.acceptance.forget(rid)
                 self.preemptions += r.num_preemptions
                 self.recomputed += r.num_recomputed_tokens
                 self.rec.request_done(

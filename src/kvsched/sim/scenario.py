@@ -23,6 +23,7 @@ from kvsched.sim.hardware import GpuSpec
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import ModelSpec
 from kvsched.sim.simulator import Simulator
+from kvsched.sim.speculation import DrawnAcceptance, SimSpeculation, Speculation
 from kvsched.sim.workload import RequestSpec
 
 
@@ -74,6 +75,7 @@ class Scenario:
     lora_max_pages: int = 0  # > 0: device pages for LoRA adapters (PEFT budget per replica)
     lora_pages_per_adapter: int = 1
     priority_mode: bool = False  # schedulers serve higher RequestSpec.priority first
+    speculation: Speculation | None = None  # speculative decoding (prompt lookup or a draft model)
 
     def cost_model(self) -> RooflineCostModel:
         return RooflineCostModel(
@@ -89,11 +91,23 @@ class Scenario:
         """KV bytes of one block on one GPU."""
         return self.tokens_per_block * self.model.kv_bytes_per_token_per_gpu(self.tp)
 
+    @property
+    def draft_block_bytes(self) -> float:
+        """Draft-model KV bytes of one block on one GPU (0 without a draft model)."""
+        spec = self.speculation
+        draft = None if spec is None else spec.draft_spec(self.model)
+        return 0.0 if draft is None else self.tokens_per_block * draft.kv_bytes_per_token_per_gpu(self.tp)
+
     def device_blocks(self) -> int:
+        """As the engine sizes its pools: with a draft model, both caches get the same block count
+        from one budget (and a separate draft checkpoint's weights come off it first)."""
         if self.num_device_blocks is not None:
             return self.num_device_blocks
         free = self.gpu.hbm_bytes * self.gpu_memory_fraction - self.model.weight_bytes_total / self.tp
-        blocks = int(free // self.block_bytes)
+        spec = self.speculation
+        if spec is not None and spec.draft_model is not None and spec.method == "draft":
+            free -= spec.draft_model.weight_bytes_total / self.tp
+        blocks = int(free // (self.block_bytes + self.draft_block_bytes))
         if blocks < 1:
             raise ConfigError(
                 f"{self.model.name} ({self.model.weight_bytes_total / 1e9:.1f} GB) does not fit "
@@ -104,7 +118,7 @@ class Scenario:
     def host_blocks(self) -> int:
         if self.host_memory_gb < 0:
             raise ConfigError(f"host_memory_gb={self.host_memory_gb} must be >= 0")
-        return int(self.host_memory_gb * 1e9 // self.block_bytes)
+        return int(self.host_memory_gb * 1e9 // (self.block_bytes + self.draft_block_bytes))
 
     def oracle_blocks(self, specs: Sequence[RequestSpec]) -> int:
         """A device pool no request of `specs` ever waits for (capped by what a batch can hold)."""
@@ -119,6 +133,30 @@ class Scenario:
             num_host_blocks=host_blocks,
             enable_block_reuse=self.enable_block_reuse,
             enable_kv_events=False,  # nobody subscribes in a simulation: build no event objects
+        )
+
+    def sim_speculation(self, cache: CacheConfig) -> SimSpeculation | None:
+        """A fresh acceptance model (same seed: every policy sees the same per-request rates), the draft's
+        roofline and its cache (the main cache's config: the scheduler mirrors one onto the other)."""
+        spec = self.speculation
+        if spec is None:
+            return None
+        draft = spec.draft_spec(self.model)
+        draft_cost = None
+        if draft is not None:
+            draft_cost = RooflineCostModel(
+                draft,
+                self.gpu,
+                tp=self.tp,
+                step_overhead=spec.draft_overhead,
+                overlap_copies=self.overlap_copies,
+            )
+        return SimSpeculation(
+            spec.num_speculative_tokens,
+            DrawnAcceptance(spec.acceptance_rate, spec.acceptance_spread, spec.seed),
+            draft_cost,
+            None if draft is None else cache,
+            self.draft_block_bytes,
         )
 
     def simulator(self, specs: Sequence[RequestSpec], policy: str, **kwargs: Any) -> Simulator:
@@ -142,6 +180,7 @@ class Scenario:
             max_num_tokens=self.max_num_tokens,
             chunk_unit_size=self.chunk_unit_size,
             priority_mode=self.priority_mode,
+            speculation=self.sim_speculation(cache),
             **extra,
             **kwargs,
         )

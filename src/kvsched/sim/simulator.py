@@ -20,6 +20,7 @@ from kvsched.core.errors import ConfigError, SchedulerDeadlockError
 from kvsched.sim.cost import CostModel
 from kvsched.sim.metrics import SLO, MetricsRecorder
 from kvsched.sim.replica import Replica, StepDecision, decision_of, make_request
+from kvsched.sim.speculation import SimSpeculation
 from kvsched.sim.workload import RequestSpec
 
 __all__ = ["ROUTERS", "SimResult", "Simulator", "StepDecision", "decision_of", "make_request"]
@@ -45,6 +46,7 @@ class Simulator:
     `lora_pages=(device pages, pages per adapter)` gives each replica a PEFT page budget for LoRA adapters.
     Routers: `least_loaded` (fewest active requests), `round_robin`, `sticky` (a conversation turn goes
     where its previous turn ran, so its prefix is cached there; first turns least-loaded).
+    `speculation` makes every replica decode speculatively (`sim/speculation.py`).
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Simulator:
         num_replicas: int = 1,
         router: str = "least_loaded",
         lora_pages: tuple[int, int] | None = None,
+        speculation: SimSpeculation | None = None,
         **scheduler_kwargs: Any,
     ) -> None:
         ids = [s.request_id for s in specs]
@@ -79,7 +82,7 @@ class Simulator:
         self.decisions: list[StepDecision] | None = [] if record_decisions else None
         self.replicas = [
             Replica(i, cache_config, scheduler, cost_model, self.specs, self.rec, block_bytes, self.decisions,
-                    lora_pages, **scheduler_kwargs)
+                    lora_pages, speculation=speculation, **scheduler_kwargs)
             for i in range(num_replicas)
         ]  # fmt: skip
         self.kv = self.replicas[0].kv
@@ -205,6 +208,12 @@ class Simulator:
                 "sim_steps_per_s": rec.num_steps / self._cpu if self._cpu > 0 else 0.0,
             }
         )
+        if reps[0].spec is not None:
+            steps, drafts = sum(r.spec_steps for r in reps), sum(r.spec_drafts for r in reps)
+            accepted = sum(r.spec_accepted for r in reps)
+            summary["spec_acceptance_rate"] = accepted / drafts if drafts else 0.0
+            # accepted drafts per speculative decode step of a request (the engine's figure of that name)
+            summary["spec_mean_accepted_tokens_per_step"] = accepted / steps if steps else 0.0
         return SimResult(self.name, summary, rec, st, self.decisions or [], wall)
 
 
