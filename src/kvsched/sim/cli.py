@@ -11,6 +11,7 @@ from kvsched.core.priority import PriorityMix
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS, load_model
+from kvsched.sim.quant import KV_FORMATS, WEIGHT_FORMATS
 from kvsched.sim.report import comparison_table, priority_lines, ratio_lines, write_json
 from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
 from kvsched.sim.simulator import ROUTERS
@@ -75,6 +76,19 @@ def add_parser(subparsers: Any) -> None:
         "--draft-num-layers", type=int, default=None, help="layers of the truncated target (default: 1/4)"
     )
     d.add_argument("--hbm-efficiency", type=float, default=None)
+    d.add_argument(
+        "--quantization",
+        default="auto",
+        choices=("auto", "none", *sorted(WEIGHT_FORMATS)),
+        help="weights and GEMM rate (auto: the config's quantization_config / torch_dtype; fp8 and nvfp4 "
+        "run at the GPU's FP8 / FP4 peak)",
+    )
+    d.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=("auto", *sorted(KV_FORMATS)),
+        help="KV cache element type (auto: the config's kv_cache_quant_algo / kv_cache_scheme, else its dtype)",
+    )
 
     w = p.add_argument_group("workload (a trace by default)")
     w.add_argument(
@@ -131,7 +145,7 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
     if eff:
         gpu = gpu.with_efficiency(**eff)
     return Scenario(
-        load_model(a.model),
+        load_model(a.model, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype),
         gpu,
         tp=a.tp,
         tokens_per_block=a.tokens_per_block,
@@ -218,6 +232,11 @@ def _numbers(text: str, flag: str, kind: type[float] | type[int]) -> list:
         raise ConfigError(f"{flag} {text!r} is invalid: comma-separated {kind.__name__}s expected") from exc
 
 
+def _precision(scenario: Scenario) -> str:
+    m = scenario.model
+    return f"{m.weight_bytes:g} B/weight, {m.gemm_dtype} GEMMs, {m.kv_bytes:g} B/KV element"
+
+
 def run(a: argparse.Namespace) -> int:
     # Everything is checked before the first run starts; errors reach `kvsched.cli.main`.
     policies = [x.strip() for x in a.policies.split(",") if x.strip()]
@@ -230,7 +249,8 @@ def run(a: argparse.Namespace) -> int:
     scenario.host_blocks()
     info = workload_summary(specs)
     print(
-        f"{scenario.model.name} on {scenario.num_replicas} x {scenario.tp} x {scenario.gpu.name}: "
+        f"{scenario.model.name} ({_precision(scenario)}) on {scenario.num_replicas} x {scenario.tp} x "
+        f"{scenario.gpu.name}: "
         f"{scenario.device_blocks()} device blocks "
         f"x {scenario.tokens_per_block} tokens, {scenario.host_blocks()} host blocks; workload "
         f"{info['requests']} requests, mean prompt {info.get('mean_prompt_len', 0):.0f}, "

@@ -114,13 +114,13 @@ class RooflineCostModel:
     def __post_init__(self) -> None:
         self._check()
         m, g, tp = self.model, self.gpu, self.tp
-        peak = g.fp8_flops if m.fp8_compute else g.bf16_flops
+        peak = g.gemm_flops(m.gemm_dtype)  # FP8 / FP4 weights at the GPU's FP8 / FP4 peak (sim/quant.py)
         eff = g.attention_efficiency
         # per-unit seconds, computed once (step_time runs once per simulated step)
         self._s_token = m.linear_flops_per_token / (tp * peak * g.mfu)
-        self._s_logit = m.lm_head_flops_per_token / (tp * peak * g.mfu)
+        self._s_logit = m.lm_head_flops_per_token / (tp * g.gemm_flops(m.head_gemm_dtype) * g.mfu)
         self._s_weights = m.weight_bytes_per_step / (tp * g.hbm_bandwidth * g.hbm_efficiency)
-        self._s_pair = m.attn_flops_per_pair / (tp * g.bf16_flops * eff)
+        self._s_pair = m.attn_flops_per_pair / (tp * g.gemm_flops(m.attn_dtype) * eff)
         self._s_kv = self.kv_bytes_per_token / (g.hbm_bandwidth * eff)
         self._s_reduce = 0.0
         if tp > 1:

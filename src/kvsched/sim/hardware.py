@@ -28,6 +28,7 @@ class GpuSpec:
     hbm_bytes: float
     host_link_bandwidth: float  # B/s per direction, theoretical
     gpu_link_bandwidth: float = 0.0  # B/s per direction between GPUs (tensor parallel all-reduce)
+    fp4_flops: float = 0.0  # dense FP4 tensor FLOP/s (0 = no FP4 tensor cores: FP4 GEMMs at the FP8 rate)
     mfu: float = 0.6  # fraction of peak FLOP/s reached by GEMMs
     hbm_efficiency: float = 0.8  # fraction of HBM bandwidth reached by weight reads
     attention_efficiency: float = 0.5  # fraction of peaks reached by attention (KV reads, score FLOPs)
@@ -52,6 +53,19 @@ class GpuSpec:
                 raise ConfigError(f"gpu {self.name!r}: {f}={v!r} is invalid: must be in (0, 1]")
         if self.gpu_link_bandwidth < 0:
             raise ConfigError(f"gpu {self.name!r}: gpu_link_bandwidth must be >= 0")
+        if not isinstance(self.fp4_flops, (int, float)) or self.fp4_flops < 0:
+            raise ConfigError(f"gpu {self.name!r}: fp4_flops={self.fp4_flops!r} is invalid: must be >= 0")
+
+    def gemm_flops(self, dtype: str) -> float:
+        """Dense tensor peak for GEMMs in `dtype` (bf16 | fp8 | fp4); a narrower type than the GPU has
+        runs at the narrowest rate it has."""
+        if dtype == "fp4" and self.fp4_flops > 0:
+            return self.fp4_flops
+        if dtype in ("fp4", "fp8"):
+            return self.fp8_flops
+        if dtype == "bf16":
+            return self.bf16_flops
+        raise ConfigError(f"gemm dtype {dtype!r} is invalid: bf16, fp8 or fp4")
 
     def with_efficiency(self, **factors: float) -> GpuSpec:
         """A copy with other efficiency factors (what a calibration changes)."""
@@ -99,6 +113,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         "b200",
         bf16_flops=2250 * TERA,
         fp8_flops=4500 * TERA,
+        fp4_flops=9000 * TERA,
         hbm_bandwidth=8.0 * TERA,
         hbm_bytes=180 * GIGA,
         host_link_bandwidth=_PCIE5,
@@ -124,6 +139,7 @@ def gpu_from_dict(data: dict[str, Any]) -> GpuSpec:
     units = {
         "bf16_tflops": ("bf16_flops", TERA),
         "fp8_tflops": ("fp8_flops", TERA),
+        "fp4_tflops": ("fp4_flops", TERA),
         "hbm_tbps": ("hbm_bandwidth", TERA),
         "hbm_gb": ("hbm_bytes", GIGA),
         "host_link_gbps": ("host_link_bandwidth", GIGA),

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvsched.core.errors import ConfigError
-
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "float8": 1, "int8": 1, "int4": 0.5}
+from kvsched.sim.quant import GEMM_DTYPES, override, read_precision
 
 
 @dataclass(slots=True, frozen=True)
@@ -30,9 +29,10 @@ class ModelSpec:
     vocab_size: int
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    weight_bytes: float = 2.0  # per parameter
+    weight_bytes: float = 2.0  # per parameter of the decoder layers
     kv_bytes: float = 2.0  # per cached element
-    fp8_compute: bool = False  # GEMMs run on FP8 tensor cores
+    gemm_dtype: str = "bf16"  # tensor-core rate of the layers' GEMMs: bf16 | fp8 | fp4 (sim/quant.py)
+    head_bytes: float | None = None  # per embedding / LM-head parameter (None: weight_bytes)
 
     def __post_init__(self) -> None:
         for f in (
@@ -52,8 +52,35 @@ class ModelSpec:
                 f"model {self.name!r}: num_heads={self.num_heads} is not a multiple of "
                 f"num_kv_heads={self.num_kv_heads}"
             )
-        if self.weight_bytes <= 0 or self.kv_bytes <= 0:
-            raise ConfigError(f"model {self.name!r}: weight_bytes and kv_bytes must be > 0")
+        if (
+            self.weight_bytes <= 0
+            or self.kv_bytes <= 0
+            or (self.head_bytes is not None and self.head_bytes <= 0)
+        ):
+            raise ConfigError(f"model {self.name!r}: weight_bytes, head_bytes and kv_bytes must be > 0")
+        if self.gemm_dtype not in GEMM_DTYPES:
+            raise ConfigError(
+                f"model {self.name!r}: gemm_dtype={self.gemm_dtype!r} is invalid: one of {GEMM_DTYPES}"
+            )
+
+    @property
+    def fp8_compute(self) -> bool:
+        """GEMMs run on FP8 (or narrower) tensor cores."""
+        return self.gemm_dtype != "bf16"
+
+    @property
+    def head_gemm_dtype(self) -> str:
+        """The LM head's GEMM rate: the layers' when it is quantized with them, else BF16."""
+        return self.gemm_dtype if self.head_bytes is None else "bf16"
+
+    @property
+    def attn_dtype(self) -> str:
+        """An FP8 KV cache is read by FP8 attention kernels (TensorRT-LLM's FP8 FMHA); else BF16."""
+        return "fp8" if self.kv_bytes <= 1.0 else "bf16"
+
+    @property
+    def _head_bytes(self) -> float:
+        return self.weight_bytes if self.head_bytes is None else self.head_bytes
 
     # -- parameter counts ---------------------------------------------------------------------
     @property
@@ -84,14 +111,15 @@ class ModelSpec:
 
     @property
     def weight_bytes_total(self) -> float:
-        return self.num_params * self.weight_bytes
+        head = 0 if self.tie_word_embeddings else self.embedding_params
+        layers = self.num_params - self.embedding_params - head
+        return layers * self.weight_bytes + (self.embedding_params + head) * self._head_bytes
 
     @property
     def weight_bytes_per_step(self) -> float:
         """Bytes of weights one forward reads: all layers plus the LM head (embedding rows are gathered)."""
-        return (
-            self.num_layers * self.layer_params + self.embedding_params + self.hidden_size
-        ) * self.weight_bytes
+        layers = (self.num_layers * self.layer_params + self.hidden_size) * self.weight_bytes
+        return layers + self.embedding_params * self._head_bytes
 
     # -- per-token figures ----------------------------------------------------------------------
     @property
@@ -119,8 +147,16 @@ class ModelSpec:
         return 2 * self.num_layers * heads * self.head_dim * self.kv_bytes
 
 
-def model_from_hf_config(cfg: dict[str, Any], name: str | None = None, **overrides: Any) -> ModelSpec:
-    """Read the fields of a HF `config.json` (Llama / Qwen2 / Mistral style)."""
+def model_from_hf_config(
+    cfg: dict[str, Any],
+    name: str | None = None,
+    *,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
+    **overrides: Any,
+) -> ModelSpec:
+    """Read the fields of a HF `config.json` (Llama / Qwen2 / Mistral style) and its precision
+    (`torch_dtype`, `quantization_config`; `quantization` / `kv_cache_dtype` override them)."""
     try:
         hidden = int(cfg["hidden_size"])
         heads = int(cfg["num_attention_heads"])
@@ -140,10 +176,9 @@ def model_from_hf_config(cfg: dict[str, Any], name: str | None = None, **overrid
         raise ConfigError(f"model config is missing field {exc.args[0]!r}") from exc
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model config has a non-numeric field: {exc}") from exc
-    dtype = cfg.get("torch_dtype")
-    if dtype in _DTYPE_BYTES:
-        spec["weight_bytes"] = float(_DTYPE_BYTES[dtype])
-        spec["kv_bytes"] = float(_DTYPE_BYTES[dtype])
+    spec.update(override(read_precision(cfg), quantization, kv_cache_dtype).spec_fields())
+    if "fp8_compute" in overrides:  # the older spelling of gemm_dtype="fp8"
+        spec["gemm_dtype"] = "fp8" if overrides.pop("fp8_compute") else "bf16"
     spec.update(overrides)
     return ModelSpec(**spec)
 
@@ -222,8 +257,18 @@ def load_model(name_or_path: str, **overrides: Any) -> ModelSpec:
         raise ConfigError(
             f"unknown model {name_or_path!r}; presets: {sorted(MODEL_PRESETS)} or a HF config.json path"
         )
+    cfg = _read_json(path)
+    quant = path.parent / "hf_quant_config.json"  # ModelOpt exports write the precision here
+    if "quantization_config" not in cfg and quant.exists():
+        cfg["quantization_config"] = _read_json(quant)
+    return model_from_hf_config(cfg, name=path.parent.name or path.stem, **overrides)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     try:
-        cfg = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"model config {path}: invalid JSON ({exc})") from exc
-    return model_from_hf_config(cfg, name=path.parent.name or path.stem, **overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"model config {path}: a JSON object expected")
+    return data
