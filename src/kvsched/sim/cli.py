@@ -126,6 +126,13 @@ def add_parser(subparsers: Any) -> None:
         help="give each request (each conversation) a priority drawn with these weights, e.g. 0:0.8,10:0.2 "
         "(higher = more important)",
     )
+    w.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="closed loop, as vllm bench serve: at most N requests in the system, the next submitted when "
+        "one finishes; TTFT counts from submission",
+    )
     w.add_argument("--seed", type=int, default=0)
 
     r = p.add_argument_group("run and output")
@@ -258,7 +265,7 @@ def run(a: argparse.Namespace) -> int:
     )
     results = []
     for pol in policies:
-        sim = scenario.simulator(specs, pol, progress=not a.no_progress)
+        sim = scenario.simulator(specs, pol, progress=not a.no_progress, max_concurrency=a.max_concurrency)
         results.append(sim.run())
     print(comparison_table(results))
     for line in ratio_lines(results) + priority_lines(results):
@@ -267,7 +274,7 @@ def run(a: argparse.Namespace) -> int:
     for rate in rates:
         rspecs = build_workload(a, rate=rate)
         for pol in policies:
-            res = scenario.simulator(rspecs, pol).run()
+            res = scenario.simulator(rspecs, pol, max_concurrency=a.max_concurrency).run()
             sweep.setdefault(pol, []).append((rate, res))
             print(
                 f"rate {rate:8.2f}  {pol:30s} throughput {res.summary['request_throughput']:.2f} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -47,6 +48,9 @@ class Simulator:
     Routers: `least_loaded` (fewest active requests), `round_robin`, `sticky` (a conversation turn goes
     where its previous turn ran, so its prefix is cached there; first turns least-loaded).
     `speculation` makes every replica decode speculatively (`sim/speculation.py`).
+    `max_concurrency=N` is a closed loop, as `vllm bench serve --max-concurrency` drives a server: a request
+    is submitted at its arrival time or, when N are in the system, the instant one finishes; its latencies
+    count from that submission, as such a client counts them.
     """
 
     def __init__(
@@ -65,8 +69,14 @@ class Simulator:
         router: str = "least_loaded",
         lora_pages: tuple[int, int] | None = None,
         speculation: SimSpeculation | None = None,
+        max_concurrency: int | None = None,
         **scheduler_kwargs: Any,
     ) -> None:
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool) or max_concurrency < 1
+        ):
+            raise ConfigError(f"max_concurrency={max_concurrency!r} is invalid: must be an integer >= 1")
+        self.max_concurrency = max_concurrency
         ids = [s.request_id for s in specs]
         if len(set(ids)) != len(ids):
             raise ConfigError("workload has duplicate request ids")
@@ -122,6 +132,12 @@ class Simulator:
         placed = self._placed
         sticky = self.router == "sticky"
         rejected = 0
+        limit = self.max_concurrency
+        # closed loop: when each free slot freed up; arrived requests waiting for one (FIFO); requests
+        # whose slot is taken, due for submission at their heap time
+        free_slots = [0.0] * (limit or 0)
+        waiting: deque[int] = deque()
+        submitted: set[int] = set()
         bar = _progress(len(specs)) if self.progress else None
         t_wall = time.perf_counter()
         t_cpu = time.process_time()
@@ -138,6 +154,16 @@ class Simulator:
                     rejected += 1  # can never fit the device pool: refused at admission, as a server would
                     self._release(rid, t, children, heap)
                     continue
+                if limit is not None and rid not in submitted:
+                    if waiting or not free_slots:
+                        waiting.append(rid)
+                        continue
+                    freed = heapq.heappop(free_slots)
+                    if freed > t:  # the slot frees after this arrival: submit then
+                        submitted.add(rid)
+                        heapq.heappush(heap, (freed, rid))
+                        continue
+                submitted.discard(rid)
                 target = self._route(spec)
                 if sticky:
                     placed[rid] = target.index
@@ -152,6 +178,14 @@ class Simulator:
             if finished:
                 for r in finished:
                     self._release(r.request_id, rep.clock, children, heap)
+                if limit is not None:
+                    for _ in finished:  # each freed slot goes to the longest-waiting request, now
+                        if waiting:
+                            nxt = waiting.popleft()
+                            submitted.add(nxt)
+                            heapq.heappush(heap, (rep.clock, nxt))
+                        else:
+                            heapq.heappush(free_slots, rep.clock)
                 if bar is not None:
                     bar.update(len(finished))
         wall = time.perf_counter() - t_wall
