@@ -199,3 +199,18 @@ def test_preempting_a_victim_frees_its_draft_cache_too():
     g0, v1 = running(kv2, 0, prompt=8), running(kv2, 1, prompt=8)
     out = make(kv2, draft_kv_cache_manager=empty_draft).schedule([g0, v1])  # the draft never saw v1
     assert ids(out.preempted_requests) == [1]
+
+
+def test_a_request_whose_draft_cache_cannot_follow_is_dropped_from_the_step():
+    # The draft pool has room for one request's blocks only: the second scheduled request cannot be
+    # mirrored, so it leaves this step and its main growth is given back.
+    kv, draft = FakeKV(), FakeKV(num_device_blocks=3)
+    g0, g1 = running(kv, 0, prompt=8), running(kv, 1, prompt=8)
+    running(draft, 0, prompt=8)
+    running(draft, 1, prompt=8)
+    draft.caches[1].active = False  # on the draft host tier; resuming needs 2 of the 1 free block
+    before = kv.capacity(g1)
+    out = make(kv, draft_kv_cache_manager=draft).schedule([g0, g1])
+    assert ids(out.generation_requests) == [0]
+    assert out.num_scheduled_tokens == 1
+    assert kv.capacity(g1) == before and draft.capacity(g0) == kv.capacity(g0)
