@@ -1,5 +1,5 @@
 """Greedy speculation on the real default model (SmolLM2-135M): token-identical to greedy without it,
-for prompt lookup and a truncated-target draft, k = 3 (slow: kept to two prompts x 16 tokens)."""
+for prompt lookup and a truncated-target draft, k = 1, 3, 5 (slow: kept to two prompts x 16 tokens)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,10 @@ def reference(loaded):
     return _generate(loaded)[0]
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize(("method", "extra"), [("ngram", {}), ("draft", {"draft_num_layers": 8})])
-def test_greedy_speculation_on_smollm2_is_token_identical(loaded, reference, method, extra):
-    got, ex = _generate(loaded, speculative=method, num_speculative_tokens=3, **extra)
+def test_greedy_speculation_on_smollm2_is_token_identical(loaded, reference, method, extra, k):
+    got, ex = _generate(loaded, speculative=method, num_speculative_tokens=k, **extra)
     assert got == reference
     assert all(len(t) > 4 for t in got)
     stats = ex.get_stats()
