@@ -110,3 +110,23 @@ def test_a_failed_move_of_parked_blocks_refuses_the_allocation_without_raising()
     st.broken = False
     assert m.try_allocate_generation(b)  # b comes back from where it stayed
     check_invariants(m)
+
+
+def test_a_failed_suspend_restores_blocks_shared_with_another_active_request():
+    st = FlakyStorage()
+    m = make(tpb=4, device=8, host=4, storage=st, reuse=True)
+    shared = list(range(8))
+    a = req(1, shared + [50, 51, 52, 53, 54], max_new=2)
+    run_context(m, a)
+    b = req(2, shared + [60], max_new=2)
+    run_context(m, b)  # shares a's first two blocks
+    st.broken = True
+    with pytest.raises(KVTransferError):
+        m.suspend_request(a)
+    check_invariants(m)  # every block's lock count matches its users again
+    m.free_request(b)
+    check_invariants(m)
+    st.broken = False
+    m.suspend_request(a)  # the shared blocks are a's alone now: all of a moves
+    assert m.stats().used_host_blocks == 4
+    check_invariants(m)
