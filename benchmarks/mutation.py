@@ -218,7 +218,9 @@ def report(workdir: Path, pairs: list[tuple[str, str]]) -> dict[str, FileScore]:
             print(f"  {name}  {where}\n      - {old}\n      + {new}")
     stale = set(equivalents) - used
     if stale:
-        print(f"\n{len(stale)} entries of {EQUIVALENTS.name} matched no surviving mutant this run")
+        print(f"\n{len(stale)} entries of {EQUIVALENTS.name} matched no surviving mutant this run:")
+        for func, _above, old, new in sorted(stale):
+            print(f"  {func}: {old} -> {new}")
     return scores
 
 
