@@ -139,7 +139,7 @@ class Engine:
         prompt: str | Sequence[int],
         sampling_params: SamplingParams | None = None,
         request_id: Hashable | None = None,
-        lora_id: int | None = None,
+        lora_id: int | str | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
         cache_salt: int | None = None,
@@ -149,6 +149,8 @@ class Engine:
         ``priority``: higher is more important (scheduled first in priority mode, its cached blocks
         evicted last); the default 0 for every request keeps arrival order. ``cache_salt``: the
         request's prefix-reuse scope; requests with different salts never share cached blocks.
+        ``lora_id``: a loaded LoRA adapter, by id or by name (``EngineArgs.lora_modules``); its cached
+        blocks are shared only with requests of the same adapter.
         """
         params = sampling_params or SamplingParams()
         params.validate()
@@ -156,8 +158,7 @@ class Engine:
         priority = check_priority(priority)
         if cache_salt is not None and type(cache_salt) is not int:
             raise InvalidRequestError(f"cache_salt must be an int or None, got {type(cache_salt).__name__}")
-        if lora_id is not None:
-            raise UnsupportedFeatureError(f"lora_id={lora_id}: this engine has no LoRA adapters loaded")
+        lora_id = self._resolve_lora(lora_id)
         internal = next(self._ids)
         external = internal if request_id is None else request_id
         while request_id is None and (external in self._by_external or external in self._finished):
@@ -194,6 +195,23 @@ class Engine:
         self._by_external[external] = internal
         self._active.append(req)
         return external
+
+    def _resolve_lora(self, lora: int | str | None) -> int | None:
+        """A request's adapter (id or name) -> its id, checked against the loaded adapters and the budget."""
+        if lora is None:
+            return None
+        registry, peft = self.parts.lora, self.parts.peft_cache
+        if registry is None or peft is None:
+            raise UnsupportedFeatureError(f"lora_id={lora!r}: this engine has no LoRA adapters loaded")
+        lora_id = registry.resolve(lora)
+        assert lora_id is not None
+        registry.check_fits(lora_id, peft.max_device_pages)
+        return lora_id
+
+    @property
+    def lora_names(self) -> dict[str, int]:
+        """Loaded LoRA adapters: name -> id (empty without adapters)."""
+        return {} if self.parts.lora is None else dict(self.parts.lora.ids)
 
     def _encode(self, rid: Hashable, prompt: str) -> list[int]:
         """Tokenize a text prompt; a tokenizer that raises is this request's InvalidRequestError."""
@@ -531,6 +549,8 @@ class Engine:
 
     def _retire(self, tracked: _Tracked, error: str | None = None) -> None:
         req = tracked.req
+        if self.parts.peft_cache is not None:
+            self.parts.peft_cache.release(req)  # a finished request no longer pins its adapter
         m = tracked.metrics
         m.read_times(req)  # first/last token and finish: recorded once, by apply_step / finish_request
         m.num_preemptions = max(m.num_preemptions, req.num_preemptions)

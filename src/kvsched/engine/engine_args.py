@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -55,6 +56,13 @@ class EngineArgs:
     draft_num_layers: int | None = None  # None: a quarter of the target's layers (at least 1)
     # Draft KV pool in bytes; None: the device budget is split so both caches get the same block count.
     draft_kv_bytes: int | None = None
+    # Multi-LoRA: adapter name -> directory in the HF PEFT format (adapter_config.json +
+    # adapter_model.safetensors); requests pick one by name or id (1, 2, ... in this order).
+    lora_modules: Mapping[str, str] | None = None
+    # Device budget of the PEFT cache in pages (None: every loaded adapter fits at once); one page holds
+    # lora_page_bytes of adapter weights.
+    max_lora_pages: int | None = None
+    lora_page_bytes: int = 1 << 16
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +85,7 @@ class EngineArgs:
         ):
             raise ConfigError(f"max_model_len={self.max_model_len!r} is invalid: must be an integer >= 2")
         self._validate_speculative()
+        self._validate_lora()
         if self.chunk_unit_size is not None and self.chunk_unit_size % self.tokens_per_block:
             raise ConfigError(
                 f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "
@@ -107,6 +116,22 @@ class EngineArgs:
         b = self.draft_kv_bytes
         if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ConfigError(f"draft_kv_bytes={b!r} is invalid: must be an integer >= 1")
+
+    def _validate_lora(self) -> None:
+        mods = self.lora_modules
+        if mods is not None:
+            if not isinstance(mods, Mapping):
+                raise ConfigError(f"lora_modules={mods!r} is invalid: must be a mapping of name -> path")
+            for name, path in mods.items():
+                if not isinstance(name, str) or not name or not isinstance(path, str | os.PathLike):
+                    raise ConfigError(f"lora_modules entry {name!r}: {path!r} is invalid: a name and a path")
+            if mods and self.speculative is not None:
+                raise ConfigError("lora_modules with speculative decoding is not supported yet")
+        for name in ("max_lora_pages", "lora_page_bytes"):
+            v = getattr(self, name)
+            low = 0 if name == "max_lora_pages" else 1
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+                raise ConfigError(f"{name}={v!r} is invalid: must be an integer >= {low}")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
@@ -185,6 +210,17 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        if f.name == "lora_modules":
+            group.add_argument(
+                flag,
+                dest=f.name,
+                nargs="+",
+                type=parse_lora_module,
+                default=None,
+                metavar="NAME=PATH",
+                help="LoRA adapters in the HF PEFT format; a request's model field (or lora_request) picks one",
+            )
+            continue
         if isinstance(default, bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default)
             continue
@@ -209,5 +245,16 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def parse_lora_module(text: str) -> tuple[str, str]:
+    """``name=path`` of ``--lora-modules``."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=PATH")
+    return name, path
+
+
 def engine_args_from_namespace(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(**{f.name: getattr(ns, f.name) for f in fields(EngineArgs)})
+    values = {f.name: getattr(ns, f.name) for f in fields(EngineArgs)}
+    if values.get("lora_modules") is not None:
+        values["lora_modules"] = dict(values["lora_modules"])
+    return EngineArgs(**values)

@@ -29,6 +29,8 @@ class SeqInput:
     start: int
     block_table: Sequence[int]
     num_logits: int = 1
+    #: The request's LoRA adapter id (None: the base model).
+    lora_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -46,6 +48,8 @@ class ForwardBatch:
     query_lens_host: list[int]  # host copies: planning attention needs no device reads
     seq_lens_host: list[int]
     block_tables_host: np.ndarray  # [S, W] int32
+    #: (adapter id, rows of its tokens [n] int64) per adapter in the batch; None when no token has one.
+    lora_groups: list[tuple[int, torch.Tensor]] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -102,6 +106,16 @@ class ForwardBatch:
         def to(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(a).to(device)
 
+        groups = None
+        if any(s.lora_id is not None for s in items):
+            rows_of: dict[int, list[np.ndarray]] = {}
+            for i, s in enumerate(items):
+                if s.lora_id is not None:
+                    rows_of.setdefault(s.lora_id, []).append(
+                        np.arange(query_start[i], query_start[i + 1], dtype=np.int64)
+                    )
+            groups = [(lora, to(np.concatenate(rs))) for lora, rs in rows_of.items()]
+
         return cls(
             input_ids=to(input_ids),
             positions=to(positions),
@@ -114,4 +128,5 @@ class ForwardBatch:
             query_lens_host=q_lens,
             seq_lens_host=seq_lens,
             block_tables_host=tables,
+            lora_groups=groups,
         )

@@ -18,6 +18,8 @@ __all__ = ["LLM", "RequestOutput", "CompletionOutput", "RequestMetrics"]
 
 Prompt = str | Mapping[str, Any]
 Message = Mapping[str, str]
+#: A LoRA adapter by name (``lora_modules`` key) or id; None is the base model.
+LoraChoice = str | int | None
 
 
 class LLM:
@@ -25,7 +27,8 @@ class LLM:
 
     Every keyword is an :class:`EngineArgs` field (KV pool sizes, scheduler, batch limits, ...);
     ``priority_mode=True`` makes the scheduler serve higher ``priority`` requests first (see
-    :meth:`generate`).
+    :meth:`generate`). ``lora_modules={"name": path}`` loads LoRA adapters in the HF PEFT format;
+    ``generate(..., lora_request="name")`` (or one per prompt) picks one.
     """
 
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
@@ -41,23 +44,26 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: int | Sequence[int] | None = None,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
         """Serve every prompt together (continuous batching); results in the order of ``prompts``.
 
         A prompt is a string or ``{"prompt_token_ids": [...]}``. All prompts are checked before any runs,
         so a bad one raises without leaving the others half-served. ``priority`` is one int for all or
         one per prompt; **higher = more important** (the opposite of vLLM, where lower goes first). It
-        orders scheduling only when the engine was built with ``priority_mode=True``.
+        orders scheduling only when the engine was built with ``priority_mode=True``. ``lora_request``:
+        a loaded adapter's name (or id) for every prompt, or a list with one per prompt (None = base).
         """
         if isinstance(prompts, str | Mapping):
             prompts = [prompts]
         inputs = [self._prompt_input(p, i) for i, p in enumerate(prompts)]
         params = self._params_per_prompt(sampling_params, len(inputs))
         priorities = self._priority_per_prompt(priority, len(inputs))
+        loras = self._lora_per_prompt(lora_request, len(inputs))
         added: list[Any] = []
         try:
-            for prompt, sp, prio in zip(inputs, params, priorities):
-                added.append(self.engine.add_request(prompt, sp, priority=prio))
+            for prompt, sp, prio, lora in zip(inputs, params, priorities, loras):
+                added.append(self.engine.add_request(prompt, sp, priority=prio, lora_id=lora))
         except Exception:
             for rid in added:
                 self.engine.abort_request(rid)
@@ -72,6 +78,7 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         priority: int | Sequence[int] | None = None,
+        lora_request: LoraChoice | Sequence[LoraChoice] = None,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate
         (``priority`` as in :meth:`generate`)."""
@@ -81,7 +88,7 @@ class LLM:
         prompts = [
             {"prompt_token_ids": self.encode_chat(conv, add_generation_prompt)} for conv in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm, priority=priority)
+        return self.generate(prompts, sampling_params, use_tqdm, priority=priority, lora_request=lora_request)
 
     def encode_chat(self, conversation: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         if not conversation:
@@ -114,6 +121,16 @@ class LLM:
         raise InvalidRequestError(
             f"prompt {index}: expected a string or a dict with 'prompt_token_ids', got {type(prompt).__name__}"
         )
+
+    @staticmethod
+    def _lora_per_prompt(lora: LoraChoice | Sequence[LoraChoice], n: int) -> list[LoraChoice]:
+        if lora is None or isinstance(lora, str | int):
+            return [lora] * n
+        if not isinstance(lora, Sequence):
+            raise InvalidRequestError(f"lora_request={lora!r} is invalid: a name, an id or a list of them")
+        if len(lora) != n:
+            raise InvalidRequestError(f"{len(lora)} lora_request entries for {n} prompts")
+        return list(lora)
 
     @staticmethod
     def _priority_per_prompt(priority: int | Sequence[int] | None, n: int) -> list[int]:

@@ -45,14 +45,18 @@ class ModelRunner:
         for req in scheduled.context_requests:
             start, n = req.context_current_position, req.context_chunk_size
             last = req.is_last_context_chunk
-            seqs.append(SeqInput(req.token_slice(start, start + n), start, kv.block_table(req), int(last)))
+            seqs.append(
+                SeqInput(
+                    req.token_slice(start, start + n), start, kv.block_table(req), int(last), req.lora_id
+                )
+            )
             if last:
                 rows.append(req)
         for req in scheduled.generation_requests:
             pos = req.num_tokens - 1
             drafts: Sequence[int] = req.draft_tokens
             tokens = [req.token_at(pos), *drafts] if drafts else [req.token_at(pos)]
-            seqs.append(SeqInput(tokens, pos, kv.block_table(req), len(tokens)))
+            seqs.append(SeqInput(tokens, pos, kv.block_table(req), len(tokens), req.lora_id))
             rows.extend([req] * len(tokens))
         if not seqs:
             return None, rows

@@ -16,6 +16,7 @@ import torch
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError, InvalidRequestError
 from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
 from kvsched.core.scheduler import make_scheduler
 from kvsched.engine.engine_args import EngineArgs
@@ -25,6 +26,7 @@ from kvsched.engine.model_config import ModelConfig
 from kvsched.engine.model_runner import ModelRunner
 
 if TYPE_CHECKING:  # the tokenizers library loads only with a model that has a tokenizer
+    from kvsched.engine.lora import LoraRegistry
     from kvsched.engine.tokenizer import Tokenizer
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -49,6 +51,10 @@ class EngineParts:
     draft_model: LlamaForCausalLM | None = None
     draft_storage: TensorKVStorage | None = None
     draft_kv: KVCacheManager | None = None
+    #: Multi-LoRA (``EngineArgs.lora_modules``): the loaded adapters and the page budget the scheduler
+    #: enforces (None without adapters: the base path is untouched).
+    lora: LoraRegistry | None = None
+    peft_cache: PeftCache | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -144,6 +150,16 @@ def build_engine_parts(
         )
         draft_kv = KVCacheManager(draft_cfg, storage=draft_storage)
         sched_kwargs["draft_kv_cache_manager"] = draft_kv
+    lora = peft = None
+    if args.lora_modules:
+        from kvsched.engine.lora import LoraRegistry, install_lora
+
+        lora = LoraRegistry.load(
+            args.lora_modules, model_config, dtype=dtype, device=device, page_bytes=args.lora_page_bytes
+        )
+        install_lora(model, lora.adapters.items())
+        peft = lora.peft_cache(args.max_lora_pages)
+        sched_kwargs["peft_cache"] = peft
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
     runner = ModelRunner(model, storage, cache_config)
     return EngineParts(
@@ -160,6 +176,8 @@ def build_engine_parts(
         draft_model=draft_model,
         draft_storage=draft_storage,
         draft_kv=draft_kv,
+        lora=lora,
+        peft_cache=peft,
     )
 
 

@@ -5,7 +5,7 @@ Module names mirror HF's (``model.layers.N.self_attn.q_proj`` ...) so checkpoint
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -86,6 +86,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        #: Set by ``engine.lora.install_lora``: the LoRA layers read each batch's adapter groups from it.
+        self.lora_context: Any = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_storage: KVTensors) -> torch.Tensor:
@@ -93,6 +95,16 @@ class LlamaForCausalLM(nn.Module):
         if len(caches) != self.config.num_layers:
             raise ValueError(f"KV storage has {len(caches)} layers, the model {self.config.num_layers}")
         plan = AttentionPlan.build(batch, self.config.sliding_window)
+        lora = self.lora_context
+        if lora is None:
+            return self._forward(batch, caches, plan)
+        lora.groups = batch.lora_groups
+        try:
+            return self._forward(batch, caches, plan)
+        finally:
+            lora.groups = None
+
+    def _forward(self, batch: ForwardBatch, caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
         m = self.model
         x = m.embed_tokens(batch.input_ids)
         cos, sin = m.rotary(batch.positions, x.dtype)
