@@ -241,3 +241,30 @@ def test_no_adapters_means_no_lora_layers(tiny_llama_dir):
 
     assert ex.parts.peft_cache is None and ex.parts.model.lora_context is None
     assert not any(isinstance(m, LoraLinear) for m in ex.parts.model.modules())
+
+
+def test_lora_modules_flag():
+    import argparse
+
+    from kvsched.engine.engine_args import add_engine_flags, engine_args_from_namespace
+
+    parser = argparse.ArgumentParser()
+    add_engine_flags(parser)
+    ns = parser.parse_args(["--lora-modules", "a=dir/a", "b=dir/b", "--max-lora-pages", "3"])
+    args = engine_args_from_namespace(ns)
+    assert args.lora_modules == {"a": "dir/a", "b": "dir/b"} and args.max_lora_pages == 3
+    assert engine_args_from_namespace(parser.parse_args([])).lora_modules is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lora-modules", "no-path"])
+
+
+def test_lora_engine_args_errors():
+    from kvsched.core.errors import ConfigError
+    from kvsched.engine.engine_args import EngineArgs
+
+    with pytest.raises(ConfigError, match="speculative decoding is not supported"):
+        EngineArgs(speculative="ngram", lora_modules={"a": "dir/a"})
+    with pytest.raises(ConfigError, match="max_lora_pages=-1 is invalid"):
+        EngineArgs(max_lora_pages=-1)
+    with pytest.raises(ConfigError, match="lora_modules=.* must be a mapping"):
+        EngineArgs(lora_modules=["dir/a"])

@@ -92,17 +92,24 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         app.add_middleware(APIKeyMiddleware, api_key=key, public=open_paths(opts.metrics_open))
     salt_header = None if opts.tenant_salt_header is None else check_header_name(opts.tenant_salt_header)
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(
-                404, f"The model `{name}` does not exist; this server serves `{model_name}`.", "model"
-            )
+    adapters: tuple[str, ...] = tuple(getattr(backend, "lora_names", ()))
+
+    def check_model(name: str) -> str | None:
+        """The request's LoRA adapter (``model`` names one of ``--lora-modules``), None for the base."""
+        if name == model_name:
+            return None
+        if name in adapters:
+            return name
+        served = ", ".join(f"`{m}`" for m in (model_name, *adapters))
+        raise APIError(404, f"The model `{name}` does not exist; this server serves {served}.", "model")
 
     def cache_salt(body_salt: str | None, raw: Request) -> int | None:
         return salt_id(tenant_of(raw.headers, salt_header), body_salt)
 
-    async def start(token_ids: list[int], params, priority: int, salt: int | None = None) -> RequestHandle:
-        handle = engine.submit(token_ids, params, priority, cache_salt=salt)
+    async def start(
+        token_ids: list[int], params, priority: int, salt: int | None = None, lora: str | None = None
+    ) -> RequestHandle:
+        handle = engine.submit(token_ids, params, priority, cache_salt=salt, lora=lora)
         try:
             await handle.accepted()
         except Exception as exc:
@@ -123,19 +130,20 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_name, max_model_len=backend.max_model_len)])
+        names = (model_name, *adapters)
+        return ModelList(data=[ModelCard(id=n, max_model_len=backend.max_model_len) for n in names])
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request):
-        check_model(req.model)
+        lora = check_model(req.model)
         ids = await prompts.completion(req.prompt)
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         params = sampling_params(req, max_tokens, req.logprobs)
-        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora)
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
-            offset, enc, held = [0], CompletionChunks(rid, model_name), Collected()
+            offset, enc, held = [0], CompletionChunks(rid, req.model), Collected()
 
             def chunk(d) -> str | None:
                 if want_lp:  # a token whose text is held back sends its logprobs with the next chunk
@@ -155,20 +163,20 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         got = await collect(handle, raw.is_disconnected)
         lp = fmt.completion_logprobs(got.token_ids, got.logprobs, 0, got.top_logprobs) if want_lp else None
         choice = CompletionChoice(text=got.text, logprobs=lp, finish_reason=got.finish_reason)
-        return CompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
+        return CompletionResponse(id=rid, model=req.model, choices=[choice], usage=usage(handle))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
-        check_model(req.model)
+        lora = check_model(req.model)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         ids = await prompts.chat(messages)
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         num_top = (req.top_logprobs or 0) if req.logprobs else 0
         params = sampling_params(req, max_tokens, num_top if req.logprobs else None)
-        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw))
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora)
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
-            first, enc, held = [True], ChatChunks(rid, model_name), Collected()
+            first, enc, held = [True], ChatChunks(rid, req.model), Collected()
 
             def chunk(d) -> str | None:
                 if req.logprobs:  # a token whose text is held back sends its logprobs with the next chunk
@@ -191,7 +199,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         choice = ChatChoice(
             message=ChatResponseMessage(content=got.text), logprobs=lp, finish_reason=got.finish_reason
         )
-        return ChatCompletionResponse(id=rid, model=model_name, choices=[choice], usage=usage(handle))
+        return ChatCompletionResponse(id=rid, model=req.model, choices=[choice], usage=usage(handle))
 
     install_guards(app, opts.max_request_bytes)
     return app

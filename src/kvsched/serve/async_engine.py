@@ -79,11 +79,13 @@ class AsyncEngine:
         priority: int = 0,
         *,
         cache_salt: int | None = None,
+        lora: str | None = None,
     ) -> RequestHandle:
         """Queue a request (never blocks). Raises QueueFullError or EngineClosedError.
 
         ``priority``: higher = more important (used by an engine in priority mode). ``cache_salt``:
         the request's prefix-cache scope (``serve/tenancy.py``); None shares the unsalted cache.
+        ``lora``: the LoRA adapter's name (the request's ``model``), None for the base model.
 
         ``params`` go to the engine as they are: it decides every stop (EOS, length, stop token ids,
         stop strings with hold-back) and its text deltas and finish reasons are streamed unchanged.
@@ -100,7 +102,7 @@ class AsyncEngine:
         stream = _Stream(self._loop.create_future())
         self._streams[rid] = stream
         self._num_waiting += 1
-        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt))
+        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt, lora))
         return RequestHandle(self, rid, stream, len(prompt_token_ids))
 
     def _release(self, rid: int, stream: _Stream) -> bool:
@@ -212,9 +214,12 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple, live: set[int], accepted: list[int]) -> None:
         if cmd[0] == "add":
-            _, rid, token_ids, params, priority, arrival, salt = cmd
+            _, rid, token_ids, params, priority, arrival, salt, lora = cmd
             try:
-                self.backend.add_request(token_ids, params, rid, priority, arrival, salt)
+                if lora is None:
+                    self.backend.add_request(token_ids, params, rid, priority, arrival, salt)
+                else:
+                    self.backend.add_request(token_ids, params, rid, priority, arrival, salt, lora=lora)
             except Exception as exc:  # bad request: fail it alone
                 self._to_loop(self._fail, [rid], exc)
                 self._observe("error", None)

@@ -32,6 +32,8 @@ class Backend(Protocol):
         arrival_time: float | None = None,
         cache_salt: int | None = None,
     ) -> None: ...
+    # Optional: ``lora_names`` (served adapter names) and ``add_request(..., lora=name)``; a backend
+    # without them serves the base model only.
     def abort_request(self, request_id: Hashable) -> RequestOutput | None: ...
     def release(self, request_id: Hashable) -> RequestOutput | None: ...
     def step(self) -> list[StepOutput]: ...
@@ -61,6 +63,8 @@ class EngineBackend:
         if self._tokenizer is None:
             raise ValueError("the model has no tokenizer; the server needs one to read text prompts")
         self._fast = gil_free_encoder(self._tokenizer)
+        #: LoRA adapters the engine loaded, by name (a request's ``model`` field picks one).
+        self.lora_names: tuple[str, ...] = tuple(getattr(engine, "lora_names", {}))
 
     def encode(self, text: str) -> list[int]:
         if self._fast is not None:
@@ -85,10 +89,13 @@ class EngineBackend:
         priority: int = 0,
         arrival_time: float | None = None,
         cache_salt: int | None = None,
+        lora: str | None = None,
     ) -> None:
         """``priority``: higher = more important (the engine's convention); ``arrival_time``
         (``time.monotonic``) is when the server received it, the start of its TTFT and latency;
-        ``cache_salt``: its prefix-cache scope (``serve/tenancy.py``), None for the shared cache."""
+        ``cache_salt``: its prefix-cache scope (``serve/tenancy.py``), None for the shared cache;
+        ``lora``: a loaded adapter's name, None for the base model."""
+        extra = {} if lora is None else {"lora_id": lora}
         self.engine.add_request(
             token_ids,
             params,
@@ -96,6 +103,7 @@ class EngineBackend:
             priority=priority,
             arrival_time=arrival_time,
             cache_salt=cache_salt,
+            **extra,
         )
 
     def abort_request(self, request_id: Hashable) -> RequestOutput | None:
