@@ -123,6 +123,7 @@ def test_mixed_batch_chunked_and_suspended_matches_peft(tiny_llama_dir, adapter_
     if scheduler == "unified":
         assert stats.num_suspends > 0 and stats.num_resumes > 0
     assert ex.parts.peft_cache.pinned_pages == 0  # finished requests released their adapters
+    assert ex.parts.runner.lora.num_evictions == 0  # the default budget holds every adapter
 
 
 def test_cached_kv_is_never_shared_across_adapters(tiny_llama_dir, adapter_dirs, peft_ref):
@@ -145,7 +146,7 @@ def test_page_budget_holds_with_more_adapters_than_pages(tiny_llama_dir, adapter
     ex = _lora_engine(
         tiny_llama_dir, adapter_dirs, tokens_per_block=8, num_device_blocks=64, max_lora_pages=budget
     )
-    peft_cache = ex.parts.peft_cache
+    peft_cache, residency = ex.parts.peft_cache, ex.parts.runner.lora
     prompts = random_prompts([9, 14, 7, 11, 5, 16], seed=23)
     loras = ["attn", "mlp", None, "mlp", "attn", "attn"]
     params = SamplingParams(max_tokens=8, temperature=GREEDY)
@@ -157,10 +158,12 @@ def test_page_budget_holds_with_more_adapters_than_pages(tiny_llama_dir, adapter
             if o.finished:
                 done[o.request_id] = ex.pop_output(o.request_id)
         assert peft_cache.pinned_pages <= budget
+        assert residency.resident_pages <= budget  # the device tier never holds more than the budget
         steps += 1
     for rid, lora, prompt in zip(ids, loras, prompts):
         assert done[rid].outputs[0].token_ids == peft_ref.greedy(lora, prompt, 8)
     assert steps > 8  # the two adapters could not run side by side
+    assert residency.num_evictions >= 1 and residency.num_loads == residency.num_evictions + 1
 
 
 def test_llm_generate_lora_request(tiny_llama_dir, adapter_dirs, peft_ref):
@@ -268,3 +271,26 @@ def test_lora_engine_args_errors():
         EngineArgs(max_lora_pages=-1)
     with pytest.raises(ConfigError, match="lora_modules=.* must be a mapping"):
         EngineArgs(lora_modules=["dir/a"])
+
+
+def test_residency_never_evicts_a_pinned_adapter(tiny_llama_dir, adapter_dirs):
+    from kvsched.core.errors import KVSchedError
+    from kvsched.core.request import Request
+
+    probe = _lora_engine(tiny_llama_dir, adapter_dirs, num_device_blocks=16).parts.lora
+    budget = max(probe.pages(i) for i in probe.adapters)
+    parts = _lora_engine(tiny_llama_dir, adapter_dirs, num_device_blocks=16, max_lora_pages=budget).parts
+    res, peft_cache = parts.runner.lora, parts.peft_cache
+    attn, mlp = parts.lora.ids["attn"], parts.lora.ids["mlp"]
+    holder = Request(0, [1, 2], 1, lora_id=attn)
+    res.prepare([attn])
+    peft_cache.acquire(holder)
+    with pytest.raises(KVSchedError, match="need more than max_device_pages"):
+        res.prepare([mlp])  # the only room is held by a pinned adapter
+    assert list(res.resident) == [attn] and res.num_evictions == 0
+    attn_keys = parts.lora.adapters[attn].weights.keys()
+    assert all(attn in res.layers[k].deltas for k in attn_keys)
+    peft_cache.release(holder)
+    res.prepare([mlp])  # unpinned now: evicted least-recently-used
+    assert list(res.resident) == [mlp] and res.num_evictions == 1
+    assert not any(attn in w.deltas for w in res.layers.values())

@@ -9,7 +9,7 @@ token plus its draft tokens at position ``num_tokens - 1``; logits for all of th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -18,6 +18,9 @@ from kvsched.core.request import Request
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.engine.forward_batch import ForwardBatch, SeqInput
 from kvsched.engine.model.llama import KVTensors, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from kvsched.engine.lora.residency import AdapterResidency
 
 
 class _BlockTables(Protocol):
@@ -29,8 +32,16 @@ class _BlockTables(Protocol):
 class ModelRunner:
     """Runs the model on a ``SchedulerOutput``; owns nothing but references."""
 
-    def __init__(self, model: LlamaForCausalLM, storage: KVTensors, cache_config: CacheConfig) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        storage: KVTensors,
+        cache_config: CacheConfig,
+        lora: AdapterResidency | None = None,
+    ) -> None:
         self.model = model
+        #: With LoRA adapters: makes each step's adapters resident on the device before its forward.
+        self.lora = lora
         self.storage = storage
         self.tokens_per_block = cache_config.tokens_per_block
         self.device = next(model.parameters()).device
@@ -67,4 +78,6 @@ class ModelRunner:
         batch, rows = self.build_batch(scheduled, kv)
         if batch is None:
             return rows, torch.empty(0, self.vocab_size, device=self.device)
+        if self.lora is not None and batch.lora_groups is not None:
+            self.lora.prepare(lora for lora, _ in batch.lora_groups)
         return rows, self.model(batch, self.storage)

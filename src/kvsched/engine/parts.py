@@ -150,18 +150,19 @@ def build_engine_parts(
         )
         draft_kv = KVCacheManager(draft_cfg, storage=draft_storage)
         sched_kwargs["draft_kv_cache_manager"] = draft_kv
-    lora = peft = None
+    lora = peft = residency = None
     if args.lora_modules:
-        from kvsched.engine.lora import LoraRegistry, install_lora
+        from kvsched.engine.lora import AdapterResidency, LoraRegistry, install_lora
 
         lora = LoraRegistry.load(
-            args.lora_modules, model_config, dtype=dtype, device=device, page_bytes=args.lora_page_bytes
+            args.lora_modules, model_config, dtype=dtype, page_bytes=args.lora_page_bytes
         )
-        install_lora(model, lora.adapters.items())
+        _, wrappers = install_lora(model, lora.adapters.items())
         peft = lora.peft_cache(args.max_lora_pages)
+        residency = AdapterResidency(lora, peft, wrappers, device)
         sched_kwargs["peft_cache"] = peft
     scheduler = make_scheduler(args.scheduler, kv, **sched_kwargs)
-    runner = ModelRunner(model, storage, cache_config)
+    runner = ModelRunner(model, storage, cache_config, lora=residency)
     return EngineParts(
         model=model,
         model_config=model_config,

@@ -62,18 +62,22 @@ def _wrap(parent: nn.Module, attr: str, ctx: LoraContext) -> LoraLinear:
     return wrapped
 
 
-def install_lora(model: nn.Module, adapters: Iterable[tuple[int, LoraAdapter]]) -> LoraContext:
-    """Wrap the targeted linears of ``model`` (a ``LlamaForCausalLM``) and attach the adapters' deltas;
-    the model's forward then applies them per token group (``ForwardBatch.lora_groups``)."""
+def install_lora(
+    model: nn.Module, adapters: Iterable[tuple[int, LoraAdapter]]
+) -> tuple[LoraContext, dict[tuple[int, str], LoraLinear]]:
+    """Wrap the linears of ``model`` (a ``LlamaForCausalLM``) that some adapter targets; returns the
+    shared context and the wrappers by (layer, module). Deltas are attached by ``AdapterResidency``
+    when an adapter becomes resident; the forward applies them per token group."""
     ctx = LoraContext()
     for mod in model.modules():
         if isinstance(mod, LoraLinear):
             mod.deltas.clear()
     layers = model.model.layers  # type: ignore[union-attr]
-    for lora_id, adapter in adapters:
-        for (layer, module), ab in adapter.weights.items():
+    wrappers: dict[tuple[int, str], LoraLinear] = {}
+    for _, adapter in adapters:
+        for layer, module in adapter.weights:
             block = layers[layer]
             parent = block.self_attn if module in TARGET_MODULES[:4] else block.mlp
-            _wrap(parent, module, ctx).deltas[lora_id] = ab
+            wrappers[(layer, module)] = _wrap(parent, module, ctx)
     model.lora_context = ctx  # type: ignore[assignment]
-    return ctx
+    return ctx, wrappers

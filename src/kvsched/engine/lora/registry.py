@@ -32,14 +32,14 @@ class LoraRegistry:
         base: ModelConfig,
         *,
         dtype: torch.dtype,
-        device: torch.device,
         page_bytes: int = DEFAULT_LORA_PAGE_BYTES,
     ) -> LoraRegistry:
+        """Load every adapter into host memory (``AdapterResidency`` copies them to the device)."""
         reg = cls(page_bytes=page_bytes)
         for i, (name, path) in enumerate(modules.items(), start=1):
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"lora_modules: adapter name {name!r} must be a non-empty string")
-            reg.adapters[i] = load_adapter(name, path, base, dtype=dtype, device=device)
+            reg.adapters[i] = load_adapter(name, path, base, dtype=dtype, device="cpu")
             reg.ids[name] = i
         return reg
 

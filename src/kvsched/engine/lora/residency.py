@@ -1,0 +1,85 @@
+"""Which adapters sit on the model's device: the device tier of the PEFT cache.
+
+Every adapter is kept on the host (as loaded); a step's adapters are copied to the device before its
+forward (``prepare``), and an adapter no scheduled request pins (``PeftCache.is_pinned``) is evicted
+least-recently-used when a new one needs its pages. The scheduler already keeps the pages of the pinned
+adapters within ``max_device_pages``, so the resident pages never exceed it either.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import torch
+
+from kvsched.core.errors import KVSchedError
+from kvsched.core.peft import PeftCache
+from kvsched.engine.lora.layers import LoraLinear
+from kvsched.engine.lora.registry import LoraRegistry
+
+
+class AdapterResidency:
+    """The device-resident adapters (LRU order) and the layers their deltas are installed in."""
+
+    __slots__ = ("registry", "peft", "device", "layers", "resident", "num_loads", "num_evictions")
+
+    def __init__(
+        self,
+        registry: LoraRegistry,
+        peft: PeftCache,
+        layers: dict[tuple[int, str], LoraLinear],
+        device: torch.device,
+    ) -> None:
+        self.registry = registry
+        self.peft = peft
+        self.device = device
+        #: (layer, module) -> its wrapper, for every module some adapter targets.
+        self.layers = layers
+        #: adapter id -> pages, least recently used first.
+        self.resident: OrderedDict[int, int] = OrderedDict()
+        self.num_loads = 0
+        self.num_evictions = 0
+
+    @property
+    def resident_pages(self) -> int:
+        return sum(self.resident.values())
+
+    def prepare(self, lora_ids: Iterable[int | None]) -> None:
+        """Make the step's adapters resident (copy-in, LRU eviction of unpinned ones)."""
+        needed = {i for i in lora_ids if i is not None}
+        for lora_id in needed:
+            if lora_id in self.resident:
+                self.resident.move_to_end(lora_id)
+        for lora_id in sorted(needed - self.resident.keys()):
+            pages = self.registry.pages(lora_id)
+            self._make_room(pages, needed)
+            self._load(lora_id)
+            self.resident[lora_id] = pages
+
+    def _make_room(self, pages: int, needed: set[int]) -> None:
+        budget = self.peft.max_device_pages
+        for victim in list(self.resident):
+            if self.resident_pages + pages <= budget:
+                return
+            if victim not in needed and not self.peft.is_pinned(victim):
+                self._evict(victim)
+        if self.resident_pages + pages > budget:
+            raise KVSchedError(
+                f"LoRA adapters of this step need more than max_device_pages={budget} "
+                f"(resident: {dict(self.resident)}, adding {pages})"
+            )
+
+    def _load(self, lora_id: int) -> None:
+        for key, (a, b) in self.registry.adapters[lora_id].weights.items():
+            self.layers[key].deltas[lora_id] = (
+                a.to(self.device, non_blocking=True),
+                b.to(self.device, non_blocking=True),
+            )
+        self.num_loads += 1
+
+    def _evict(self, lora_id: int) -> None:
+        for key in self.registry.adapters[lora_id].weights:
+            self.layers[key].deltas.pop(lora_id, None)
+        del self.resident[lora_id]
+        self.num_evictions += 1
