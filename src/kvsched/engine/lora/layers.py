@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,10 +37,11 @@ class LoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads a projection's weight keeps working
-        return self.base.weight
+        w: torch.Tensor = self.base.weight
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y: torch.Tensor = self.base(x)
         groups = self.ctx.groups
         if groups is None:
             return y
@@ -72,7 +74,7 @@ def install_lora(
     for mod in model.modules():
         if isinstance(mod, LoraLinear):
             mod.deltas.clear()
-    layers = model.model.layers  # type: ignore[union-attr]
+    layers: Any = model.model.layers  # type: ignore[union-attr]
     wrappers: dict[tuple[int, str], LoraLinear] = {}
     for _, adapter in adapters:
         for layer, module in adapter.weights:
