@@ -71,3 +71,20 @@ def _save_byte_tokenizer(path: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": TINY_CHAT_TEMPLATE}))
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """HF transformers' own load of the default GGUF, the reference the real-model tests compare with.
+
+    It dequantizes in Python (seconds), so it is loaded once per session; it is read-only: a test that
+    changes it (a peft wrapper) works on a ``copy.deepcopy``.
+    """
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvsched.engine.weights.loader import default_model_path
+
+    path = default_model_path()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()

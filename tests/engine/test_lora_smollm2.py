@@ -4,6 +4,7 @@ batch, with chunked prefill and suspension under memory pressure."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -27,13 +28,9 @@ LORAS = ["attn", None, "mlp"]
 N = 12
 
 
-def _hf_base():
-    from kvsched.engine.weights.loader import default_model_path
-
-    path = default_model_path()
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+@pytest.fixture(scope="module")
+def hf_base(hf_smollm2):
+    return hf_smollm2
 
 
 def _greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -47,11 +44,11 @@ def _greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory):
+def adapter_dirs(tmp_path_factory, hf_base):
     root = tmp_path_factory.mktemp("smol-lora")
     dirs = {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
-        model = peft.get_peft_model(_hf_base(), peft.LoraConfig(lora_dropout=0.0, **kw))
+        model = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(lora_dropout=0.0, **kw))
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for pname, p in model.named_parameters():
@@ -62,7 +59,7 @@ def adapter_dirs(tmp_path_factory):
     return dirs
 
 
-def test_mixed_adapters_match_peft_on_smollm2(adapter_dirs):
+def test_mixed_adapters_match_peft_on_smollm2(adapter_dirs, hf_base):
     from kvsched import LLM
 
     llm = LLM(
@@ -76,14 +73,13 @@ def test_mixed_adapters_match_peft_on_smollm2(adapter_dirs):
     prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     sp = SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False, lora_request=LORAS)
-    base = _hf_base()
-    refs = {None: base}
+    refs = {None: hf_base}
     for name, path in adapter_dirs.items():
-        refs[name] = peft.PeftModel.from_pretrained(_hf_base(), path).eval()
+        refs[name] = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), path).eval()
     for lora, prompt, out in zip(LORAS, prompts, outs):
         ref = _greedy(refs[lora], prompt, N)
         assert out.outputs[0].token_ids == ref, lora
         if lora is not None:  # the adapter changes the answer, so equality is not the base model's
-            assert ref != _greedy(base, prompt, N), lora
+            assert ref != _greedy(hf_base, prompt, N), lora
     stats = llm.engine.kv.stats()
     assert stats.num_suspends > 0  # memory pressure really suspended someone

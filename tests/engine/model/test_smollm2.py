@@ -66,18 +66,13 @@ def test_tokenizer_matches_hf(ours, hf_tokenizer):
     assert tok.eos_token_ids == (hf_tokenizer.eos_token_id,)
 
 
-def test_greedy_matches_hf_and_answers_paris(ours):
-    from transformers import AutoModelForCausalLM
-
+def test_greedy_matches_hf_and_answers_paris(ours, hf_smollm2):
     model, config, tok = ours
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads) == (30, 576, 9, 3)
     assert config.tie_word_embeddings and config.rope_theta == 100000.0
     prompt = tok.encode_chat(QUESTION)
     mine = greedy(model, config, prompt, 10)
-    path = default_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
+    hf = hf_smollm2
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[
             0, len(prompt) :
