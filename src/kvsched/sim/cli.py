@@ -9,6 +9,7 @@ from typing import Any
 from kvsched.core.errors import ConfigError
 from kvsched.core.priority import PriorityMix
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
+from kvsched.sim.lora import LoraSpec
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS, load_model
 from kvsched.sim.quant import KV_FORMATS, WEIGHT_FORMATS
@@ -114,6 +115,10 @@ def add_parser(subparsers: Any) -> None:
         "--lora-max-pages", type=int, default=0, help="PEFT device pages for adapters (0 = unlimited)"
     )
     w.add_argument("--lora-pages-per-adapter", type=int, default=1)
+    w.add_argument("--lora-rank", type=int, default=16, help="adapter rank (its FLOPs, reads, load bytes)")
+    w.add_argument(
+        "--lora-targets", default="q,k,v,o", help="wrapped linears, comma-separated of q,k,v,o,gate,up,down"
+    )
     w.add_argument("--turns", type=int, default=0, help="> 0: multi-turn conversations of this many turns")
     w.add_argument("--think-time", type=float, default=5.0)
     w.add_argument(
@@ -170,6 +175,7 @@ def build_scenario(a: argparse.Namespace) -> Scenario:
         router=a.router,
         lora_max_pages=a.lora_max_pages,
         lora_pages_per_adapter=a.lora_pages_per_adapter,
+        lora=LoraSpec(a.lora_rank, LoraSpec.parse_targets(a.lora_targets)),
         priority_mode=a.priority_mode,
         speculation=_speculation(a),
     )

@@ -15,6 +15,7 @@ import numpy as np
 
 from kvsched.core.errors import ConfigError
 from kvsched.sim.hardware import GpuSpec
+from kvsched.sim.lora import LoraSpec
 from kvsched.sim.models import ModelSpec
 
 
@@ -29,11 +30,16 @@ class StepShape:
     kv_read_tokens: int = 0  # per sequence: its KV length after the step, summed
     h2d_bytes: float = 0.0  # host -> device copies (resumes, host-tier prefix hits)
     d2h_bytes: float = 0.0  # device -> host copies (suspends)
+    lora_tokens: int = 0  # query tokens of requests with an adapter
+    lora_adapters: int = 0  # distinct adapters in the step (each one's weights read once)
+    lora_load_bytes: float = 0.0  # adapters copied host -> device before this step's forward
 
     def reset(self) -> None:
         self.num_tokens = self.num_seqs = self.num_logits = 0
         self.attn_pairs = self.kv_read_tokens = 0
         self.h2d_bytes = self.d2h_bytes = 0.0
+        self.lora_tokens = self.lora_adapters = 0
+        self.lora_load_bytes = 0.0
 
     def add_context(self, start: int, chunk: int, last: bool) -> None:
         """A prefill chunk of `chunk` tokens at positions [start, start + chunk)."""
@@ -76,7 +82,10 @@ class RooflineCostModel:
     """Linear layers: max(FLOPs, weight bytes); attention: max(FLOPs, KV bytes); plus overheads.
 
     Weights are read once per step whatever the batch, KV once per sequence, so the model captures both
-    why batching pays off and why long contexts make decode memory-bound.
+    why batching pays off and why long contexts make decode memory-bound. LoRA (`lora`): the adapters'
+    shrink/expand GEMMs run as their own kernels (as Punica's SGMV / S-LoRA), so they add
+    max(adapter FLOPs, each distinct adapter's bytes read once); loading an adapter is a host -> device
+    copy the forward waits for, so it is never overlapped.
     """
 
     model: ModelSpec
@@ -85,6 +94,7 @@ class RooflineCostModel:
     step_overhead: float = 2e-3  # s: scheduling, input preparation, launches, sampling
     allreduce_latency: float = 8e-6  # s per all-reduce
     overlap_copies: bool = True  # host<->device copies run on their own stream
+    lora: LoraSpec | None = None  # adapter shape (None: LoRA requests cost as base ones)
 
     _s_token: float = field(init=False, repr=False)
     _s_logit: float = field(init=False, repr=False)
@@ -93,6 +103,8 @@ class RooflineCostModel:
     _s_kv: float = field(init=False, repr=False)
     _s_reduce: float = field(init=False, repr=False)
     _s_link: float = field(init=False, repr=False)
+    _s_lora_token: float = field(init=False, repr=False)
+    _s_lora_adapter: float = field(init=False, repr=False)
 
     def _check(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:
@@ -127,10 +139,27 @@ class RooflineCostModel:
             self._s_reduce = 2 * m.num_layers * 2.0 * (tp - 1) / tp * m.hidden_size * 2.0
             self._s_reduce /= g.gpu_link_bandwidth * g.gpu_link_efficiency
         self._s_link = 1.0 / (g.host_link_bandwidth * g.host_link_efficiency)
+        self._s_lora_token = self._s_lora_adapter = 0.0
+        if self.lora is not None:  # adapters are sharded with the linears they wrap
+            self._s_lora_token = self.lora.flops_per_token(m) / (tp * g.gemm_flops("bf16") * g.mfu)
+            self._s_lora_adapter = self.lora.adapter_bytes(m) / (tp * g.hbm_bandwidth * g.hbm_efficiency)
+
+    @property
+    def lora_adapter_bytes(self) -> float:
+        """Bytes of one adapter (0 without `lora`): what loading it copies host -> device."""
+        return 0.0 if self.lora is None else self.lora.adapter_bytes(self.model)
+
+    def lora_time(self, s: StepShape) -> float:
+        """Seconds of the step's adapter GEMMs: max(FLOPs, distinct adapters' weight reads)."""
+        if not s.lora_tokens:
+            return 0.0
+        return max(s.lora_tokens * self._s_lora_token, s.lora_adapters * self._s_lora_adapter)
 
     def breakdown(self, s: StepShape) -> dict[str, float]:
-        """Seconds per component: linear, attention, allreduce, overhead, copy."""
+        """Seconds per component: linear, attention, allreduce, overhead, copy, lora, lora_load."""
         out = {"linear": 0.0, "attention": 0.0, "allreduce": 0.0, "overhead": 0.0, "copy": 0.0}
+        out["lora"] = self.lora_time(s)
+        out["lora_load"] = s.lora_load_bytes * self._s_link
         if s.num_tokens > 0:
             out["linear"] = max(s.num_tokens * self._s_token + s.num_logits * self._s_logit, self._s_weights)
             out["attention"] = max(
@@ -155,6 +184,9 @@ class RooflineCostModel:
             compute = (lin if lin > w else w) + (attn if attn > kv else kv) + self.step_overhead
             if self.tp > 1:
                 compute += n * self._s_reduce + 2 * self.model.num_layers * self.allreduce_latency
+            if shape.lora_tokens:
+                compute += self.lora_time(shape)
+        compute += shape.lora_load_bytes * self._s_link  # the forward waits for its adapters
         h2d, d2h = shape.h2d_bytes, shape.d2h_bytes
         if not (h2d or d2h):
             return compute
@@ -181,6 +213,7 @@ class LinearCostModel:
 
     def step_time(self, shape: StepShape) -> float:
         compute = sum(c * f for c, f in zip(self.coefficients, shape.features())) if shape.num_tokens else 0.0
+        compute += shape.lora_load_bytes / self.host_link_bandwidth  # the forward waits for its adapters
         copy = max(shape.h2d_bytes, shape.d2h_bytes) / self.host_link_bandwidth
         return max(compute, copy) if self.overlap_copies else compute + copy
 

@@ -105,6 +105,11 @@ class Replica:
             make_scheduler(scheduler, self.kv, **scheduler_kwargs), step_kv, self._run, self._now
         )
         self.cost = cost_model
+        # LoRA residency on the device, least recently used first: adapter id -> its pages
+        self._adapter_bytes = float(getattr(cost_model, "lora_adapter_bytes", 0.0))
+        self.resident: dict[int, int] = {}
+        self._has_lora = False
+        self.lora_loads = 0  # adapters copied host -> device (each time one becomes resident)
         self.specs = specs
         self.rec = rec
         self.block_bytes = block_bytes
@@ -130,6 +135,8 @@ class Replica:
         # plain token ids (no vocab mapping): the token is base + index, no call per decode
         self._tok[rid] = spec.output_token if spec.vocab_size is not None else None
         self._base[rid] = spec.output_base
+        if spec.lora_id is not None:
+            self._has_lora = True
         self.active.append(make_request(spec, t))
 
     def _token(self, rid: int, index: int) -> int:
@@ -199,6 +206,8 @@ class Replica:
             shape.d2h_bytes += (doff - self._doff) * dsto.bytes_per_block
             shape.h2d_bytes += (don - self._don) * dsto.bytes_per_block
             self._doff, self._don = doff, don
+        if self._has_lora:
+            self._lora_step(out, shape)
         dt = self.cost.step_time(shape)
         if spec is not None and spec.draft_cost is not None and self.draft is not None:
             dt += self.draft.cost(spec.draft_cost)  # the draft's k forwards run before the target's
@@ -216,6 +225,42 @@ class Replica:
                 self.reused += r.num_reused_tokens
                 self.context_tokens += r.num_context_tokens
         return sampled
+
+    def _lora_step(self, out: SchedulerOutput, shape: StepShape) -> None:
+        """The step's adapter tokens and distinct adapters; an adapter not resident is loaded (its bytes
+        copied host -> device), evicting least-recently-used adapters no scheduled request pins while
+        the resident pages exceed the PEFT budget, as the engine's AdapterResidency does."""
+        step: dict[int, int] = {}
+        tokens = 0
+        ctx = [(r, r.context_chunk_size) for r in out.context_requests if r.lora_id is not None]
+        gen = [(r, 1 + len(r.draft_tokens)) for r in out.generation_requests if r.lora_id is not None]
+        for r, n in ctx + gen:
+            tokens += n
+            lora = r.lora_id
+            if lora is not None and lora not in step:
+                step[lora] = 1 if self.peft is None else self.peft.num_pages(r)
+        if not step:
+            return
+        shape.lora_tokens = tokens
+        shape.lora_adapters = len(step)
+        resident = self.resident
+        for lora, pages in step.items():
+            if lora in resident:
+                del resident[lora]  # re-inserted below: most recently used last
+            else:
+                self.lora_loads += 1
+                shape.lora_load_bytes += self._adapter_bytes
+            resident[lora] = pages
+        budget = 0 if self.peft is None else self.peft.max_device_pages
+        if budget <= 0:
+            return
+        used = sum(resident.values())
+        for lora in list(resident):
+            if used <= budget:
+                break
+            if lora in step or self.peft is not None and self.peft.is_pinned(lora):
+                continue
+            used -= resident.pop(lora)
 
     def _settle(self, out: SchedulerOutput) -> None:
         """After the step update, as the engine's ``Speculator.settle``: the main cache gives back what

@@ -20,6 +20,7 @@ from kvsched.core.config import (
 from kvsched.core.errors import ConfigError
 from kvsched.sim.cost import RooflineCostModel
 from kvsched.sim.hardware import GpuSpec
+from kvsched.sim.lora import LoraSpec
 from kvsched.sim.metrics import SLO
 from kvsched.sim.models import ModelSpec
 from kvsched.sim.simulator import Simulator
@@ -74,6 +75,7 @@ class Scenario:
     router: str = "least_loaded"
     lora_max_pages: int = 0  # > 0: device pages for LoRA adapters (PEFT budget per replica)
     lora_pages_per_adapter: int = 1
+    lora: LoraSpec = field(default_factory=LoraSpec)  # adapter shape: LoRA FLOPs, weight reads, loads
     priority_mode: bool = False  # schedulers serve higher RequestSpec.priority first
     speculation: Speculation | None = None  # speculative decoding (prompt lookup or a draft model)
 
@@ -84,6 +86,7 @@ class Scenario:
             tp=self.tp,
             step_overhead=self.step_overhead,
             overlap_copies=self.overlap_copies,
+            lora=self.lora,
         )
 
     @property

@@ -242,6 +242,8 @@ class Simulator:
                 "sim_steps_per_s": rec.num_steps / self._cpu if self._cpu > 0 else 0.0,
             }
         )
+        if any(r.lora_loads for r in reps):  # adapters copied host -> device (each residency once)
+            summary["lora_loads"] = sum(r.lora_loads for r in reps)
         if reps[0].spec is not None:
             steps, drafts = sum(r.spec_steps for r in reps), sum(r.spec_drafts for r in reps)
             accepted = sum(r.spec_accepted for r in reps)
