@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from kvsched.core.errors import ConfigError, InvalidRequestError
+from kvsched.core.errors import ConfigError, InvalidRequestError, KVSchedError
 from kvsched.core.request import Request
+
+
+class AdapterNotFoundError(KVSchedError, LookupError):
+    """A LoRA adapter name (or adapter directory) that does not exist: an HTTP 404."""
+
+
+class AdapterInUseError(KVSchedError, RuntimeError):
+    """An adapter some unfinished request still uses cannot be unloaded: an HTTP 409."""
 
 
 class PeftCache:
@@ -70,6 +78,20 @@ class PeftCache:
             owners.discard(req.request_id)
             if not owners:
                 del self._owners[lora]
+
+    def add_adapter(self, lora_id: int, pages: int) -> None:
+        """Register an adapter loaded at runtime (its page size, for ``num_pages``)."""
+        if not isinstance(pages, int) or pages <= 0:
+            raise ConfigError(f"pages of LoRA adapter {lora_id}={pages!r} is invalid: must be an integer > 0")
+        self._pages[lora_id] = pages
+
+    def remove_adapter(self, lora_id: int) -> None:
+        """Forget an unloaded adapter; it must have no owners (the engine checks before unloading)."""
+        if lora_id in self._owners:
+            raise AdapterInUseError(
+                f"LoRA adapter {lora_id} still has owners {sorted(self._owners[lora_id])}"
+            )
+        self._pages.pop(lora_id, None)
 
     def owners(self, lora_id: int) -> frozenset[int]:
         return frozenset(self._owners.get(lora_id, ()))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import numbers
+import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -212,6 +213,19 @@ class Engine:
     def lora_names(self) -> dict[str, int]:
         """Loaded LoRA adapters: name -> id (empty without adapters)."""
         return {} if self.parts.lora is None else dict(self.parts.lora.ids)
+
+    def load_lora_adapter(self, name: str, path: str | os.PathLike[str]) -> int:
+        """Load an HF PEFT adapter while serving (the engine must be built with ``lora_modules`` or
+        ``enable_lora``); returns its id. Call between steps, on the engine's thread."""
+        from kvsched.engine.lora.runtime import load_lora_adapter
+
+        return load_lora_adapter(self.parts, name, path)
+
+    def unload_lora_adapter(self, name: str) -> int:
+        """Unload an adapter no unfinished request uses (else AdapterInUseError); returns its old id."""
+        from kvsched.engine.lora.runtime import unload_lora_adapter
+
+        return unload_lora_adapter(self.parts, name, self._active)
 
     def _encode(self, rid: Hashable, prompt: str) -> list[int]:
         """Tokenize a text prompt; a tokenizer that raises is this request's InvalidRequestError."""

@@ -63,6 +63,9 @@ class EngineArgs:
     # lora_page_bytes of adapter weights.
     max_lora_pages: int | None = None
     lora_page_bytes: int = 1 << 16
+    # Build the engine LoRA-capable even without lora_modules, so adapters can be loaded at runtime
+    # (Engine.load_lora_adapter; `kvsched serve --enable-lora-runtime-updates`).
+    enable_lora: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +122,10 @@ class EngineArgs:
 
     def _validate_lora(self) -> None:
         mods = self.lora_modules
+        if not isinstance(self.enable_lora, bool):
+            raise ConfigError(f"enable_lora={self.enable_lora!r} is invalid: must be a bool")
+        if self.enable_lora and self.speculative is not None:
+            raise ConfigError("enable_lora with speculative decoding is not supported yet")
         if mods is not None:
             if not isinstance(mods, Mapping):
                 raise ConfigError(f"lora_modules={mods!r} is invalid: must be a mapping of name -> path")

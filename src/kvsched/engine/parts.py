@@ -151,11 +151,11 @@ def build_engine_parts(
         draft_kv = KVCacheManager(draft_cfg, storage=draft_storage)
         sched_kwargs["draft_kv_cache_manager"] = draft_kv
     lora = peft = residency = None
-    if args.lora_modules:
+    if args.lora_modules or args.enable_lora:
         from kvsched.engine.lora import AdapterResidency, LoraRegistry, install_lora
 
         lora = LoraRegistry.load(
-            args.lora_modules, model_config, dtype=dtype, page_bytes=args.lora_page_bytes
+            args.lora_modules or {}, model_config, dtype=dtype, page_bytes=args.lora_page_bytes
         )
         _, wrappers = install_lora(model, lora.adapters.items())
         peft = lora.peft_cache(args.max_lora_pages)

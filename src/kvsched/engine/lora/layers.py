@@ -74,12 +74,22 @@ def install_lora(
     for mod in model.modules():
         if isinstance(mod, LoraLinear):
             mod.deltas.clear()
-    layers: Any = model.model.layers  # type: ignore[union-attr]
     wrappers: dict[tuple[int, str], LoraLinear] = {}
     for _, adapter in adapters:
-        for layer, module in adapter.weights:
-            block = layers[layer]
-            parent = block.self_attn if module in TARGET_MODULES[:4] else block.mlp
-            wrappers[(layer, module)] = _wrap(parent, module, ctx)
+        wrap_targets(model, ctx, wrappers, adapter)
     model.lora_context = ctx  # type: ignore[assignment]
     return ctx, wrappers
+
+
+def wrap_targets(
+    model: nn.Module, ctx: LoraContext, wrappers: dict[tuple[int, str], LoraLinear], adapter: LoraAdapter
+) -> None:
+    """Wrap the linears ``adapter`` targets that are not wrapped yet (also for an adapter loaded at
+    runtime); a wrapper without deltas costs the base path nothing but a dict lookup."""
+    layers: Any = model.model.layers  # type: ignore[union-attr]
+    for layer, module in adapter.weights:
+        if (layer, module) in wrappers:
+            continue
+        block = layers[layer]
+        parent = block.self_attn if module in TARGET_MODULES[:4] else block.mlp
+        wrappers[(layer, module)] = _wrap(parent, module, ctx)

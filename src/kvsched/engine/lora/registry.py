@@ -19,11 +19,20 @@ DEFAULT_LORA_PAGE_BYTES = 1 << 16
 
 @dataclass(slots=True)
 class LoraRegistry:
-    """Loaded adapters: ``ids[name]`` (1, 2, ... in the order given) and ``adapters[id]``."""
+    """Loaded adapters: ``ids[name]`` (1, 2, ... in the order given) and ``adapters[id]``.
+
+    Adapters loaded at runtime (``add``) get fresh ids: an id is never reused after ``remove``, so a
+    prefix-cache block keyed by an unloaded adapter's id can never match a later adapter.
+    """
 
     adapters: dict[int, LoraAdapter] = field(default_factory=dict)
     ids: dict[str, int] = field(default_factory=dict)
     page_bytes: int = DEFAULT_LORA_PAGE_BYTES
+    dtype: torch.dtype = torch.float32
+    next_id: int = 1
+    #: True when the page budget was not given (``max_device_pages=None``): it grows and shrinks with
+    #: the adapters loaded and unloaded at runtime, so every loaded adapter fits at once.
+    budget_follows: bool = False
 
     @classmethod
     def load(
@@ -35,20 +44,38 @@ class LoraRegistry:
         page_bytes: int = DEFAULT_LORA_PAGE_BYTES,
     ) -> LoraRegistry:
         """Load every adapter into host memory (``AdapterResidency`` copies them to the device)."""
-        reg = cls(page_bytes=page_bytes)
-        for i, (name, path) in enumerate(modules.items(), start=1):
+        reg = cls(page_bytes=page_bytes, dtype=dtype)
+        for name, path in modules.items():
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"lora_modules: adapter name {name!r} must be a non-empty string")
-            reg.adapters[i] = load_adapter(name, path, base, dtype=dtype, device="cpu")
-            reg.ids[name] = i
+            reg.add(load_adapter(name, path, base, dtype=dtype, device="cpu"))
         return reg
 
+    def add(self, adapter: LoraAdapter) -> int:
+        """Register a loaded adapter under a fresh id (its name must be new)."""
+        if adapter.name in self.ids:
+            raise InvalidRequestError(f"LoRA adapter {adapter.name!r} is already loaded")
+        lora_id, self.next_id = self.next_id, self.next_id + 1
+        self.adapters[lora_id] = adapter
+        self.ids[adapter.name] = lora_id
+        return lora_id
+
+    def remove(self, name: str) -> int:
+        """Forget the adapter called ``name``; returns its id."""
+        lora_id = self.ids.pop(name)
+        del self.adapters[lora_id]
+        return lora_id
+
     def pages(self, lora_id: int) -> int:
-        return max(1, -(-self.adapters[lora_id].num_bytes // self.page_bytes))
+        return self.pages_of(self.adapters[lora_id])
+
+    def pages_of(self, adapter: LoraAdapter) -> int:
+        return max(1, -(-adapter.num_bytes // self.page_bytes))
 
     def peft_cache(self, max_device_pages: int | None) -> PeftCache:
         """The scheduler's page budget; ``None`` = room for every loaded adapter at once."""
         pages = {i: self.pages(i) for i in self.adapters}
+        self.budget_follows = max_device_pages is None
         budget = sum(pages.values()) if max_device_pages is None else max_device_pages
         return PeftCache(budget, pages)
 

@@ -57,6 +57,11 @@ class AdapterResidency:
             self._load(lora_id)
             self.resident[lora_id] = pages
 
+    def forget(self, lora_id: int) -> None:
+        """Drop an adapter being unloaded from the device (if resident)."""
+        if lora_id in self.resident:
+            self._evict(lora_id)
+
     def _make_room(self, pages: int, needed: set[int]) -> None:
         budget = self.peft.max_device_pages
         for victim in list(self.resident):
