@@ -31,6 +31,7 @@ from kvsched.serve.generation import (
     usage,
 )
 from kvsched.serve.guards import DEFAULT_MAX_REQUEST_BYTES, install_guards
+from kvsched.serve.lora_admin import install_lora_admin
 from kvsched.serve.metrics import CONTENT_TYPE, ServerMetrics
 from kvsched.serve.prompts import PromptEncoder
 from kvsched.serve.protocol import (
@@ -61,6 +62,8 @@ class ServerOptions:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get a 413 (serve/guards.py)
     # max_tokens at most this (clamped, as vLLM's max_new_tokens); None: the rest of the context
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (serve/lora_admin.py); off: both are 404
+    enable_lora_runtime_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:
@@ -92,12 +95,15 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         app.add_middleware(APIKeyMiddleware, api_key=key, public=open_paths(opts.metrics_open))
     salt_header = None if opts.tenant_salt_header is None else check_header_name(opts.tenant_salt_header)
 
-    adapters: tuple[str, ...] = tuple(getattr(backend, "lora_names", ()))
+    def served_adapters() -> tuple[str, ...]:
+        """Adapter names now (the engine thread replaces the tuple when adapters load or unload)."""
+        return tuple(getattr(backend, "lora_names", ()))
 
     def check_model(name: str) -> str | None:
         """The request's LoRA adapter (``model`` names one of ``--lora-modules``), None for the base."""
         if name == model_name:
             return None
+        adapters = served_adapters()
         if name in adapters:
             return name
         served = ", ".join(f"`{m}`" for m in (model_name, *adapters))
@@ -130,7 +136,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        names = (model_name, *adapters)
+        names = (model_name, *served_adapters())
         return ModelList(data=[ModelCard(id=n, max_model_len=backend.max_model_len) for n in names])
 
     @app.post("/v1/completions")
@@ -201,5 +207,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         )
         return ChatCompletionResponse(id=rid, model=req.model, choices=[choice], usage=usage(handle))
 
+    if opts.enable_lora_runtime_updates:
+        install_lora_admin(app, engine, backend, model_name)
     install_guards(app, opts.max_request_bytes)
     return app

@@ -18,13 +18,24 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from kvsched.core.request import SamplingParams
 from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.serve.backend import Backend
 from kvsched.serve.handle import EngineClosedError, QueueFullError, RequestHandle, _Stream
 from kvsched.serve.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+
+def _settle(fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if fut.done():
+        return  # the caller went away
+    if exc is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(exc)
 
 
 class AsyncEngine:
@@ -104,6 +115,19 @@ class AsyncEngine:
         self._num_waiting += 1
         self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt, lora))
         return RequestHandle(self, rid, stream, len(prompt_token_ids))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between steps and return its result (or raise its error):
+        how the server changes engine state such as the LoRA adapter registry without a lock. Commands
+        run in order, so a request submitted after ``call`` returns sees the change."""
+        if not self.is_running:
+            raise EngineClosedError(
+                "the server is shutting down" if self._closing else "the engine is not running"
+            )
+        assert self._loop is not None
+        fut: asyncio.Future[T] = self._loop.create_future()
+        self._command(("call", fn, fut))
+        return await fut
 
     def _release(self, rid: int, stream: _Stream) -> bool:
         """Forget a request; abort it in the engine if it had not finished. True if aborted."""
@@ -231,6 +255,14 @@ class AsyncEngine:
             self._observe("abort", self.backend.abort_request(cmd[1]))
         elif cmd[0] == "fail_all":
             self._abort_all(live, EngineClosedError(cmd[1]))
+        elif cmd[0] == "call":
+            _, fn, fut = cmd
+            try:
+                result = fn()
+            except Exception as exc:  # the caller's error, raised in its handler
+                self._to_loop(_settle, fut, None, exc)
+            else:
+                self._to_loop(_settle, fut, result, None)
 
     def _abort_all(self, live: set[int], exc: BaseException) -> None:
         for rid in live:

@@ -33,7 +33,8 @@ class Backend(Protocol):
         cache_salt: int | None = None,
     ) -> None: ...
     # Optional: ``lora_names`` (served adapter names) and ``add_request(..., lora=name)``; a backend
-    # without them serves the base model only.
+    # without them serves the base model only. ``load_lora_adapter(name, path)`` and
+    # ``unload_lora_adapter(name)`` (run on the engine thread) back the runtime adapter routes.
     def abort_request(self, request_id: Hashable) -> RequestOutput | None: ...
     def release(self, request_id: Hashable) -> RequestOutput | None: ...
     def step(self) -> list[StepOutput]: ...
@@ -65,6 +66,16 @@ class EngineBackend:
         self._fast = gil_free_encoder(self._tokenizer)
         #: LoRA adapters the engine loaded, by name (a request's ``model`` field picks one).
         self.lora_names: tuple[str, ...] = tuple(getattr(engine, "lora_names", {}))
+
+    def load_lora_adapter(self, name: str, path: str) -> None:
+        """Engine thread only (``AsyncEngine.call``): load an adapter and serve it by name."""
+        self.engine.load_lora_adapter(name, path)
+        self.lora_names = tuple(self.engine.lora_names)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Engine thread only: unload an adapter no unfinished request uses."""
+        self.engine.unload_lora_adapter(name)
+        self.lora_names = tuple(self.engine.lora_names)
 
     def encode(self, text: str) -> list[int]:
         if self._fast is not None:

@@ -60,6 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="max_tokens is at most N: a larger or missing one is clamped (default: 4096; 0: only the "
         "context length limits it)",
     )
+    p.add_argument(
+        "--enable-lora-runtime-updates",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (as vLLM's "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING); builds the engine LoRA-capable even without --lora-modules",
+    )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     add_engine_flags(p)
     p.set_defaults(func=run)
@@ -75,6 +81,7 @@ def served_name(model: str | None, override: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import dataclasses
     import os
 
     import uvicorn
@@ -92,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tenant_salt_header is not None:
         check_header_name(args.tenant_salt_header)
     engine_args = engine_args_from_namespace(args)
+    if args.enable_lora_runtime_updates and not engine_args.enable_lora:
+        engine_args = dataclasses.replace(engine_args, enable_lora=True)
     engine = Engine(engine_args)
     name = served_name(engine_args.model, args.served_model_name)
     options = ServerOptions(
@@ -102,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         tenant_salt_header=args.tenant_salt_header,
         max_request_bytes=args.max_request_bytes,
         max_tokens_cap=args.max_tokens_cap or None,
+        enable_lora_runtime_updates=args.enable_lora_runtime_updates,
     )
     app = build_app(EngineBackend(engine), name, options)
     auth = "API key required" if api_key else "no API key"

@@ -182,6 +182,19 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 # --------------------------------------------------------------------------------------- responses
+class LoadLoraAdapterRequest(_Request):
+    """``POST /v1/load_lora_adapter`` (vLLM's shape): an HF PEFT adapter directory served as ``lora_name``."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """``POST /v1/unload_lora_adapter`` (vLLM's shape)."""
+
+    lora_name: str = Field(min_length=1)
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
