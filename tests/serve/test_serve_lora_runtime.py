@@ -160,6 +160,25 @@ def test_unload_while_in_use_is_409_then_succeeds(paths) -> None:
         assert [m.id for m in srv.client().models.list().data] == [MODEL]
 
 
+def test_request_admitted_before_an_unload_that_runs_first_is_404(paths) -> None:
+    """The unload is queued first and the request (whose model check passed) after it: 404, not 400."""
+    with LiveServer(_engine(enable_lora=True), ON) as srv:
+        loaded = _post(srv, "load_lora_adapter", {"lora_name": "sql", "lora_path": paths["sql"]})
+        assert loaded.status_code == 200
+        gate, engine = threading.Event(), srv.engine
+        held = asyncio.run_coroutine_threadsafe(engine.call(gate.wait), engine._loop)
+        with ThreadPoolExecutor(2) as pool:
+            unload = pool.submit(_post, srv, "unload_lora_adapter", {"lora_name": "sql"})
+            _wait(lambda: len(engine._cmds) == 1)
+            gen = pool.submit(_post, srv, "completions", {"model": "sql", "prompt": PROMPT, "max_tokens": 2})
+            _wait(lambda: len(engine._cmds) == 2)  # unload, then add, behind the gate
+            gate.set()
+            assert unload.result().status_code == 200
+            err = _error(gen.result(), 404, "`sql` does not exist")
+            assert err["param"] == "model"
+        held.result(30)
+
+
 def test_flag_parses_and_defaults_off() -> None:
     from kvsched.cli import build_parser
 

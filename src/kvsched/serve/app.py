@@ -120,6 +120,9 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
             await handle.accepted()
         except Exception as exc:
             handle.close()
+            if lora is not None and lora not in served_adapters():  # unloaded after check_model
+                message = f"The model `{lora}` does not exist (its adapter was unloaded)."
+                raise APIError(404, message, "model") from exc
             status, message = status_of(exc)
             raise APIError(status, message) from exc
         return handle
