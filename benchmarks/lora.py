@@ -8,9 +8,11 @@ run serves the same prompts on an engine without adapters. Token-id prompts, gre
 run produces the same number of tokens. Prints tokens/s, CPU time per output token (steadier than wall time
 on a busy machine) and the ratios to the base model.
 
-LoRA-aware ordering: the schedulers always sort a batch by adapter when it holds LoRA requests
-(``core/scheduler/common.py: sort_output``) and the engine has no switch to turn that off, so there is no
-"without ordering" column; the forward groups tokens by adapter either way.
+LoRA-aware ordering: the schedulers sort a batch by adapter when it holds LoRA requests
+(``core/scheduler/common.py: sort_output``). The "unordered" runs wrap the engine's scheduler so that each
+step's requests go back to arrival order (non-last chunks still first) before the forward: the same
+decisions, without the adapter order. The forward groups tokens by adapter either way
+(``ForwardBatch.lora_groups``), so the two should cost the same; the column shows it.
 
     python benchmarks/lora.py                                 # 64 prompts x 32 new tokens, rank 16
     python benchmarks/lora.py --num-prompts 16 --max-tokens 8 --hidden-size 64
@@ -91,13 +93,37 @@ def write_adapters(base: Path, root: Path, count: int, rank: int, targets: list[
     return out
 
 
+class ArrivalOrder:
+    """A scheduler wrapper that undoes the adapter order of each step (benchmark only)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def schedule(self, active_requests, inflight_request_ids=frozenset()):  # type: ignore[no-untyped-def]
+        out = self.inner.schedule(active_requests, inflight_request_ids)
+        out.generation_requests.sort(key=lambda r: r.request_id)
+        out.context_requests.sort(key=lambda r: (r.is_last_context_chunk, r.request_id))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 def run_once(
-    base: Path, adapters: dict[str, str], prompts: list[list[int]], max_tokens: int, label: str, opts: dict
+    base: Path,
+    adapters: dict[str, str],
+    prompts: list[list[int]],
+    max_tokens: int,
+    label: str,
+    opts: dict,
+    ordered: bool = True,
 ) -> dict[str, Any]:
     """Serve every prompt (request i with adapter i mod len(adapters); none if empty); tokens/s."""
     args = EngineArgs(model=str(base), lora_modules=adapters or None, **opts)
     model, config = load_hf_folder(base, dtype=torch.float32, device="cpu")
     ex = Engine(args, parts=build_engine_parts(args, loaded=(model, config, None)))
+    if not ordered:
+        ex.loop.scheduler = ArrivalOrder(ex.loop.scheduler)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     names = sorted(adapters)
     ex.add_request(prompts[0][:8], SamplingParams(max_tokens=2), lora_id=names[0] if names else None)
@@ -150,11 +176,12 @@ def main() -> None:
         for k in counts:
             subset = {f"a{i}": all_adapters[f"a{i}"] for i in range(k)}
             rows.append(run_once(base, subset, prompts, a.max_tokens, f"lora x{k}", opts))
+            rows.append(run_once(base, subset, prompts, a.max_tokens, f"x{k} unord.", opts, ordered=False))
     print(
         f"\n{a.num_prompts} prompts x {a.max_tokens} new tokens, random Llama hidden={a.hidden_size} "
         f"layers={a.num_layers}, rank {a.rank} on {','.join(targets)}, {a.threads} thread(s)"
     )
-    print("LoRA-aware ordering is always on (no engine switch): no without-ordering column")
+    print("unord.: each step's requests back in arrival order (no LoRA-aware ordering)")
     print(f"{'run':<12}{'tokens':>8}{'tok/s':>10}{'cpu ms/tok':>12}{'vs base':>9}")
     base_tok_s = rows[0]["tok_s"]
     for r in rows:
