@@ -44,6 +44,7 @@ from kvsched.core.kvcache import KVEvent
 from kvsched.core.loop import StepLoop
 from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request, RequestState, SamplingParams
+from kvsched.core.scheduler.draft_mirror import BothCaches
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
@@ -52,7 +53,7 @@ from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.sampler import Sampler, SampleResult
-from kvsched.engine.speculative.speculator import BothCaches, Speculator
+from kvsched.engine.speculative.speculator import Speculator
 from kvsched.engine.text_stream import TextStream
 
 log = logging.getLogger("kvsched.engine")

@@ -20,10 +20,10 @@ from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request
 from kvsched.core.scheduler import SchedulerOutput, make_scheduler
-from kvsched.core.scheduler.draft_mirror import reserve_draft_slots
+from kvsched.core.scheduler.draft_mirror import BothCaches, reserve_draft_slots
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.metrics import MetricsRecorder
-from kvsched.sim.speculation import BothCachesKV, DraftKV, SimSpeculation
+from kvsched.sim.speculation import DraftKV, SimSpeculation
 from kvsched.sim.storage import CountingStorage
 from kvsched.sim.workload import RequestSpec
 
@@ -91,7 +91,7 @@ class Replica:
             self._draft_storage = CountingStorage(int(round(speculation.draft_block_bytes)))
             self.draft = DraftKV(KVCacheManager(speculation.draft_cache, storage=self._draft_storage))
             scheduler_kwargs["draft_kv_cache_manager"] = self.draft.kv
-            step_kv = BothCachesKV(self.kv, self.draft.kv)
+            step_kv = BothCaches(self.kv, self.draft.kv)
         #: speculative counters: steps that proposed, drafts proposed, drafts accepted
         self.spec_steps = self.spec_drafts = self.spec_accepted = 0
         self._num_device = self.kv.num_device_blocks

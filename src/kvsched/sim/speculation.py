@@ -17,7 +17,6 @@ token of each decode), each charged to the draft's own roofline (``draft_cost``)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +25,8 @@ from typing import Protocol
 import numpy as np
 
 from kvsched.core.config import CacheConfig
-from kvsched.core.errors import ConfigError, UnknownRequestError
+from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache import KVCacheManager
-from kvsched.core.request import Request
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.sim.cost import CostModel, StepShape
 from kvsched.sim.models import ModelSpec
@@ -186,27 +184,6 @@ class SimSpeculation:
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"num_speculative_tokens={self.k!r} is invalid: must be an integer >= 1")
-
-
-class BothCachesKV:
-    """The step update's KV with a draft cache (torch-free twin of the engine's ``BothCaches``): history
-    advances in the main cache, finishing frees both."""
-
-    __slots__ = ("main", "draft")
-
-    def __init__(self, main: KVCacheManager, draft: KVCacheManager) -> None:
-        self.main = main
-        self.draft = draft
-
-    def advance(self, req: Request, num_tokens: int) -> None:
-        self.main.advance(req, num_tokens)
-
-    def free_request(self, req: Request) -> None:
-        try:
-            self.main.free_request(req)
-        finally:
-            with contextlib.suppress(UnknownRequestError):
-                self.draft.free_request(req)
 
 
 class DraftKV:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
 from kvsched.core.errors import UnknownRequestError
-from kvsched.core.protocols import SchedulingKV
+from kvsched.core.protocols import SchedulingKV, StepKV
 from kvsched.core.request import Request, RequestState
 from kvsched.core.scheduler.output import SchedulerOutput
 
@@ -111,3 +111,25 @@ def reserve_draft_slots(active: Iterable[Request], k: int) -> None:
                 continue
         if req.draft_tokens:
             req.draft_tokens = []
+
+
+class BothCaches:
+    """The step update's KV (``StepKV``) when a draft cache follows the main one: history advances in
+    the main cache (the draft's is advanced by whoever runs the draft), and a finished request frees
+    both. One class for the engine and the simulator."""
+
+    __slots__ = ("main", "draft")
+
+    def __init__(self, main: StepKV, draft: SchedulingKV) -> None:
+        self.main = main
+        self.draft = draft
+
+    def advance(self, req: Request, num_tokens: int) -> None:
+        self.main.advance(req, num_tokens)
+
+    def free_request(self, req: Request) -> None:
+        try:
+            self.main.free_request(req)
+        finally:
+            with contextlib.suppress(UnknownRequestError):
+                self.draft.free_request(req)

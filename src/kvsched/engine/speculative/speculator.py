@@ -10,13 +10,11 @@ the next step grows from the right place; the draft proposer does the same for i
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from kvsched.core.errors import UnknownRequestError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.request import Request
 from kvsched.core.scheduler.draft_mirror import reserve_draft_slots
@@ -115,24 +113,3 @@ class Speculator:
                 if kv.is_request_active(req.request_id):
                     kv.revert(req, kv.history(req))
         self.proposer.settle(out)
-
-
-class BothCaches:
-    """The step update's KV (``StepKV``) of an engine with a draft cache: history advances in the main
-    cache (the draft's is advanced by its proposer), and a request that finishes frees both."""
-
-    __slots__ = ("main", "draft")
-
-    def __init__(self, main: KVCacheManager, draft: KVCacheManager) -> None:
-        self.main = main
-        self.draft = draft
-
-    def advance(self, req: Request, num_tokens: int) -> None:
-        self.main.advance(req, num_tokens)
-
-    def free_request(self, req: Request) -> None:
-        try:
-            self.main.free_request(req)
-        finally:
-            with contextlib.suppress(UnknownRequestError):
-                self.draft.free_request(req)
