@@ -20,6 +20,17 @@ def make(kv, **kw):
     return UnifiedScheduler(kv, **kw)
 
 
+def stuck(**kw):
+    """A suspended generation that cannot resume: a finishing request holds the device, nothing can be
+    evicted. Returns the fake KV and the request list (holder first)."""
+    kv = FakeKV(num_device_blocks=3)
+    g = running(kv, 0, prompt=8, **kw)
+    kv.caches[0].active = False
+    holder = running(kv, 1, prompt=8)
+    holder.state = RequestState.GENERATION_TO_COMPLETE
+    return kv, [holder, g]
+
+
 def test_lora_generations_take_one_batch_slot_each():
     kv = FakeKV()
     peft = FakePeft(max_device_pages=10)
@@ -54,23 +65,15 @@ def test_pages_of_several_context_adapters_add_up():
 
 
 def test_a_lora_generation_that_cannot_be_allocated_or_evict_anything_raises():
-    kv = FakeKV(num_device_blocks=3)
-    g = running(kv, 0, prompt=8, lora_id=1)
-    kv.caches[0].active = False
-    holder = running(kv, 1, prompt=8)
-    holder.state = RequestState.GENERATION_TO_COMPLETE
+    kv, reqs = stuck(lora_id=1)
     with pytest.raises(SchedulerDeadlockError, match="none could be scheduled or evicted"):
-        make(kv, peft_cache=FakePeft(max_device_pages=4)).schedule([holder, g])
+        make(kv, peft_cache=FakePeft(max_device_pages=4)).schedule(reqs)
 
 
 def test_the_immediate_deadlock_message_names_both_fixes():
-    kv = FakeKV(num_device_blocks=3)
-    g = running(kv, 0, prompt=8)
-    kv.caches[0].active = False
-    holder = running(kv, 1, prompt=8)
-    holder.state = RequestState.GENERATION_TO_COMPLETE
+    kv, reqs = stuck()
     with pytest.raises(SchedulerDeadlockError) as err:
-        make(kv).schedule([holder, g])
+        make(kv).schedule(reqs)
     msg = str(err.value)
     assert "none could be scheduled or evicted" in msg
     assert "CacheConfig.num_host_blocks > 0" in msg and "(CacheConfig.num_device_blocks)." in msg
@@ -121,13 +124,9 @@ def test_a_single_remaining_context_token_is_scheduled_when_chunking():
 
 
 def test_the_deadlock_message_is_one_sentence_that_ends_with_the_fix():
-    kv = FakeKV(num_device_blocks=3)
-    g = running(kv, 0, prompt=8)
-    kv.caches[0].active = False
-    holder = running(kv, 1, prompt=8)
-    holder.state = RequestState.GENERATION_TO_COMPLETE
+    kv, reqs = stuck()
     with pytest.raises(SchedulerDeadlockError) as err:
-        make(kv).schedule([holder, g])
+        make(kv).schedule(reqs)
     assert str(err.value) == (
         "unified scheduler deadlock: generation requests are active but none could be scheduled or "
         "evicted: the device KV pool is exhausted. Configure a host tier (CacheConfig.num_host_blocks "
