@@ -8,7 +8,7 @@ here once, so the engine and the simulator cannot drift apart (tests/sim/test_en
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvsched.core.protocols import Scheduler, StepKV, StepRunner
@@ -47,11 +47,23 @@ class StepLoop:
         output may still hold suspended or preempted requests). What to do then is the caller's
         choice: the engine retries or reports a deadlock, the simulator waits for the next event.
         """
+        out = self.schedule(active, inflight)
+        if not out.context_requests and not out.generation_requests:
+            return out, None
+        return out, self.apply(out, self.runner(out))
+
+    def schedule(self, active: Sequence[Request], inflight: Iterable[int] = frozenset()) -> SchedulerOutput:
+        """The first third of :meth:`step`: the scheduler's pass, then the ``on_schedule`` hook.
+
+        Public so that an engine that overlaps the batch with the next pass (``engine/overlap.py``)
+        keeps the same order of calls: schedule, run, :meth:`apply`.
+        """
         out = self.scheduler.schedule(active, inflight)
         if self.on_schedule is not None:
             self.on_schedule(out)
-        if not out.context_requests and not out.generation_requests:
-            return out, None
-        sampled = self.runner(out)
+        return out
+
+    def apply(self, out: SchedulerOutput, sampled: Mapping[int, Sequence[int]]) -> list[Request]:
+        """The last third of :meth:`step`: read the clock, then the step update; returns the finished."""
         now = self.now = self.clock()
-        return out, apply_step(out, sampled, self.kv, now=now)
+        return apply_step(out, sampled, self.kv, now=now)

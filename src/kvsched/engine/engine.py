@@ -51,6 +51,7 @@ from kvsched.engine.engine_args import EngineArgs
 from kvsched.engine.logprobs import RowLogprobs, check_num_logprobs
 from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
+from kvsched.engine.overlap import OverlapLoop
 from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.speculative.speculator import Speculator
@@ -128,6 +129,13 @@ class Engine:
             self._run_batch,
             time.monotonic,
             on_schedule=self._note_schedule,
+        )
+        #: ``EngineArgs.async_scheduling``: the forward runs in a worker thread beside scheduling and
+        #: text (engine/overlap.py); speculative decoding and LoRA engines keep the synchronous loop.
+        self._overlap = (
+            OverlapLoop(self)
+            if self.args.async_scheduling and self.spec is None and self.parts.lora is None
+            else None
         )
 
     @property
@@ -265,6 +273,8 @@ class Engine:
         if internal is None:
             raise UnknownRequestError(f"unknown request id {request_id!r} (never added, or finished)")
         tracked = self._tracked[internal]
+        if self._overlap is not None:
+            self._overlap.forget(tracked.req)  # its token in flight is dropped
         finish_request(tracked.req, "abort", self._step_kv, now=time.monotonic())
         self._retire(tracked)
         self._active = [r for r in self._active if r.request_id != internal]
@@ -298,6 +308,8 @@ class Engine:
         """Run one scheduling step; returns the new tokens/text of each request that advanced."""
         if not self._active:
             return []
+        if self._overlap is not None:
+            return self._overlap.step()
         if self.spec is not None:
             self.spec.reserve(self._active)
         self._scheduled = None

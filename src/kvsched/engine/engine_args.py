@@ -66,6 +66,9 @@ class EngineArgs:
     # Build the engine LoRA-capable even without lora_modules, so adapters can be loaded at runtime
     # (Engine.load_lora_adapter; `kvsched serve --enable-lora-runtime-updates`).
     enable_lora: bool = False
+    # Async scheduling (engine/overlap.py): the forward runs in a worker thread while the engine
+    # schedules the next step and detokenizes the last one; outputs are the same as without it.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +92,8 @@ class EngineArgs:
             raise ConfigError(f"max_model_len={self.max_model_len!r} is invalid: must be an integer >= 2")
         self._validate_speculative()
         self._validate_lora()
+        if not isinstance(self.async_scheduling, bool):
+            raise ConfigError(f"async_scheduling={self.async_scheduling!r} is invalid: must be a bool")
         if self.chunk_unit_size is not None and self.chunk_unit_size % self.tokens_per_block:
             raise ConfigError(
                 f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "
