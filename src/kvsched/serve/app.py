@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kvsched.core.errors import ConfigError
 from kvsched.serve.async_engine import AsyncEngine, RequestHandle
@@ -131,7 +131,12 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
     async def health() -> Response:
         if not engine.is_running:
             return Response("engine not running", status_code=503)
-        return Response(status_code=200)
+        replicas = getattr(backend, "health", None)  # engine replicas (serve/replicas): one entry each
+        if replicas is None:
+            return Response(status_code=200)
+        report = replicas()
+        alive = any(r["alive"] for r in report)
+        return JSONResponse({"replicas": report}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

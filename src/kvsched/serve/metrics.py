@@ -9,7 +9,7 @@ record of a request's times; the server keeps no clock of its own).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -35,6 +35,18 @@ class EngineSnapshot:
     num_suspends: int = 0
     num_resumes: int = 0
     num_preemptions: int = 0
+    #: With engine replicas (``serve/replicas``): each replica's own figures; empty for one engine.
+    replicas: tuple[ReplicaSnapshot, ...] = field(default=())
+
+
+@dataclass(slots=True)
+class ReplicaSnapshot:
+    """One engine replica behind the router: alive or dead, requests routed to it, its engine's state."""
+
+    replica: int
+    alive: bool
+    routed: int
+    engine: EngineSnapshot
 
 
 class ServerMetrics:
@@ -79,6 +91,7 @@ class ServerMetrics:
         ).labels(**labels)
         self._success = counter("request_success", "Finished requests by reason.", ("finished_reason",))
         self._labels = labels
+        self._replicas = _ReplicaSeries(gauge, counter)
         self.rejected = counter("request_rejected", "Requests refused (429, queue full).").labels(**labels)
         self.ttft = Histogram(
             "kvsched:time_to_first_token_seconds",
@@ -122,6 +135,8 @@ class ServerMetrics:
         if snap.prefix_queries:
             self.prefix_hit_rate.set(snap.prefix_hits / snap.prefix_queries)
         self._last = snap
+        for rep in snap.replicas:
+            self._replicas.update(rep, self._labels)
 
     def observe_finished(self, finish_reason: str, result: RequestOutput | None) -> None:
         """Called by the engine thread when a request ends: ``stop`` / ``length`` as the engine said,
@@ -146,3 +161,37 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ReplicaSeries:
+    """Per-replica series (label ``replica``), made once a replicated backend reports replicas."""
+
+    def __init__(self, gauge, counter) -> None:  # noqa: ANN001 - ServerMetrics' factories
+        extra = ("replica",)
+        self.alive = gauge("replica_alive", "1 while the engine replica serves, 0 once it died.", extra)
+        self.running = gauge("replica_num_requests_running", "Requests scheduled on the replica.", extra)
+        self.waiting = gauge("replica_num_requests_waiting", "Requests waiting on the replica.", extra)
+        self.kv = gauge(
+            "replica_kv_cache_usage_perc", "Fraction of the replica's device KV blocks in use.", extra
+        )
+        self.routed = counter("replica_requests_routed", "Requests the router sent to the replica.", extra)
+        self.queries = counter(
+            "replica_prefix_cache_queries", "Prompt tokens looked up in its prefix cache.", extra
+        )
+        self.hits = counter("replica_prefix_cache_hits", "Prompt tokens found in its prefix cache.", extra)
+        self._last: dict[int, tuple[int, int, int]] = {}
+
+    def update(self, rep: ReplicaSnapshot, labels: dict[str, str]) -> None:
+        lab = {"replica": str(rep.replica), **labels}
+        s = rep.engine
+        self.alive.labels(**lab).set(1 if rep.alive else 0)
+        self.running.labels(**lab).set(s.num_running if rep.alive else 0)
+        self.waiting.labels(**lab).set(s.num_waiting if rep.alive else 0)
+        self.kv.labels(**lab).set(s.device_kv_usage if rep.alive else 0.0)
+        before = self._last.get(rep.replica, (0, 0, 0))
+        now = (rep.routed, s.prefix_queries, s.prefix_hits)
+        for counter, n, b in zip((self.routed, self.queries, self.hits), now, before):
+            child = counter.labels(**lab)  # made at 0 on first sight: every replica has its series
+            if n > b:
+                child.inc(n - b)
+        self._last[rep.replica] = now
