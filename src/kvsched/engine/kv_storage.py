@@ -1,10 +1,22 @@
 """Real KV tensors for both tiers, and batched block copies between them (engine side: uses torch).
 
-Per layer, ``device_kv[layer]`` and ``host_kv[layer]`` are ``[num_blocks, 2, tokens_per_block,
-num_kv_heads, head_dim]`` (index 0 = K, 1 = V). The engine writes position ``p`` of a request at
-``device_kv[l][table[p // tpb], :, p % tpb]``. With a CUDA device the host tier is pinned and copies
-go through one pinned staging buffer: one gather per layer, one transfer for all layers, one scatter
-per layer.
+Layouts (block shape ``[2, tokens_per_block, num_kv_heads, head_dim]``, index 0 = K, 1 = V):
+
+- device: one allocation ``device_pool[layer, block]``; ``device_kv[layer]`` is its contiguous
+  ``[num_blocks, 2, tpb, heads, dim]`` slice, the layout paged attention reads (and views flat).
+  The engine writes position ``p`` of a request at ``device_kv[l][table[p // tpb], :, p % tpb]``.
+- host: block-major ``host_blocks[block, layer]``: one host block is one contiguous region holding
+  every layer, so a host block is copied in one piece whatever its id. ``host_kv[layer]`` is a
+  per-layer (strided) view kept for readers that index by layer.
+
+Why: suspend, resume and host-tier prefix hits copy blocks whose ids are scattered once the pools
+fragment. Per-layer gathers and scatters (``index_select`` + ``index_copy_``) touch every byte twice
+and ``index_copy_`` runs element by element on CPU; copying one host block from/to the
+``device_pool[:, block]`` view is one call per block instead (a memcpy per layer inside it),
+whatever the ids. With a CUDA device the host tier and a staging buffer are pinned and the
+transfer runs on a side stream: one gather on the device, one transfer for the whole batch, one
+contiguous copy per host block. (SGLang's HiCache offers the same page-first host layout,
+``--hicache-mem-layout page_first``, for the same reason: I/O efficiency.)
 """
 
 from __future__ import annotations
@@ -24,18 +36,11 @@ def _positive(name: str, value: object) -> int:
     return value
 
 
-def _runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``(src_start, dst_start, length)`` of the runs where both id lists count up by one."""
-    runs = []
-    a, b, k = src[0], dst[0], 1
-    for s, d in zip(src[1:], dst[1:]):
-        if s == a + k and d == b + k:
-            k += 1
-        else:
-            runs.append((a, b, k))
-            a, b, k = s, d, 1
-    runs.append((a, b, k))
-    return runs
+def _check_ids(name: str, ids: Sequence[int], size: int) -> None:
+    """Out-of-range ids would otherwise wrap (negative) or fail deep inside torch."""
+    for i in ids:
+        if not 0 <= i < size:
+            raise IndexError(f"copy_blocks: {name} block id {i} is outside the pool of {size} blocks")
 
 
 class TensorKVStorage:
@@ -64,19 +69,25 @@ class TensorKVStorage:
         self.block_shape = block_shape
         self.dtype = dtype
         self._cuda = self.device.type == "cuda"
-        self.device_kv: list[torch.Tensor] = [
-            torch.zeros((self.num_device_blocks, *block_shape), dtype=dtype, device=self.device)
-            for _ in range(num_layers)
-        ]
-        self.host_kv: list[torch.Tensor] = [
-            torch.zeros((self.num_host_blocks, *block_shape), dtype=dtype, pin_memory=self._cuda)
-            for _ in range(num_layers)
-        ]
+        self.device_pool = torch.zeros(
+            (num_layers, self.num_device_blocks, *block_shape), dtype=dtype, device=self.device
+        )
+        self.device_kv: list[torch.Tensor] = list(self.device_pool.unbind(0))
+        self.host_blocks = torch.zeros(
+            (self.num_host_blocks, num_layers, *block_shape), dtype=dtype, pin_memory=self._cuda
+        )
+        self.host_kv: list[torch.Tensor] = list(self.host_blocks.unbind(1))
+        # Host-side copies go through numpy byte views of the same memory: one single-threaded
+        # memcpy per layer run, no OpenMP region per block (torch's parallel copy_ pays a barrier per
+        # call, which collapses when other processes load the cores), and any dtype copies bit-exact.
+        self._host_np = self.host_blocks.view(torch.uint8).numpy()  # [block, layer, ...] contiguous
+        self._device_np = None if self._cuda else self.device_pool.view(torch.uint8).numpy()
         elem = torch.empty((), dtype=dtype).element_size()
-        self._bytes_per_block = num_layers * elem * 2 * block_shape[1] * num_kv_heads * head_dim
         self._block_numel = 2 * block_shape[1] * num_kv_heads * head_dim
+        self._bytes_per_block = num_layers * elem * self._block_numel
         self._staging: torch.Tensor | None = None
         self._staging_free: torch.cuda.Event | None = None
+        self._stream: torch.cuda.Stream | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -84,51 +95,87 @@ class TensorKVStorage:
         return self._bytes_per_block
 
     def tier_kv(self, tier: Tier) -> list[torch.Tensor]:
+        """Per-layer ``[num_blocks, ...]`` tensors of a tier (host ones are strided views)."""
         return self.device_kv if tier == Tier.DEVICE else self.host_kv
 
     def copy_blocks(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None:
-        """Copy blocks ``src[i]`` of ``src_tier`` to ``dst[i]`` of ``dst_tier``, all layers, batched."""
+        """Copy blocks ``src[i]`` of ``src_tier`` to ``dst[i]`` of ``dst_tier``, all layers."""
         n = len(src)
         if n != len(dst):
             raise ValueError(f"copy_blocks: {n} sources but {len(dst)} destinations")
         if n == 0:
             return
-        src_kv, dst_kv = self.tier_kv(src_tier), self.tier_kv(dst_tier)
-        src_dev, dst_dev = src_kv[0].device, dst_kv[0].device
-        if src_dev == dst_dev:
-            runs = _runs(src, dst)
-            if len(runs) * 4 <= n:  # mostly consecutive ids: plain slice copies (memcpy speed)
-                for s, d in zip(src_kv, dst_kv):
-                    for a, b, k in runs:
-                        d[b : b + k].copy_(s[a : a + k])
-                return
-        src_idx = torch.tensor(src, dtype=torch.long, device=src_dev)
-        dst_idx = torch.tensor(dst, dtype=torch.long, device=dst_dev)
-        if src_dev == dst_dev:
-            for s, d in zip(src_kv, dst_kv):
-                d.index_copy_(0, dst_idx, s.index_select(0, src_idx))
-            return
+        _check_ids("source", src, self._pool_size(src_tier))
+        _check_ids("destination", dst, self._pool_size(dst_tier))
+        if src_tier == dst_tier:
+            self._copy_within(src_tier, src, dst)
+        elif self._cuda:
+            if dst_tier == Tier.HOST:
+                self._download(src, dst)
+            else:
+                self._upload(src, dst)
+        elif dst_tier == Tier.HOST:
+            host, dev = self._host_np, self._device_np
+            for s, d in zip(src, dst):
+                host[d] = dev[:, s]  # type: ignore[index]
+        else:
+            host, dev = self._host_np, self._device_np
+            for s, d in zip(src, dst):
+                dev[:, d] = host[s]  # type: ignore[index]
+
+    def _pool_size(self, tier: Tier) -> int:
+        return self.num_device_blocks if tier == Tier.DEVICE else self.num_host_blocks
+
+    def _copy_within(self, tier: Tier, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Same-tier copy: gather everything first, so overlapping source and destination ids are safe."""
+        pool, dim = (self.device_pool, 1) if tier == Tier.DEVICE else (self.host_blocks, 0)
+        src_idx = torch.tensor(src, dtype=torch.long, device=pool.device)
+        dst_idx = torch.tensor(dst, dtype=torch.long, device=pool.device)
+        pool.index_copy_(dim, dst_idx, pool.index_select(dim, src_idx))
+
+    # -- CUDA: pinned staging buffer, side stream ---------------------------------------------------
+    def _side_stream(self) -> torch.cuda.Stream:
+        """The copy stream, ordered after the work already queued on the current stream."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._stream
+
+    def _download(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Device -> host: one gather on the device, one transfer, one copy per host block."""
+        n = len(src)
         staging = self._stage(n)
-        if dst_dev.type == "cpu":  # device -> host
-            gathered = torch.empty((self.num_layers, n, *self.block_shape), dtype=self.dtype, device=src_dev)
-            for layer, s in enumerate(src_kv):
-                torch.index_select(s, 0, src_idx, out=gathered[layer])
+        stream = self._side_stream()
+        with torch.cuda.stream(stream):
+            src_idx = torch.tensor(src, dtype=torch.long).to(self.device, non_blocking=True)
+            # [layers, n, ...] -> block-major [n, layers, ...], like the host tier.
+            gathered = self.device_pool.index_select(1, src_idx).transpose(0, 1).contiguous()
             staging.copy_(gathered, non_blocking=True)
-            torch.cuda.current_stream(src_dev).synchronize()  # the CPU reads the staging buffer next
-            for layer, d in enumerate(dst_kv):
-                d.index_copy_(0, dst_idx, staging[layer])
-        else:  # host -> device
-            for layer, s in enumerate(src_kv):
-                torch.index_select(s, 0, src_idx, out=staging[layer])
-            on_device = staging.to(dst_dev, non_blocking=True)
-            for layer, d in enumerate(dst_kv):
-                d.index_copy_(0, dst_idx, on_device[layer])
+        stream.synchronize()  # the CPU reads the staging buffer next
+        host, stage = self._host_np, staging.view(torch.uint8).numpy()
+        for i, d in enumerate(dst):
+            host[d] = stage[i]
+
+    def _upload(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Host -> device: one copy per host block into staging, one transfer, one scatter."""
+        n = len(src)
+        staging = self._stage(n)
+        host, stage = self._host_np, staging.view(torch.uint8).numpy()
+        for i, s in enumerate(src):
+            stage[i] = host[s]
+        stream = self._side_stream()
+        with torch.cuda.stream(stream):
+            dst_idx = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
+            on_device = staging.to(self.device, non_blocking=True)
+            self.device_pool.index_copy_(1, dst_idx, on_device.transpose(0, 1))
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(dst_dev))
-            self._staging_free = event  # the staging buffer may be rewritten once this has passed
+            event.record(stream)
+        # Later work on the current stream (the forward) reads these blocks: it waits for the copy.
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._staging_free = event  # the staging buffer may be rewritten once this has passed
 
     def _stage(self, n: int) -> torch.Tensor:
-        """A pinned ``[layers, n, ...]`` staging view, safe to write (the last upload has finished)."""
+        """A pinned ``[n, layers, ...]`` staging view, safe to write (the last upload has finished)."""
         if self._staging_free is not None:
             self._staging_free.synchronize()
             self._staging_free = None
@@ -139,4 +186,4 @@ class TensorKVStorage:
                 self.num_layers * cap * self._block_numel, dtype=self.dtype, pin_memory=True
             )
         # A contiguous prefix of the flat buffer, so transfers stay single async copies.
-        return self._staging[:numel].view(self.num_layers, n, *self.block_shape)
+        return self._staging[:numel].view(n, self.num_layers, *self.block_shape)
