@@ -8,6 +8,7 @@ from typing import Any
 
 from kvsched.core.errors import ConfigError
 from kvsched.core.priority import PriorityMix
+from kvsched.core.routing import ROUTER_KINDS, normalize_router_kind
 from kvsched.sim.hardware import GPU_PRESETS, load_gpu
 from kvsched.sim.lora import LoraSpec
 from kvsched.sim.metrics import SLO
@@ -15,7 +16,6 @@ from kvsched.sim.models import MODEL_PRESETS, load_model
 from kvsched.sim.quant import KV_FORMATS, WEIGHT_FORMATS
 from kvsched.sim.report import comparison_table, priority_lines, ratio_lines, write_json
 from kvsched.sim.scenario import POLICIES, Scenario, parse_policy
-from kvsched.sim.simulator import ROUTERS
 from kvsched.sim.speculation import SPEC_METHODS, Speculation
 from kvsched.sim.synthetic import LengthDist, multi_turn_workload, synthetic_workload
 from kvsched.sim.trace import load_mooncake
@@ -35,7 +35,14 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--gpu", default="h200", help=f"preset {sorted(GPU_PRESETS)} or a JSON file")
     d.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs")
     d.add_argument("--replicas", type=int, default=1, help="data-parallel instances behind a router")
-    d.add_argument("--router", choices=ROUTERS, default="least_loaded")
+    d.add_argument(
+        "--router",
+        type=_router_kind,
+        choices=ROUTER_KINDS,
+        default="least_loaded",
+        help="how requests pick a replica; kv_aware (or kv-aware): fewest prefill tokens not cached there "
+        "plus load, from the replicas' KV events (kvsched.core.routing)",
+    )
     d.add_argument("--tokens-per-block", type=int, default=32)
     d.add_argument(
         "--num-device-blocks", type=int, default=None, help="default: what HBM holds after weights"
@@ -235,6 +242,14 @@ def build_workload(a: argparse.Namespace, rate: float | None = None) -> list[Req
     if a.priority_mix:
         specs = with_priorities(specs, PriorityMix.parse(a.priority_mix), a.seed)
     return specs
+
+
+def _router_kind(text: str) -> str:
+    """`--router`: the core's names, `kv-aware` spellings too; argparse reports a bad one."""
+    try:
+        return normalize_router_kind(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _numbers(text: str, flag: str, kind: type[float] | type[int]) -> list:
