@@ -5,6 +5,7 @@ aborts; no KV block left at the end; the forward really runs in the worker; the 
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from engine_testlib import make_engine, random_prompts
@@ -12,6 +13,7 @@ from faults import faulty_engine, run_checked
 
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache.invariants import check_invariants
+from kvsched.core.kvcache.types import Tier
 from kvsched.core.request import SamplingParams
 from kvsched.engine.engine_args import EngineArgs, add_engine_flags, engine_args_from_namespace
 
@@ -163,14 +165,21 @@ def test_the_forward_runs_in_the_worker_while_the_engine_thread_returns(tiny_lla
         return model(batch, storage)
 
     ex.parts.runner.model = recording
-    ex.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0))
+    rid = ex.add_request(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0))
     assert ex.step() == []  # step 1 is submitted; its token comes with the next call
     assert ex._overlap._inflight is not None
-    outs = ex.step()
-    assert [len(o.new_token_ids) for o in outs] == [1]
-    ex.run()
+    called_at = []  # monotonic time at each step() call that emitted a token
+    while ex.has_unfinished_requests():
+        t = time.monotonic()
+        outs = ex.step()
+        called_at += [t for o in outs for _ in o.new_token_ids]
+    assert len(called_at) == 4
     assert threads and all(t.startswith("kvsched-forward") for t in threads)
     assert threading.current_thread().name not in threads
+    # Token times are those of the tokens, not of the step updates applied before they were known.
+    m = ex.pop_output(rid).metrics
+    assert called_at[0] <= m.first_token_time <= m.last_token_time <= m.finished_time
+    assert called_at[-1] <= m.last_token_time
 
 
 @pytest.mark.parametrize(
@@ -218,3 +227,24 @@ def test_async_scheduling_flag():
     assert EngineArgs().async_scheduling is False
     with pytest.raises(ConfigError, match="async_scheduling"):
         EngineArgs(async_scheduling="yes")
+
+
+@pytest.mark.parametrize(
+    "src, dst", [(Tier.DEVICE, Tier.HOST), (Tier.HOST, Tier.DEVICE)], ids=["suspend", "resume"]
+)
+def test_a_failed_kv_copy_fails_the_request_being_moved_only(tiny_llama_dir, hf_ref, src, dst):
+    kw = {"tokens_per_block": 8, "num_device_blocks": 14, "enable_block_reuse": False}
+    ex = faulty_engine(
+        tiny_llama_dir, storage_fault=(src, dst), num_host_blocks=64, async_scheduling=True, **kw
+    )
+    prompts = random_prompts([10, 14, 20, 12, 18, 9], seed=3)
+    ids = [ex.add_request(p, SamplingParams(max_tokens=28, temperature=0.0)) for p in prompts]
+    results = run_checked(ex)
+    assert ex.kv._store.storage.failed == 1
+    failed = [rid for rid in ids if results[rid].outputs[0].finish_reason == "error"]
+    assert len(failed) == 1 and "injected copy fault" in results[failed[0]].error
+    for rid, prompt in zip(ids, prompts):
+        want = hf_ref.greedy(prompt, 28)
+        got = results[rid].outputs[0].token_ids
+        assert got == want if rid not in failed else got == want[: len(got)]
+    assert ex.kv.stats().num_suspends > 1

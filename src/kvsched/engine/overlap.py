@@ -111,27 +111,42 @@ class OverlapLoop:
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         eng = self.engine
-        prev, self._inflight = self._inflight, None
-        cur: _InFlight | None = None
+        prev = self._inflight  # stays visible to forget() until its tokens are emitted
         eng._scheduled = None
+        out, failed = self._schedule()
+        cur: _InFlight | None = None
         try:
-            out = None
-            if any(r.state in _SCHEDULABLE for r in eng._active):
-                out = eng.loop.schedule(eng._active)
-                if out.context_requests or out.generation_requests:
-                    cur = self._submit(out, prev)
+            if out is not None and (out.context_requests or out.generation_requests):
+                cur = self._submit(out, prev)
             if prev is None and cur is None:
-                return self._idle(out)
-            outputs = self._finish(prev) if prev is not None else []
+                return failed or self._idle(out)
+            outputs = failed + self._finish(prev) if prev is not None else failed
             eng._active = [r for r in eng._active if r.state != _DONE]
             if cur is not None:
                 self._apply(cur)
-                self._inflight = cur
+            self._inflight = cur
         except Exception as exc:
             return self._fault(exc, prev, cur)
         eng._scheduled = None
         eng._publish_kv_events()
         return outputs
+
+    def _schedule(self) -> tuple[SchedulerOutput | None, list[StepOutput]]:
+        """The scheduler's pass over the state step N's update left. A failed KV copy fails its request
+        alone (as in the synchronous loop); any other error leaves the step in flight and re-raises."""
+        eng = self.engine
+        if not any(r.state in _SCHEDULABLE for r in eng._active):
+            return None, []
+        try:
+            return eng.loop.schedule(eng._active), []
+        except KVTransferError as exc:
+            tracked = None if exc.request_id is None else eng._tracked.get(exc.request_id)
+            if tracked is None:
+                raise
+            eng._scheduled = None
+            self.forget(tracked.req)
+            log.warning("the engine failed request %s: %s", tracked.external_id, exc, exc_info=exc)
+            return None, [eng._fail(tracked, f"the engine failed this request: {exc}")]
 
     def _idle(self, out: SchedulerOutput | None) -> list[StepOutput]:
         """Nothing in flight and nothing scheduled: suspends freed KV, or the scheduler is stuck."""
@@ -290,8 +305,6 @@ class OverlapLoop:
         if scheduled is not None:
             for r in itertools.chain(scheduled.context_requests, scheduled.generation_requests):
                 victims[r.request_id] = None
-        if isinstance(exc, KVTransferError) and exc.request_id is not None:
-            victims[exc.request_id] = None
         failed = [eng._tracked[rid] for rid in victims if rid in eng._tracked]
         if not failed:
             raise exc
