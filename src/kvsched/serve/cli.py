@@ -26,6 +26,7 @@ def _count(minimum: int):  # noqa: ANN202 - an argparse type
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from kvsched.engine.engine_args import add_engine_flags  # torch-free: flags only
+    from kvsched.serve.replicas.flags import add_replica_flags  # neither Ray nor torch: flags only
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics)")
     p.add_argument("--host", default="127.0.0.1")
@@ -67,6 +68,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING); builds the engine LoRA-capable even without --lora-modules",
     )
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_replica_flags(p)
     add_engine_flags(p)
     p.set_defaults(func=run)
 
@@ -95,13 +97,16 @@ def run(args: argparse.Namespace) -> int:
     from kvsched.serve.tenancy import check_header_name
 
     # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
+    if args.replicas > 1:
+        from kvsched.serve.replicas.flags import check_replica_flags
+
+        check_replica_flags(args)  # before any model loads: no Ray is a one-line error
     api_key = resolve_api_key(args.api_key, os.environ)
     if args.tenant_salt_header is not None:
         check_header_name(args.tenant_salt_header)
     engine_args = engine_args_from_namespace(args)
     if args.enable_lora_runtime_updates and not engine_args.enable_lora:
         engine_args = dataclasses.replace(engine_args, enable_lora=True)
-    engine = Engine(engine_args)
     name = served_name(engine_args.model, args.served_model_name)
     options = ServerOptions(
         max_waiting=args.max_waiting,
@@ -113,12 +118,26 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_cap=args.max_tokens_cap or None,
         enable_lora_runtime_updates=args.enable_lora_runtime_updates,
     )
-    app = build_app(EngineBackend(engine), name, options)
+    if args.replicas > 1:
+        from kvsched.serve.replicas.flags import start_from_flags
+
+        backend, stop = start_from_flags(args, engine_args)
+    else:  # one engine in this process, as before
+        backend, stop = EngineBackend(Engine(engine_args)), None
+    app = build_app(backend, name, options)
     auth = "API key required" if api_key else "no API key"
-    print(f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
+    where = f"{args.replicas} replicas, router {args.router}" if args.replicas > 1 else "one engine"
+    print(
+        f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({where}; {auth})",
+        file=sys.stderr,
+    )
     # The app drains first (DrainingServer); uvicorn's own graceful timeout only covers the last bytes.
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
     )
-    DrainingServer(config).run()
+    try:
+        DrainingServer(config).run()
+    finally:
+        if stop is not None:
+            stop()
     return 0

@@ -20,11 +20,12 @@ def start_replicas(
     *,
     num_cpus: float = 1,
     num_gpus: float = 0,
+    timeout_s: float | None = None,
     router_options: dict[str, Any] | None = None,
 ) -> ReplicatedBackend:
     """Start ``num_replicas`` actors (``num_cpus`` / ``num_gpus`` each, Ray's resource requests) on the
     Ray cluster this process is connected to (``ray.init`` first, or this starts a local one), wait
-    until every engine has loaded, and return the backend that routes over them with ``router``."""
+    (up to ``timeout_s``, None: no limit) until every engine has loaded, and return the backend that routes over them with ``router``."""
     ray = require_ray()
     if not isinstance(num_replicas, int) or num_replicas < 1:
         raise ConfigError(f"num_replicas={num_replicas!r} is invalid: must be an integer >= 1")
@@ -32,7 +33,14 @@ def start_replicas(
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(EngineReplica)
     actors = [remote.remote(engine_args) for _ in range(num_replicas)]
     try:
-        infos = ray.get([a.info.remote() for a in actors])
+        infos = ray.get([a.info.remote() for a in actors], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for a in actors:
+            ray.kill(a)
+        raise ConfigError(
+            f"{num_replicas} replicas did not start within {timeout_s:g} s: does the Ray cluster have "
+            f"{num_replicas} x {num_cpus:g} CPUs (and {num_replicas} x {num_gpus:g} GPUs) free?"
+        ) from None
     except Exception:
         for a in actors:
             ray.kill(a)
