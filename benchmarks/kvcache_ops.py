@@ -130,6 +130,19 @@ def bench_prefix_match(tokens: int = 32768, rounds: int = 20) -> None:
     report("  ... per token (target <= 50 ns)", match / tokens, "token")
     report("probe_reuse of that prompt, per token", probe / tokens, "token")
     report(f"free of that request ({tokens // tpb} shared blocks)", free, "free")
+    try:
+        from kvsched.core.kvcache.keys import MEMO
+    except ImportError:  # a tree without the key memo (before/after runs)
+        return
+    cold = float("inf")
+    for rid in range(rounds + 1, 2 * rounds + 1):
+        MEMO.clear()  # every block hashed, as when other prefixes pushed this one out of the memo
+        r = Request(rid, prompt + [2], 1)
+        t0 = CLOCK()
+        m.prepare_context(r)
+        cold = min(cold, CLOCK() - t0)
+        m.free_request(r)
+    report("  ... per token, key memo cleared (all hashed)", cold / tokens, "token")
 
 
 def bench_suspend_resume(storage_factory, label: str, tokens: int = 4096) -> None:

@@ -63,13 +63,21 @@ class BlockStore:
     def hold_many(self, blocks: list[Block]) -> int:
         """``hold`` for a matched prefix (inlined: it runs per block of a long prompt); returns how
         many of the blocks are on the host tier."""
-        device, host = self.device, self.host
+        pools = (self.device, self.host)
         on_host = 0
         for p in blocks:
-            if p.tier:
+            tier = p.tier
+            if tier:
                 on_host += 1
-            if p.bucket is not None:
-                (host if p.tier else device).remove_cached(p)
+            prio = p.bucket
+            if prio is not None:  # TierPool.remove_cached, inlined (a call per block cost ~25 %)
+                pool = pools[tier]
+                bucket = pool.buckets[prio]
+                del bucket[p]
+                if not bucket:
+                    del pool.buckets[prio]
+                p.bucket = None
+                pool.num_cached -= 1
             p.holds += 1
         return on_host
 

@@ -13,7 +13,7 @@ from hashlib import sha256
 
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.blocks import Block
-from kvsched.core.kvcache.keys import pack_tokens
+from kvsched.core.kvcache.keys import MEMO, pack_tokens, split_blocks
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.request import Request
 
@@ -23,22 +23,28 @@ def match_prefix(
 ) -> tuple[list[Block], bytes]:
     """Blocks of the longest run of whole blocks of ``tokens`` that is published, and the last key.
 
-    Hashes block by block and stops at the first miss, so a cold prompt costs one hash.
+    Keys block by block (a remembered block is one dict probe, see ``keys.KeyMemo``) and stops at
+    the first miss, so a cold prompt costs one hash.
     """
-    packed = pack_tokens(tokens)
-    mv = memoryview(packed)
-    step = tokens_per_block * 4
+    memo = MEMO
+    recent, older = memo.recent, memo.older
     blocks: list[Block] = []
     get = index.get
-    for start in range(0, len(packed) - step + 1, step):
-        h = sha256(parent)
-        h.update(mv[start : start + step])
-        key = h.digest()
+    for chunk in split_blocks(pack_tokens(tokens), tokens_per_block * 4):
+        data = parent + chunk
+        key = recent.get(data)
+        if key is None:
+            key = older.get(data)
+            if key is None:
+                key = sha256(data).digest()
+            recent[data] = key
         block = get(key)
         if block is None:
             break
         blocks.append(block)
         parent = key
+    if len(recent) > memo.size:
+        memo.rotate()
     return blocks, parent
 
 
@@ -76,13 +82,18 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
     if idx < last:
         pack = _block_struct(tokens_per_block).pack
         tokens = req.token_slice(idx * tokens_per_block, end)
+        memo = MEMO
+        recent = memo.recent  # a later lookup of this block (the next turn's prompt) is a dict probe
         for i in range(0, len(tokens), tokens_per_block):
-            key = sha256(parent + pack(*tokens[i : i + tokens_per_block])).digest()
+            data = parent + pack(*tokens[i : i + tokens_per_block])
+            key = recent[data] = sha256(data).digest()
             block = blocks[idx]
             if block.key is None:
                 store.publish(block, key, parent if idx else None)
             parent = key
             idx += 1
+        if len(recent) > memo.size:
+            memo.rotate()
     cache.last_key = parent
     cache.committed = end
 

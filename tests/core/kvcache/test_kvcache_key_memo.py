@@ -1,0 +1,120 @@
+"""Reuse key values are a contract with KV-event consumers (routers): pinned digests, and the key memo
+and block splitting that make lookups fast return exactly what a fresh hash returns."""
+
+import os
+from hashlib import sha256
+
+import pytest
+from kvc_helpers import decode, make, req, run_context
+
+from kvsched.core.kvcache import keys, prefix
+from kvsched.core.kvcache.keys import KeyMemo, block_key, chain_keys, pack_tokens, root_key, split_blocks
+
+ROOT = "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
+
+
+@pytest.fixture(autouse=True)
+def fresh_memo(monkeypatch):
+    """Each test starts from an empty memo of its own (the module one is shared by the process)."""
+    memo = KeyMemo(1 << 16)
+    monkeypatch.setattr(keys, "MEMO", memo)
+    monkeypatch.setattr(prefix, "MEMO", memo)
+    return memo
+
+
+def pinned_chains() -> None:
+    r = root_key(None, None)
+    assert r.hex() == ROOT
+    assert root_key(7, 123456789).hex() == "de84cfd4f0f813ac707be73d148324f4285af0ad9d538bd696be6e7036bb472c"
+    ks = chain_keys(r, pack_tokens(list(range(40))), 64)
+    assert [k.hex() for k in ks] == [
+        "089aec1b094cb2fb373e5b117d2d6f50a536ff4414bd6fe618a005431b081103",
+        "5ec123a8b7e9e09df6812167fa93b44079fd4415402ca5b2cb372de5d04b737e",
+    ]
+    ks = chain_keys(root_key(7, 123456789), pack_tokens([50000, 1, 2**31 - 1, -5] * 8), 16)
+    assert len(ks) == 8
+    assert ks[-1].hex() == "0bd5875a86de9f02b0463d6fbeaede92613ba8a13fc2e3c12de6c30b6d05a82b"
+    assert block_key(r, [9, 8, 7]).hex() == "dfb83f5601b867f907f439334adaa9b8712d0bc3bbe052599a9f40f558ca5226"
+
+
+def test_key_values_are_pinned_cold_and_from_the_memo(fresh_memo):
+    pinned_chains()
+    assert len(fresh_memo) == 2 + 8
+    pinned_chains()  # every block now comes from the memo
+    assert len(fresh_memo) == 2 + 8
+
+
+def test_chain_keys_equal_the_definition_for_every_split(fresh_memo):
+    parent = root_key(None, 3)
+    for n_blocks in (0, 1, 63, 64, 65, 130):
+        packed = os.urandom(16 * n_blocks + 7)  # a trailing partial block is ignored
+        want, p = [], parent
+        for i in range(n_blocks):
+            p = sha256(p + packed[16 * i : 16 * i + 16]).digest()
+            want.append(p)
+        assert split_blocks(packed, 16) == [packed[16 * i : 16 * i + 16] for i in range(n_blocks)]
+        assert chain_keys(parent, packed, 16) == want
+        assert chain_keys(parent, packed, 16) == want  # from the memo
+
+
+def test_a_remembered_prefix_is_not_hashed_again(monkeypatch):
+    calls = []
+
+    def counting(data):
+        calls.append(data)
+        return sha256(data)
+
+    root = root_key(None, None)
+    monkeypatch.setattr(keys, "sha256", counting)
+    packed = pack_tokens(list(range(64)))
+    first = chain_keys(root, packed, 64)
+    assert len(calls) == 4
+    assert chain_keys(root, packed, 64) == first and len(calls) == 4
+    longer = chain_keys(root, pack_tokens(list(range(80))), 64)
+    assert longer[:4] == first and len(calls) == 5  # only the new block is hashed
+
+
+def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
+    memo = KeyMemo(8)
+    monkeypatch.setattr(keys, "MEMO", memo)
+    parent = root_key(None, None)
+    chain_keys(parent, os.urandom(16 * 6), 16)
+    assert (len(memo.recent), len(memo.older)) == (6, 0)
+    chain_keys(parent, os.urandom(16 * 5), 16)  # 11 > 8: recent becomes older
+    assert (len(memo.recent), len(memo.older)) == (0, 11)
+    packed = os.urandom(16 * 20)
+    keys_once = chain_keys(parent, packed, 16)
+    assert (len(memo.recent), len(memo.older)) == (0, 20)  # the 11 before are forgotten
+    assert chain_keys(parent, packed, 16) == keys_once  # older hits move back to recent
+    assert (len(memo.recent), len(memo.older)) == (0, 20)
+    memo.clear()
+    assert len(memo) == 0 and chain_keys(parent, packed, 16) == keys_once
+
+
+def test_probe_and_lookup_agree_with_and_without_the_memo(fresh_memo):
+    m = make(reuse=True, device=64)
+    prompt = list(range(100, 141))  # 10 full blocks of 4, then one token
+    a = req(1, prompt)
+    assert m.prepare_context(a) and m.resize_context(a, a.context_remaining_length)
+    m.advance(a, a.context_remaining_length)
+    for clear in (False, True):
+        if clear:
+            fresh_memo.clear()
+        assert m.probe_reuse(req(9, prompt[:30] + [7, 7, 7])) == 28
+        assert m.probe_reuse(req(9, [5] + prompt)) == 0
+        b = req(2 + clear, prompt[:25] + [1])
+        assert m.prepare_context(b) and b.num_reused_tokens == 24
+        m.free_request(b)
+
+
+def test_generated_blocks_are_remembered_at_publish(fresh_memo):
+    m = make(reuse=True, device=16)
+    a = req(1, list(range(8)), max_new=9)
+    run_context(m, a)  # output token 7 appended; 8 tokens of KV, two full blocks published
+    before = len(fresh_memo)
+    for t in (50, 51, 52, 53):  # KV of 7, 50, 51, 52 fills the third block
+        assert decode(m, a, t)
+    assert len(fresh_memo) == before + 1
+    (data,) = [d for d in fresh_memo.recent if d.endswith(pack_tokens([7, 50, 51, 52]))]
+    assert fresh_memo.recent[data] == sha256(data).digest()
+    assert m._store.index[fresh_memo.recent[data]].key == fresh_memo.recent[data]
