@@ -21,6 +21,11 @@ BS = 4
 PROMPT = list(range(1000, 1065))  # 64 looked-up tokens: 16 blocks
 
 
+def kv_router(**kw):
+    """A KV-aware router without predictions: its choices follow the events alone."""
+    return KVAwareRouter(BS, **{"predict_ttl": 0, **kw})
+
+
 def loads(*queues, kv=0.0):
     return {i: ReplicaLoad(num_running=q, num_waiting=0, kv_usage=kv) for i, q in enumerate(queues)}
 
@@ -73,39 +78,39 @@ def test_sticky_follows_the_session_until_its_replica_is_gone():
 
 
 def test_prefix_wins_over_slight_load():
-    r = KVAwareRouter(BS)
+    r = kv_router()
     cache_on(r, 1, PROMPT)
     assert r.choose(PROMPT, loads(0, 2)) == 1
     assert r.choose(PROMPT, {0: ReplicaLoad(), 1: ReplicaLoad(kv_usage=0.02)}) == 1
 
 
 def test_overload_beats_prefix():
-    r = KVAwareRouter(BS, running_weight=0.0, balance_abs_threshold=4, balance_rel_threshold=1.5)
+    r = kv_router(running_weight=0.0, balance_abs_threshold=4, balance_rel_threshold=1.5)
     cache_on(r, 1, PROMPT)
     assert r.choose(PROMPT, loads(1, 5)) == 1  # 4 more: not yet overloaded (and no load term)
     assert r.choose(PROMPT, loads(1, 6)) == 0
 
 
 def test_load_term_beats_a_short_prefix():
-    r = KVAwareRouter(BS, waiting_weight=100.0)
+    r = kv_router(waiting_weight=100.0)
     cache_on(r, 1, PROMPT[:9])  # 2 blocks = 8 tokens cached on replica 1
     busy = {0: ReplicaLoad(), 1: ReplicaLoad(num_waiting=1)}
     assert r.choose(PROMPT, busy) == 0
 
 
 def test_device_hits_beat_host_hits_by_the_host_weight():
-    r = KVAwareRouter(BS, host_hit_weight=0.5)
+    r = kv_router(host_hit_weight=0.5)
     cache_on(r, 0, PROMPT, tier=Tier.HOST)
     cache_on(r, 1, PROMPT[:41])  # 10 blocks on device vs 16 on host: 40 vs 64 * 0.5 = 32 saved
     assert r.choose(PROMPT, loads(0, 0)) == 1
-    r0 = KVAwareRouter(BS, host_hit_weight=0.0)
+    r0 = kv_router(host_hit_weight=0.0)
     cache_on(r0, 0, PROMPT, tier=Tier.HOST)
     cache_on(r0, 1, PROMPT[:41])
     assert r0.choose(PROMPT, loads(0, 0)) == 0
 
 
 def test_ties_and_unknown_prefixes_go_least_loaded():
-    r = KVAwareRouter(BS)
+    r = kv_router()
     assert r.choose(PROMPT, loads(3, 1, 2)) == 1  # nothing cached anywhere
     cache_on(r, 0, PROMPT)
     cache_on(r, 2, PROMPT)
@@ -114,7 +119,7 @@ def test_ties_and_unknown_prefixes_go_least_loaded():
 
 
 def test_salt_and_adapter_scope_the_match():
-    r = KVAwareRouter(BS)
+    r = kv_router()
     cache_on(r, 1, PROMPT, salt=7)
     assert r.choose(PROMPT, loads(0, 0)) == 0  # unsalted lookup: no hit, least-loaded
     assert r.choose(PROMPT, loads(0, 0), salt=7) == 1
@@ -122,7 +127,7 @@ def test_salt_and_adapter_scope_the_match():
 
 
 def test_session_stays_unless_overloaded_and_removed_replicas_are_forgotten():
-    r = KVAwareRouter(BS, balance_abs_threshold=2)
+    r = kv_router(balance_abs_threshold=2)
     assert r.choose(PROMPT, loads(1, 0), session="s") == 1
     cache_on(r, 0, PROMPT)  # the prefix elsewhere does not move a session
     assert r.choose(PROMPT, loads(0, 2), session="s") == 1
@@ -131,6 +136,17 @@ def test_session_stays_unless_overloaded_and_removed_replicas_are_forgotten():
     r.remove_replica(0)
     assert r.index.match(prompt_keys(PROMPT, BS)) == {}
     assert r.choose(PROMPT, {1: ReplicaLoad(), 2: ReplicaLoad()}, session="s") == 1
+
+
+def test_a_burst_sharing_a_prefix_follows_the_first_request_until_the_prediction_expires():
+    r = KVAwareRouter(BS, predict_ttl=3)
+    assert r.choose(PROMPT, loads(0, 0)) == 0  # unknown prefix: least-loaded; predicted on 0
+    assert r.choose(PROMPT, loads(1, 0)) == 0  # its events have not come yet: follows the prediction
+    assert r.choose(list(range(5000, 5065)), loads(1, 0)) == 1  # another prompt
+    assert r.choose(list(range(6000, 6065)), loads(1, 0)) == 1  # the first prediction expires here
+    assert r.choose(PROMPT, loads(1, 0)) == 1
+    r.on_events(1, [KVEvent("removed", k, Tier.DEVICE) for k in prompt_keys(PROMPT, BS)])
+    assert r.index.match(prompt_keys(PROMPT, BS), predicted=True) == {}  # an eviction ends a prediction
 
 
 def _prefill(m, rid, tokens, **kw):
@@ -154,7 +170,7 @@ def test_router_keys_equal_a_real_managers_event_hashes(salt, lora_id):
     events = m.drain_events()
     keys = prompt_keys(PROMPT, BS, salt=salt, lora_id=lora_id)
     assert [e.block_hash for e in events if e.kind == "stored"] == keys
-    r = KVAwareRouter(BS)
+    r = kv_router()
     r.on_events(0, events)
     assert r.index.match(keys) == {0: (len(keys), 0)}
     # the manager's own lookup of a second request agrees with the router's prediction

@@ -82,6 +82,23 @@ def test_a_replica_gone_is_dropped_and_others_keep_their_blocks():
     assert len(idx) == 0 and idx.match(KEYS) == {}
 
 
+def test_predictions_count_only_when_asked_expire_and_give_way_to_events():
+    idx = PrefixIndex()
+    idx.predict(0, KEYS[:4], ttl=2)
+    assert idx.match(KEYS) == {}
+    assert idx.match(KEYS, predicted=True) == {0: (4, 0)}
+    assert idx.num_blocks(0) == 0 and idx.num_blocks(0, predicted=True) == 4
+    idx.apply(0, stored(KEYS[:2], H))  # confirmed (on the host) for two blocks
+    assert idx.match(KEYS, predicted=True) == {0: (2, 2)}
+    idx.predict(1, KEYS[:1], ttl=2)
+    idx.predict(1, KEYS[:1], ttl=2)  # the third call: replica 0's prediction expires
+    assert idx.match(KEYS, predicted=True) == {0: (0, 2), 1: (1, 0)}
+    idx.predict(1, [], ttl=2)
+    assert idx.match(KEYS, predicted=True) == {0: (0, 2)} and len(idx) == 2
+    idx.predict(0, KEYS[:3], ttl=0)  # ttl 0: predicts nothing
+    assert idx.match(KEYS, predicted=True) == {0: (0, 2)}
+
+
 def test_unknown_event_kind_is_a_clear_error():
     with pytest.raises(ConfigError, match="'moved'"):
         PrefixIndex().apply(0, [KVEvent("moved", KEYS[0], D)])

@@ -10,6 +10,7 @@ names its whole prefix: the index is a flat dict, and a match walks the prompt's
 from __future__ import annotations
 
 import functools
+from collections import deque
 from collections.abc import Iterable, Sequence
 
 from kvsched.core.errors import ConfigError
@@ -21,6 +22,8 @@ _root = functools.lru_cache(maxsize=4096)(root_key)
 
 _DEVICE_BIT = 1
 _HOST_BIT = 2
+_PENDING_BIT = 4  # routed there, not yet reported stored (see ``predict``)
+_TIER_BITS = _DEVICE_BIT | _HOST_BIT
 
 
 def prompt_keys(
@@ -38,14 +41,23 @@ def prompt_keys(
 
 class PrefixIndex:
     """Block key -> replicas holding it, with a tier bit per replica (a block moving tiers is a
-    ``removed`` on the old tier then a ``stored`` on the new one, so both bits may be set briefly)."""
+    ``removed`` on the old tier then a ``stored`` on the new one, so both bits may be set briefly).
 
-    __slots__ = ("_where", "_held")
+    Predicted blocks (``predict``): the keys of a prompt just routed to a replica, whose prefill has not
+    published them yet. A burst of requests sharing a prefix then follows the first one instead of
+    scattering before its events arrive (SGLang's router inserts a routed prompt into its tree the
+    same way). A prediction lasts ``ttl`` calls of ``predict`` unless events confirm or remove it.
+    """
+
+    __slots__ = ("_where", "_held", "_pending", "_tick")
 
     def __init__(self) -> None:
         self._where: dict[bytes, dict[int, int]] = {}
         # replica -> its keys, so that a replica that is gone is dropped in O(its blocks)
         self._held: dict[int, set[bytes]] = {}
+        # predictions in the order made: (tick, replica, keys newly predicted)
+        self._pending: deque[tuple[int, int, list[bytes]]] = deque()
+        self._tick = 0
 
     def __len__(self) -> int:
         return len(self._where)
@@ -54,8 +66,57 @@ class PrefixIndex:
         """Replicas with at least one indexed block."""
         return [r for r, keys in self._held.items() if keys]
 
-    def num_blocks(self, replica: int) -> int:
-        return len(self._held.get(replica, ()))
+    def num_blocks(self, replica: int, *, predicted: bool = False) -> int:
+        """Blocks reported stored on ``replica`` (plus those only predicted there, with ``predicted``)."""
+        keys = self._held.get(replica, ())
+        if predicted:
+            return len(keys)
+        where = self._where
+        return sum(1 for k in keys if where[k][replica] & _TIER_BITS)
+
+    def predict(self, replica: int, keys: Sequence[bytes], ttl: int) -> None:
+        """Mark ``keys`` as about to be on ``replica``; predictions older than ``ttl`` calls expire."""
+        self._tick += 1
+        tick = self._tick
+        pending = self._pending
+        while pending and pending[0][0] <= tick - ttl:
+            self._expire(*pending.popleft())
+        if ttl <= 0:
+            return
+        where = self._where
+        held = self._held.setdefault(replica, set())
+        new = []
+        for key in keys:
+            reps = where.get(key)
+            if reps is None:
+                where[key] = {replica: _PENDING_BIT}
+            elif replica not in reps:
+                reps[replica] = _PENDING_BIT
+            else:
+                continue  # known there (stored or predicted): nothing to expire later
+            held.add(key)
+            new.append(key)
+        if new:
+            pending.append((tick, replica, new))
+
+    def _expire(self, tick: int, replica: int, keys: list[bytes]) -> None:
+        where = self._where
+        held = self._held.get(replica)
+        for key in keys:
+            reps = where.get(key)
+            if reps is None:
+                continue
+            bits = reps.get(replica)
+            if bits is None or not bits & _PENDING_BIT:
+                continue
+            if bits & _TIER_BITS:
+                reps[replica] = bits & _TIER_BITS  # confirmed by a stored event meanwhile
+                continue
+            del reps[replica]
+            if held is not None:
+                held.discard(key)
+            if not reps:
+                del where[key]
 
     def apply(self, replica: int, events: Iterable[KVEvent]) -> None:
         """Fold one replica's events in, in order. A ``removed`` for an unknown block is ignored (the
@@ -76,7 +137,7 @@ class PrefixIndex:
                 reps = where.get(key)
                 if reps is None:
                     continue
-                left = reps.get(replica, 0) & ~bit
+                left = reps.get(replica, 0) & ~bit & _TIER_BITS  # an eviction ends a prediction too
                 if left:
                     reps[replica] = left
                     continue
@@ -97,11 +158,12 @@ class PrefixIndex:
                 if not reps:
                     del where[key]
 
-    def match(self, keys: Sequence[bytes]) -> dict[int, tuple[int, int]]:
+    def match(self, keys: Sequence[bytes], *, predicted: bool = False) -> dict[int, tuple[int, int]]:
         """Per replica with a hit: leading blocks of ``keys`` it holds, as (on device, on host).
 
-        A replica's chain stops at the first block it lacks. One dict probe per key plus one per
-        replica still matching: O(len(keys) * replicas), and it stops when no replica matches.
+        A replica's chain stops at the first block it lacks; with ``predicted``, a predicted block
+        counts as on the device. One dict probe per key plus one per replica still matching:
+        O(len(keys) * replicas), and it stops when no replica matches.
         """
         where = self._where
         out: dict[int, tuple[int, int]] = {}
@@ -110,23 +172,28 @@ class PrefixIndex:
         first = where.get(keys[0])
         if not first:
             return out
+        need = _TIER_BITS | (_PENDING_BIT if predicted else 0)
         # replica -> [device blocks, host blocks] of its chain so far
-        alive = {r: [1, 0] if bits & _DEVICE_BIT else [0, 1] for r, bits in first.items()}
+        alive = {
+            r: [0, 1] if bits & _TIER_BITS == _HOST_BIT else [1, 0]
+            for r, bits in first.items()
+            if bits & need
+        }
         for key in keys[1:]:
+            if not alive:
+                break
             reps = where.get(key)
             if reps is None:
                 break
             for r in list(alive):
-                bits = reps.get(r)
-                if bits is None:
+                bits = reps.get(r, 0) & need
+                if not bits:
                     dev, host = alive.pop(r)
                     out[r] = (dev, host)
-                elif bits & _DEVICE_BIT:
-                    alive[r][0] += 1
-                else:
+                elif bits & _TIER_BITS == _HOST_BIT:
                     alive[r][1] += 1
-            if not alive:
-                break
+                else:
+                    alive[r][0] += 1
         for r, (dev, host) in alive.items():
             out[r] = (dev, host)
         return out

@@ -21,7 +21,9 @@ PrefixCacheAffinityRouter checks ``imbalanced_threshold`` first
 
 Order of decisions: a known session whose replica is live and not overloaded stays there; otherwise the
 prompt's keys are matched; no cached block on any candidate (an unknown prefix) means least-loaded; else
-the lowest cost. The chosen replica becomes the session's.
+the lowest cost. The chosen replica becomes the session's, and the prompt's blocks are predicted there
+for ``predict_ttl`` routing decisions (counted as device hits until its events confirm or drop them),
+so that requests sharing a prefix that arrive while the first one's prefill runs follow it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class KVAwareRouter:
         "balance_rel_threshold",
         "index",
         "sessions",
+        "predict_ttl",
     )
 
     def __init__(
@@ -63,6 +66,7 @@ class KVAwareRouter:
         balance_abs_threshold: int = 16,
         balance_rel_threshold: float = 1.5,
         max_sessions: int = 100_000,
+        predict_ttl: int = 64,
     ) -> None:
         if not isinstance(block_size, int) or block_size < 1:
             raise ConfigError(f"block_size={block_size!r} is invalid: must be an integer >= 1")
@@ -73,6 +77,7 @@ class KVAwareRouter:
             ("waiting_weight", waiting_weight),
             ("kv_weight", kv_weight),
             ("balance_abs_threshold", balance_abs_threshold),
+            ("predict_ttl", predict_ttl),
         ):
             if not value >= 0:
                 raise ConfigError(f"{name}={value!r} is invalid: must be >= 0")
@@ -85,6 +90,7 @@ class KVAwareRouter:
         self.kv_weight = float(kv_weight)
         self.balance_abs_threshold = balance_abs_threshold
         self.balance_rel_threshold = float(balance_rel_threshold)
+        self.predict_ttl = int(predict_ttl)
         self.index = PrefixIndex()
         self.sessions = SessionTable(max_sessions)
 
@@ -109,18 +115,16 @@ class KVAwareRouter:
         lora_id: int | None = None,
     ) -> int:
         check_loads(loads)
-        pick = self._choose(token_ids, loads, session, salt, lora_id)
+        keys = prompt_keys(token_ids, self.block_size, lora_id=lora_id, salt=salt)
+        pick = self._choose(keys, len(token_ids), loads, session)
         if session is not None:
             self.sessions.put(session, pick)
+        if self.predict_ttl:
+            self.index.predict(pick, keys, self.predict_ttl)
         return pick
 
     def _choose(
-        self,
-        token_ids: Sequence[int],
-        loads: Mapping[int, ReplicaLoad],
-        session: Hashable | None,
-        salt: int | None,
-        lora_id: int | None,
+        self, keys: list[bytes], n: int, loads: Mapping[int, ReplicaLoad], session: Hashable | None
     ) -> int:
         min_queue = min(ld.num_running + ld.num_waiting for ld in loads.values())
         if session is not None:
@@ -129,14 +133,12 @@ class KVAwareRouter:
                 load = loads.get(rid)
                 if load is not None and not self.overloaded(load, min_queue):
                     return rid
-        keys = prompt_keys(token_ids, self.block_size, lora_id=lora_id, salt=salt)
-        hits = self.index.match(keys)
+        hits = self.index.match(keys, predicted=self.predict_ttl > 0)
         candidates = {r: ld for r, ld in loads.items() if not self.overloaded(ld, min_queue)}
         if not any(r in candidates for r in hits):
             return least_loaded(loads)  # unknown prefix (or cached only where overloaded)
         bs = self.block_size
         host_factor = 1.0 - self.host_hit_weight
-        n = len(token_ids)
         best = -1
         best_key: tuple[float, int, int] = (0.0, 0, 0)
         for rid, ld in candidates.items():
