@@ -43,20 +43,27 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
     memo = MEMO
     recent, older = memo.recent, memo.older
     get_recent, get_older = recent.get, older.get
+    chunks = split_blocks(packed, block_bytes)
     keys: list[bytes] = []
     append = keys.append
-    # Blocks are split off a few C calls at a time; per block one concatenation and a dict probe
-    # (a remembered block), else the hash.
-    for chunk in split_blocks(packed, block_bytes):
+    # Remembered blocks first: one concatenation and a dict probe each. After the first block the
+    # memo does not know, the rest of the chain is new as well (its parent key is): hash and remember.
+    i = 0
+    for chunk in chunks:
         data = parent + chunk
         key = get_recent(data)
         if key is None:
             key = get_older(data)
             if key is None:
-                key = sha256(data).digest()
-            recent[data] = key
+                break
+            recent[data] = key  # still in use: survives the next rotation
         append(key)
         parent = key
+        i += 1
+    for chunk in chunks[i:] if i else chunks:
+        data = parent + chunk
+        parent = recent[data] = sha256(data).digest()
+        append(parent)
     if len(recent) > memo.size:
         memo.rotate()
     return keys
