@@ -37,10 +37,10 @@ def _positive(name: str, value: object) -> int:
 
 
 def _check_ids(name: str, ids: Sequence[int], size: int) -> None:
-    """Out-of-range ids would otherwise wrap (negative) or fail deep inside torch."""
-    for i in ids:
-        if not 0 <= i < size:
-            raise IndexError(f"copy_blocks: {name} block id {i} is outside the pool of {size} blocks")
+    """Out-of-range ids would otherwise wrap (negative) or fail deep inside torch or numpy."""
+    if min(ids) < 0 or max(ids) >= size:
+        bad = next(i for i in ids if not 0 <= i < size)
+        raise IndexError(f"copy_blocks: {name} block id {bad} is outside the pool of {size} blocks")
 
 
 class TensorKVStorage:
