@@ -197,3 +197,48 @@ def test_killed_replica_leaves_the_other_serving(pair, server, tiny_llama_dir) -
     assert [h["alive"] for h in rr.health()] == [False, True]
     after = _run(rr, {103: "after the crash"})  # round-robin skips the dead replica
     assert after[103][1] == "length" and rr.replicas[1].routed >= 3
+
+
+def test_ray_serve_application_answers(pair, tiny_llama_dir) -> None:
+    """``kvsched.serve.ray_app``: deployed with ``serve.run`` on this cluster, it answers as the server."""
+    import socket
+
+    from ray import serve
+
+    from kvsched.serve.ray_app import build_app as build_serve_app
+
+    pair.shutdown()  # the cluster's 2 CPUs go to the application's replicas
+    flags = {"model": str(tiny_llama_dir), "max_model_len": 256, "num_device_blocks": 128}
+    app = build_serve_app(
+        {**flags, "num_host_blocks": 0, "served_model_name": "tiny", "router": "least-loaded"}
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(app, name="kvsched", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        health = httpx.get(url + "/health", trust_env=False, timeout=30)
+        assert health.status_code == 200 and len(health.json()["replicas"]) == 2
+        client = openai.OpenAI(
+            base_url=url + "/v1", api_key="none", max_retries=0, http_client=httpx.Client(trust_env=False)
+        )
+        prompt = PREFIX + "Say hello."
+        want = load_tokenizer(str(tiny_llama_dir)).decode(_engine_tokens(tiny_llama_dir, {0: prompt})[0])
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        assert out.choices[0].text == want
+    finally:
+        serve.shutdown()
+
+
+def test_ray_serve_application_refuses_bad_flags() -> None:
+    from kvsched.core.errors import ConfigError
+    from kvsched.serve.ray_app import build_app as build_serve_app
+    from kvsched.serve.ray_app import flags_from_args
+
+    assert flags_from_args({"replicas": 3, "enable_block_reuse": "false", "priority_mode": "true"}) == [
+        "--replicas", "3", "--no-enable-block-reuse", "--priority-mode"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="bad kvsched.serve.ray_app arguments"):
+        build_serve_app({"router": "random"})
