@@ -62,12 +62,15 @@ def allocate(
     gen: list[Request],
     preempted: list[Request],
     preempt: Callable[[Request, list[Request]], None],
+    whole_context: bool = False,
 ) -> tuple[list[Request], list[Request], int]:
     """Allocate KV for the micro-batch (after both stages, as V1 does in ``prepare_resources``).
 
     The capacity stage only estimated blocks, so an allocation can still fail: a generation that
     cannot grow is preempted (recompute later), a context that cannot grow is left for a later step.
     Prefix reuse found by ``prepare_context`` shrinks a context's chunk to what is really left.
+    ``whole_context``: a first chunk takes blocks for the whole context at once, as TensorRT-LLM's V1
+    ``addSequence`` does (later chunks then allocate nothing).
     """
     out_gen: list[Request] = []
     out_ctx: list[Request] = []
@@ -85,7 +88,8 @@ def allocate(
         chunk = min(req.context_chunk_size, remaining)
         req.context_chunk_size = chunk
         cost = chunk + len(req.draft_tokens) if chunk == remaining else chunk
-        if kv.resize_context(req, cost):
+        grow = remaining + len(req.draft_tokens) if whole_context and req.is_first_context_chunk else cost
+        if kv.resize_context(req, grow):
             out_ctx.append(req)
             tokens += cost
     return out_ctx, out_gen, tokens

@@ -54,6 +54,10 @@ class TwoStageScheduler(SchedulerBase):
         priority_mode: bool = False,
     ) -> None:
         self.policy: CapacityPolicy = check_capacity_policy("two-stage", policy)  # type: ignore[assignment]
+        # MAX_UTILIZATION sizes and allocates a context's whole prompt at its first chunk, as V1's
+        # getNeededBlocksOneStep / addSequence do (TensorRT-LLM kvCacheManager.cpp): a pause then
+        # frees a whole prompt, and starting one takes a whole prompt (evicting reusable blocks).
+        self._whole_context = self.policy is CapacityPolicy.MAX_UTILIZATION
         self._init_common(
             kv_cache_manager, max_batch_size, max_num_tokens, chunk_unit_size,
             peft_cache, draft_kv_cache_manager, priority_mode,
@@ -72,7 +76,9 @@ class TwoStageScheduler(SchedulerBase):
         else:
             fitting = self._no_evict(reqs, inflight, self.policy is CapacityPolicy.STATIC_BATCH)
         ctx, gen, _ = micro_batch(fitting, self._max_tokens, self.max_batch_size, self.chunk_unit_size)
-        ctx, gen, tokens = allocate(self.kv_cache_manager, ctx, gen, preempted, self._preempt)
+        ctx, gen, tokens = allocate(
+            self.kv_cache_manager, ctx, gen, preempted, self._preempt, self._whole_context
+        )
         has_lora = any(r.lora_id is not None for r in ctx) or any(r.lora_id is not None for r in gen)
         chunked = any(not r.is_last_context_chunk for r in ctx)
         ctx = sort_output(ctx, gen, has_lora, chunked)
@@ -95,7 +101,9 @@ class TwoStageScheduler(SchedulerBase):
 
     def _blocks_one_step(self, req: Request) -> int:
         drafts = len(req.draft_tokens)
-        if req.state == CONTEXT_INIT:
+        if req.state == CONTEXT_INIT and self._whole_context:  # V1: the whole context at its first chunk
+            target = req.context_current_position + req.context_remaining_length + drafts
+        elif req.state == CONTEXT_INIT:
             chunk = min(req.context_remaining_length, self._max_tokens)
             target = req.context_current_position + chunk + drafts
         else:
