@@ -116,27 +116,29 @@ class KVAwareRouter:
     ) -> int:
         check_loads(loads)
         keys = prompt_keys(token_ids, self.block_size, lora_id=lora_id, salt=salt)
-        pick = self._choose(keys, len(token_ids), loads, session)
+        pick, known = self._choose(keys, len(token_ids), loads, session)
         if session is not None:
             self.sessions.put(session, pick)
-        if self.predict_ttl:
-            self.index.predict(pick, keys, self.predict_ttl)
+        if self.predict_ttl:  # the leading blocks known there already need no prediction
+            self.index.predict(pick, keys[known:] if known else keys, self.predict_ttl)
         return pick
 
     def _choose(
         self, keys: list[bytes], n: int, loads: Mapping[int, ReplicaLoad], session: Hashable | None
-    ) -> int:
+    ) -> tuple[int, int]:
+        """The pick and how many leading keys the index already has there (0 if not matched)."""
         min_queue = min(ld.num_running + ld.num_waiting for ld in loads.values())
         if session is not None:
             rid = self.sessions.get(session)
             if rid is not None:
                 load = loads.get(rid)
                 if load is not None and not self.overloaded(load, min_queue):
-                    return rid
+                    return rid, 0
         hits = self.index.match(keys, predicted=self.predict_ttl > 0)
         candidates = {r: ld for r, ld in loads.items() if not self.overloaded(ld, min_queue)}
         if not any(r in candidates for r in hits):
-            return least_loaded(loads)  # unknown prefix (or cached only where overloaded)
+            pick = least_loaded(loads)  # unknown prefix (or cached only where overloaded)
+            return pick, sum(hits.get(pick, (0, 0)))
         bs = self.block_size
         host_factor = 1.0 - self.host_hit_weight
         best = -1
@@ -155,4 +157,4 @@ class KVAwareRouter:
             key = (cost, queue, rid)
             if best < 0 or key < best_key:
                 best, best_key = rid, key
-        return best
+        return best, sum(hits.get(best, (0, 0)))
