@@ -33,20 +33,30 @@ class StepShape:
     lora_tokens: int = 0  # query tokens of requests with an adapter
     lora_adapters: int = 0  # distinct adapters in the step (each one's weights read once)
     lora_load_bytes: float = 0.0  # adapters copied host -> device before this step's forward
+    # The prefill chunks' part of num_tokens / attn_pairs / kv_read_tokens (the rest is decodes): their
+    # attention is its own kernel, so the cost model bounds each part by its own roofline.
+    ctx_tokens: int = 0
+    ctx_pairs: int = 0
+    ctx_kv_tokens: int = 0
 
     def reset(self) -> None:
         self.num_tokens = self.num_seqs = self.num_logits = 0
         self.attn_pairs = self.kv_read_tokens = 0
+        self.ctx_tokens = self.ctx_pairs = self.ctx_kv_tokens = 0
         self.h2d_bytes = self.d2h_bytes = 0.0
         self.lora_tokens = self.lora_adapters = 0
         self.lora_load_bytes = 0.0
 
     def add_context(self, start: int, chunk: int, last: bool) -> None:
         """A prefill chunk of `chunk` tokens at positions [start, start + chunk)."""
+        pairs = chunk * start + chunk * (chunk + 1) // 2
         self.num_tokens += chunk
         self.num_seqs += 1
-        self.attn_pairs += chunk * start + chunk * (chunk + 1) // 2
+        self.attn_pairs += pairs
         self.kv_read_tokens += start + chunk
+        self.ctx_tokens += chunk
+        self.ctx_pairs += pairs
+        self.ctx_kv_tokens += start + chunk
         if last:
             self.num_logits += 1
 
@@ -79,13 +89,18 @@ class CostModel(Protocol):
 
 @dataclass(slots=True)
 class RooflineCostModel:
-    """Linear layers: max(FLOPs, weight bytes); attention: max(FLOPs, KV bytes); plus overheads.
+    """Linear layers: max(FLOPs, weight bytes); attention: max(FLOPs, KV bytes) for the prefill chunks
+    and again for the decodes; plus overheads.
 
     Weights are read once per step whatever the batch, KV once per sequence, so the model captures both
-    why batching pays off and why long contexts make decode memory-bound. LoRA (`lora`): the adapters'
-    shrink/expand GEMMs run as their own kernels (as Punica's SGMV / S-LoRA), so they add
-    max(adapter FLOPs, each distinct adapter's bytes read once); loading an adapter is a host -> device
-    copy the forward waits for, so it is never overlapped.
+    why batching pays off and why long contexts make decode memory-bound. Prefill and decode attention
+    are separate kernels (TensorRT-LLM's context FMHA vs its generation XQA/MMHA kernels, docs
+    `advanced/gpt-attention.md`; FlashInfer's prefill vs decode wrappers in vLLM/SGLang), so a step pays
+    both rooflines: one max() over the whole batch would hide the decodes' KV reads under a long
+    prefill chunk's FLOPs (up to half the attention time of a 32k-token prompt next to long decodes).
+    LoRA (`lora`): the adapters' shrink/expand GEMMs run as their own kernels (as Punica's SGMV /
+    S-LoRA), so they add max(adapter FLOPs, each distinct adapter's bytes read once); loading an adapter
+    is a host -> device copy the forward waits for, so it is never overlapped.
     """
 
     model: ModelSpec
@@ -132,7 +147,8 @@ class RooflineCostModel:
         self._s_token = m.linear_flops_per_token / (tp * peak * g.mfu)
         self._s_logit = m.lm_head_flops_per_token / (tp * g.gemm_flops(m.head_gemm_dtype) * g.mfu)
         self._s_weights = m.weight_bytes_per_step / (tp * g.hbm_bandwidth * g.hbm_efficiency)
-        self._s_pair = m.attn_flops_per_pair / (tp * g.gemm_flops(m.attn_dtype) * eff)
+        # score FLOPs at the KV dtype's tensor rate, capped by the softmax exponentials (GpuSpec)
+        self._s_pair = m.attn_flops_per_pair / (tp * g.attention_flops(m.attn_dtype, m.head_dim) * eff)
         self._s_kv = self.kv_bytes_per_token / (g.hbm_bandwidth * eff)
         self._s_reduce = 0.0
         if tp > 1:
@@ -155,6 +171,14 @@ class RooflineCostModel:
             return 0.0
         return max(s.lora_tokens * self._s_lora_token, s.lora_adapters * self._s_lora_adapter)
 
+    def attention_time(self, s: StepShape) -> float:
+        """max(score FLOPs, KV bytes read + written) of the prefill chunks, plus the same of the decodes."""
+        pair, kv = self._s_pair, self._s_kv
+        c_flops, c_bytes = s.ctx_pairs * pair, (s.ctx_kv_tokens + s.ctx_tokens) * kv
+        g_flops = (s.attn_pairs - s.ctx_pairs) * pair
+        g_bytes = (s.kv_read_tokens - s.ctx_kv_tokens + s.num_tokens - s.ctx_tokens) * kv
+        return (c_flops if c_flops > c_bytes else c_bytes) + (g_flops if g_flops > g_bytes else g_bytes)
+
     def breakdown(self, s: StepShape) -> dict[str, float]:
         """Seconds per component: linear, attention, allreduce, overhead, copy, lora, lora_load."""
         out = {"linear": 0.0, "attention": 0.0, "allreduce": 0.0, "overhead": 0.0, "copy": 0.0}
@@ -162,9 +186,7 @@ class RooflineCostModel:
         out["lora_load"] = s.lora_load_bytes * self._s_link
         if s.num_tokens > 0:
             out["linear"] = max(s.num_tokens * self._s_token + s.num_logits * self._s_logit, self._s_weights)
-            out["attention"] = max(
-                s.attn_pairs * self._s_pair, (s.kv_read_tokens + s.num_tokens) * self._s_kv
-            )
+            out["attention"] = self.attention_time(s)
             if self.tp > 1:  # two ring all-reduces of the activations per layer
                 lat = 2 * self.model.num_layers * self.allreduce_latency
                 out["allreduce"] = s.num_tokens * self._s_reduce + lat
@@ -179,9 +201,7 @@ class RooflineCostModel:
         if n > 0:
             lin = n * self._s_token + shape.num_logits * self._s_logit
             w = self._s_weights
-            attn = shape.attn_pairs * self._s_pair
-            kv = (shape.kv_read_tokens + n) * self._s_kv
-            compute = (lin if lin > w else w) + (attn if attn > kv else kv) + self.step_overhead
+            compute = (lin if lin > w else w) + self.attention_time(shape) + self.step_overhead
             if self.tp > 1:
                 compute += n * self._s_reduce + 2 * self.model.num_layers * self.allreduce_latency
             if shape.lora_tokens:

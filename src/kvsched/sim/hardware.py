@@ -29,6 +29,11 @@ class GpuSpec:
     host_link_bandwidth: float  # B/s per direction, theoretical
     gpu_link_bandwidth: float = 0.0  # B/s per direction between GPUs (tensor parallel all-reduce)
     fp4_flops: float = 0.0  # dense FP4 tensor FLOP/s (0 = no FP4 tensor cores: FP4 GEMMs at the FP8 rate)
+    # Softmax exponentials per second (SMs x 16 MUFU ops per clock x boost clock; 0 = no ceiling): one
+    # per (query, key) pair and head, so attention runs at most at this x 4 x head_dim FLOP/s whatever the
+    # tensor-core rate (FlashAttention-4, together.ai/blog/flashattention-4: on B200 the exponential, not
+    # the MMA, bounds attention; on Hopper FP8 attention stays tensor-bound).
+    sfu_exp_rate: float = 0.0
     mfu: float = 0.6  # fraction of peak FLOP/s reached by GEMMs
     hbm_efficiency: float = 0.8  # fraction of HBM bandwidth reached by weight reads
     attention_efficiency: float = 0.5  # fraction of peaks reached by attention (KV reads, score FLOPs)
@@ -53,8 +58,10 @@ class GpuSpec:
                 raise ConfigError(f"gpu {self.name!r}: {f}={v!r} is invalid: must be in (0, 1]")
         if self.gpu_link_bandwidth < 0:
             raise ConfigError(f"gpu {self.name!r}: gpu_link_bandwidth must be >= 0")
-        if not isinstance(self.fp4_flops, (int, float)) or self.fp4_flops < 0:
-            raise ConfigError(f"gpu {self.name!r}: fp4_flops={self.fp4_flops!r} is invalid: must be >= 0")
+        for f in ("fp4_flops", "sfu_exp_rate"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"gpu {self.name!r}: {f}={v!r} is invalid: must be a number >= 0")
 
     def gemm_flops(self, dtype: str) -> float:
         """Dense tensor peak for GEMMs in `dtype` (bf16 | fp8 | fp4); a narrower type than the GPU has
@@ -67,6 +74,14 @@ class GpuSpec:
             return self.bf16_flops
         raise ConfigError(f"gemm dtype {dtype!r} is invalid: bf16, fp8 or fp4")
 
+    def attention_flops(self, dtype: str, head_dim: int) -> float:
+        """Peak FLOP/s of attention scores in `dtype`: the tensor-core rate, capped by the exponential
+        units (4 x head_dim FLOPs of QK^T and PV per exponential)."""
+        peak = self.gemm_flops(dtype)
+        if self.sfu_exp_rate > 0:
+            return min(peak, self.sfu_exp_rate * 4 * head_dim)
+        return peak
+
     def with_efficiency(self, **factors: float) -> GpuSpec:
         """A copy with other efficiency factors (what a calibration changes)."""
         return replace(self, **factors)
@@ -78,9 +93,16 @@ class GpuSpec:
 _PCIE5 = 64 * GIGA  # x16, per direction
 _PCIE4 = 32 * GIGA
 
+
+def _exp_rate(sms: int, boost_ghz: float) -> float:
+    """16 MUFU exponentials per clock per SM (Ampere through Blackwell; FlashAttention-4's analysis)."""
+    return sms * 16 * boost_ghz * GIGA
+
+
 GPU_PRESETS: dict[str, GpuSpec] = {
     "a100": GpuSpec(
         "a100",
+        sfu_exp_rate=_exp_rate(108, 1.41),
         bf16_flops=312 * TERA,
         fp8_flops=312 * TERA,  # no FP8 tensor cores: FP8 weights run at BF16 speed
         hbm_bandwidth=2.039 * TERA,
@@ -91,6 +113,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "h100": GpuSpec(
         "h100",
+        sfu_exp_rate=_exp_rate(132, 1.98),
         bf16_flops=989 * TERA,
         fp8_flops=1979 * TERA,
         hbm_bandwidth=3.35 * TERA,
@@ -101,6 +124,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "h200": GpuSpec(
         "h200",
+        sfu_exp_rate=_exp_rate(132, 1.98),
         bf16_flops=989 * TERA,
         fp8_flops=1979 * TERA,
         hbm_bandwidth=4.8 * TERA,
@@ -111,6 +135,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "b200": GpuSpec(
         "b200",
+        sfu_exp_rate=_exp_rate(148, 1.965),
         bf16_flops=2250 * TERA,
         fp8_flops=4500 * TERA,
         fp4_flops=9000 * TERA,
@@ -122,6 +147,7 @@ GPU_PRESETS: dict[str, GpuSpec] = {
     ),
     "l40s": GpuSpec(
         "l40s",
+        sfu_exp_rate=_exp_rate(142, 2.52),
         bf16_flops=362 * TERA,
         fp8_flops=733 * TERA,
         hbm_bandwidth=0.864 * TERA,
