@@ -65,8 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default=None, help="an HF folder or GGUF (default: SmolLM2-135M)")
     parser.add_argument("--num-prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=None, help="keep each prompt's first N tokens")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--device-kv-bytes", type=int, default=None, help="small: suspensions happen")
     parser.add_argument("--host-kv-bytes", type=int, default=None)
@@ -83,9 +85,9 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, config, tok = load_model(None, dtype=torch.float32, device=torch.device("cpu"), seed=0)
+    model, config, tok = load_model(a.model, dtype=torch.float32, device=torch.device("cpu"), seed=0)
     assert tok is not None
-    prompts = [list(tok.encode_chat(c)) for c in chat_conversations(a.num_prompts)]
+    prompts = [list(tok.encode_chat(c))[: a.prompt_len] for c in chat_conversations(a.num_prompts)]
     opts: dict[str, Any] = {"max_batch_size": a.max_batch_size}
     if a.device_kv_bytes is not None:
         opts["device_kv_bytes"] = a.device_kv_bytes
@@ -101,7 +103,7 @@ def main() -> None:
                 best[overlap] = r
     load = os.getloadavg()[0]
     print(
-        f"{a.num_prompts} prompts x {a.max_tokens} tokens, greedy, SmolLM2-135M fp32 on CPU, "
+        f"{a.num_prompts} prompts x {a.max_tokens} tokens, greedy, {a.model or 'SmolLM2-135M'} fp32 on CPU, "
         f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, load average {load:.1f} "
         "(a shared, loaded machine: compare the ratio, not the absolute figures)"
     )

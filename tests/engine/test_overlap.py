@@ -104,7 +104,13 @@ def _drive(ex, prompts, abort_at=None, add_at=None) -> tuple[list, dict]:  # noq
         c = results[rid].outputs[0]
         assert c.text == deltas[rid] or c.finish_reason == "abort"
         summary.append((c.token_ids, c.text, c.finish_reason, c.logprobs, c.top_logprobs))
-    return summary, {"paused": ex.stats.num_paused, "preempted": ex.stats.num_preempted}
+    st = ex.stats
+    return summary, {
+        "paused": st.num_paused,
+        "preempted": st.num_preempted,
+        "generated": st.num_generated_tokens,
+        "context": st.num_context_tokens,
+    }
 
 
 def _same(over: list, sync: list) -> None:
@@ -135,6 +141,9 @@ def test_outputs_identical_with_overlap_on_and_off(tiny_llama_dir, config):
     assert ex._overlap is not None
     over, over_stats = _drive(ex, PROMPTS)
     _same(over, sync)
+    assert over_stats["generated"] == sync_stats["generated"] == sum(len(s[0]) for s in sync)
+    if config == "roomy":  # the same schedule: the same prefill tokens
+        assert over_stats["context"] == sync_stats["context"] == sum(map(len, PROMPTS))
     reasons = {s[2] for s in sync}
     assert {"stop", "length"} <= reasons  # late stops and max_tokens ends both happened
     if config == "suspend":

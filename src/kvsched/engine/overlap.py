@@ -230,7 +230,9 @@ class OverlapLoop:
             )
         live = [(j, r) for j, r in enumerate(cur.rows) if r.state != _DONE]
         placeholder = [PLACEHOLDER]
-        self.engine.loop.apply(out, {r.request_id: placeholder for _, r in live})
+        eng = self.engine
+        eng.stats.record_step(out, 0, eng.kv)  # chunk sizes and KV usage as scheduled; tokens at emission
+        eng.loop.apply(out, {r.request_id: placeholder for _, r in live})
         cur.unknown = {r.request_id: (len(r.output_token_ids) - 1, j) for j, r in live}
 
     def _finish(self, prev: _InFlight) -> list[StepOutput]:
@@ -266,7 +268,7 @@ class OverlapLoop:
             top = tops[j] if want_lp and tops is not None else None
             outputs.append(emit(tracked, tok, lp, now, top))
         prev.unknown.clear()
-        eng.stats.record_step(prev.out, produced, eng.kv)
+        eng.stats.num_generated_tokens += produced
         return outputs
 
     # -- around the step ---------------------------------------------------------------------------
