@@ -48,6 +48,21 @@ def test_every_kind_builds_a_router_and_cli_spellings_are_accepted():
         make_router("round_robin", block_size=BS, host_hit_weight=0.5)
     with pytest.raises(ConfigError, match="host_hit_weight"):
         KVAwareRouter(BS, host_hit_weight=2.0)
+    with pytest.raises(ConfigError, match="'kv_aware'.*hit_weight"):
+        make_router("kv_aware", block_size=BS, hit_weight=1.0)
+    with pytest.raises(ConfigError, match="max_sessions"):
+        make_router("sticky", block_size=BS, max_sessions=0)
+
+
+def test_session_table_keeps_the_most_recent_sessions():
+    r = make_router("sticky", block_size=BS, max_sessions=2)
+    assert r.choose([], loads(0, 1), session="a") == 0
+    assert r.choose([], loads(1, 0), session="b") == 1
+    assert r.choose([], loads(1, 0), session="a") == 0  # "a" used again: "b" is now the oldest
+    assert r.choose([], loads(0, 1), session="c") == 0  # a third session drops "b"
+    assert r.choose([], loads(0, 1), session="b") == 0  # "b" forgotten: least-loaded again
+    assert r.choose([], loads(1, 0), session="c") == 0  # "c" kept (and "a" dropped for "b")
+    assert r.choose([], loads(1, 0), session="a") == 1
 
 
 @pytest.mark.parametrize("kind", ROUTER_KINDS)

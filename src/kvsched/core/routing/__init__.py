@@ -49,10 +49,13 @@ def make_router(kind: str, *, block_size: int, **kwargs: Any) -> Router:
     name = normalize_router_kind(kind)
     if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ConfigError(f"block_size={block_size!r} is invalid: must be an integer >= 1")
-    if name == "kv_aware":
-        return KVAwareRouter(block_size, **kwargs)
-    if name == "sticky":
-        return StickyRouter(**kwargs)
+    try:
+        if name == "kv_aware":
+            return KVAwareRouter(block_size, **kwargs)
+        if name == "sticky":
+            return StickyRouter(**kwargs)
+    except TypeError as exc:  # an option the router does not take
+        raise ConfigError(f"router {name!r}: {exc}") from exc
     if kwargs:
         raise ConfigError(f"router {name!r} takes no options, got {', '.join(sorted(kwargs))}")
     return RoundRobinRouter() if name == "round_robin" else LeastLoadedRouter()
