@@ -257,3 +257,33 @@ def test_a_failed_kv_copy_fails_the_request_being_moved_only(tiny_llama_dir, hf_
         got = results[rid].outputs[0].token_ids
         assert got == want if rid not in failed else got == want[: len(got)]
     assert ex.kv.stats().num_suspends > 1
+
+
+def test_a_stop_token_on_the_last_allowed_token_names_stop(tiny_llama_dir):
+    """The max_tokens end is applied at submission, the token only known later: a stop token id in that
+    last place still makes the reason "stop", as in the synchronous loop."""
+    prompt = PROMPTS[2]
+    ref = _engine(tiny_llama_dir, False, **CONFIGS["roomy"])
+    ref.add_request(prompt, SamplingParams(max_tokens=8, temperature=0.0))
+    tokens = ref.run()[0].outputs[0].token_ids
+    k = tokens.index(tokens[5])  # the first place that token appears
+    params = SamplingParams(max_tokens=k + 1, temperature=0.0, stop_token_ids=[tokens[k]])
+    outs = []
+    for overlap in (False, True):
+        ex = _engine(tiny_llama_dir, overlap, **CONFIGS["roomy"])
+        ex.add_request(prompt, params)
+        [out] = ex.run()
+        outs.append((out.outputs[0].token_ids, out.outputs[0].finish_reason))
+    assert outs[0] == outs[1] == (tokens[: k + 1], "stop")
+
+
+def test_token_stop_follows_eos_ignore_eos_and_stop_ids():
+    from kvsched.core.request import Request
+    from kvsched.engine.overlap import token_stop
+
+    plain = Request(0, [1, 2], 4, sampling_params=SamplingParams(), eos_token_ids=[9])
+    ignoring = Request(1, [1, 2], 4, sampling_params=SamplingParams(ignore_eos=True), eos_token_ids=[9])
+    stops = Request(2, [1, 2], 4, sampling_params=SamplingParams(stop_token_ids=[5]), eos_token_ids=[9])
+    assert token_stop(plain, 9) and not token_stop(plain, 5)
+    assert not token_stop(ignoring, 9)
+    assert token_stop(stops, 5) and token_stop(stops, 9) and not token_stop(stops, 4)

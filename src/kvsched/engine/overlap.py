@@ -78,7 +78,8 @@ def token_stop(req: Request, token: int) -> bool:
     sp = req.sampling_params
     if token in req.eos_token_ids and (sp is None or not sp.ignore_eos):
         return True
-    return sp is not None and bool(sp.stop_token_ids) and token in sp.stop_token_ids
+    stop_ids = None if sp is None else sp.stop_token_ids
+    return stop_ids is not None and token in stop_ids
 
 
 class OverlapLoop:
