@@ -168,6 +168,7 @@ def bench_copy(args: argparse.Namespace, storage_cls: type | None = None) -> Non
     between the same two memories, timed in the same run."""
     import random
 
+    import numpy as np
     import torch
 
     from kvsched.engine.kv_storage import TensorKVStorage
@@ -197,6 +198,10 @@ def bench_copy(args: argparse.Namespace, storage_cls: type | None = None) -> Non
 
         base, _ = bench(flat, 1.0, time.perf_counter)
         print(f"copy {name} flat copy_ ({shape}){'':<4}{nbytes / base / 1e9:>10,.2f} GB/s  (baseline)")
+        if not cuda:  # context on a loaded machine: torch's copy_ is OpenMP-parallel, this is not
+            d_np, f_np = flat_dst.view(torch.uint8).numpy(), flat_src.view(torch.uint8).numpy()
+            one, _ = bench(lambda d=d_np, f=f_np: np.copyto(d, f), 1.0, time.perf_counter)
+            print(f"copy {name} flat one-thread memcpy (numpy){'':<14}{nbytes / one / 1e9:>10,.2f} GB/s")
         for label, a, b in (
             ("consecutive ids", consecutive, consecutive),
             ("scattered ids", rng.sample(range(pool), blocks), rng.sample(range(pool), blocks)),

@@ -28,6 +28,7 @@ import torch
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache.types import Tier
+from kvsched.engine.block_copy import copy_rows
 
 
 def _positive(name: str, value: object) -> int:
@@ -77,11 +78,14 @@ class TensorKVStorage:
             (self.num_host_blocks, num_layers, *block_shape), dtype=dtype, pin_memory=self._cuda
         )
         self.host_kv: list[torch.Tensor] = list(self.host_blocks.unbind(1))
-        # Host-side copies go through numpy byte views of the same memory: one single-threaded
-        # memcpy per layer run, no OpenMP region per block (torch's parallel copy_ pays a barrier per
-        # call, which collapses when other processes load the cores), and any dtype copies bit-exact.
+        # Host-side copies go through block-major numpy byte views of the same memory (see
+        # block_copy.py): memcpy per layer run, no OpenMP region per block (torch's parallel copy_
+        # pays a barrier per call, which collapses when other processes load the cores), and any
+        # dtype copies bit-exact.
         self._host_np = self.host_blocks.view(torch.uint8).numpy()  # [block, layer, ...] contiguous
-        self._device_np = None if self._cuda else self.device_pool.view(torch.uint8).numpy()
+        self._device_np = (
+            None if self._cuda else self.device_pool.view(torch.uint8).numpy().swapaxes(0, 1)
+        )  # [block, layer, ...] strided
         elem = torch.empty((), dtype=dtype).element_size()
         self._block_numel = 2 * block_shape[1] * num_kv_heads * head_dim
         self._bytes_per_block = num_layers * elem * self._block_numel
@@ -115,13 +119,9 @@ class TensorKVStorage:
             else:
                 self._upload(src, dst)
         elif dst_tier == Tier.HOST:
-            host, dev = self._host_np, self._device_np
-            for s, d in zip(src, dst):
-                host[d] = dev[:, s]  # type: ignore[index]
+            copy_rows(self._host_np, self._device_np, dst, src, self._bytes_per_block)  # type: ignore[arg-type]
         else:
-            host, dev = self._host_np, self._device_np
-            for s, d in zip(src, dst):
-                dev[:, d] = host[s]  # type: ignore[index]
+            copy_rows(self._device_np, self._host_np, dst, src, self._bytes_per_block)  # type: ignore[arg-type]
 
     def _pool_size(self, tier: Tier) -> int:
         return self.num_device_blocks if tier == Tier.DEVICE else self.num_host_blocks
@@ -152,17 +152,13 @@ class TensorKVStorage:
             gathered = self.device_pool.index_select(1, src_idx).transpose(0, 1).contiguous()
             staging.copy_(gathered, non_blocking=True)
         stream.synchronize()  # the CPU reads the staging buffer next
-        host, stage = self._host_np, staging.view(torch.uint8).numpy()
-        for i, d in enumerate(dst):
-            host[d] = stage[i]
+        copy_rows(self._host_np, staging.view(torch.uint8).numpy(), dst, range(n), self._bytes_per_block)
 
     def _upload(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Host -> device: one copy per host block into staging, one transfer, one scatter."""
         n = len(src)
         staging = self._stage(n)
-        host, stage = self._host_np, staging.view(torch.uint8).numpy()
-        for i, s in enumerate(src):
-            stage[i] = host[s]
+        copy_rows(staging.view(torch.uint8).numpy(), self._host_np, range(n), src, self._bytes_per_block)
         stream = self._side_stream()
         with torch.cuda.stream(stream):
             dst_idx = torch.tensor(dst, dtype=torch.long).to(self.device, non_blocking=True)
