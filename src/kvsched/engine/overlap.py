@@ -119,10 +119,10 @@ class OverlapLoop:
         try:
             if out is not None and (out.context_requests or out.generation_requests):
                 cur = self._submit(out, prev)
-            if prev is None and cur is None:
-                return failed or self._idle(out)
             outputs = failed + self._finish(prev) if prev is not None else failed
             eng._active = [r for r in eng._active if r.state != _DONE]
+            if prev is None and cur is None and not failed:
+                return self._idle(out)
             if cur is not None:
                 self._apply(cur)
             self._inflight = cur
