@@ -4,7 +4,9 @@ The same chat prompts (token ids from our tokenizer) and the same weights (HF lo
 ``gguf_file=``) go through each engine, greedy. Each engine runs in its own spawned process so its peak
 RSS is its own; load time is excluded from tokens/s. Prints output tokens/s and CPU time per output
 token (steadier than wall time on a busy machine), the ratios (kvsched x: how many times kvsched is
-better), peak RSS, and how many greedy outputs agree with kvsched's.
+better), peak RSS, and how many greedy outputs agree with kvsched's; then kvsched's step profile (time
+per step in forward, attention gather, sampling, detokenize, scheduling, step update and the rest;
+``EngineArgs.profile_steps``, off by default in the engine, on here unless ``--no-profile``).
 
     python benchmarks/engine_throughput.py                        # 64 prompts x 128 new tokens
     python benchmarks/engine_throughput.py --num-prompts 16 --max-tokens 32 --skip hf-cb
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import sys
 import time
@@ -56,6 +59,9 @@ def run_kvsched(
 
     llm = LLM(**opts)
     llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    prof = llm.engine.profile
+    if prof is not None:
+        prof.reset()  # the warm-up step is not part of the figures
     start, cpu0 = time.perf_counter(), _cpu_s()
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
@@ -66,7 +72,10 @@ def run_kvsched(
     tokens = [o.outputs[0].token_ids for o in outs]
     kv = llm.engine.kv.stats()
     extra = f"suspends={kv.num_suspends} resumes={kv.num_resumes} reuse_hit_rate={kv.reuse_hit_rate:.1%}"
-    return {"tokens": tokens, "seconds": seconds, "cpu_s": cpu, "rss_mb": _peak_rss_mb(), "extra": extra}
+    result = {"tokens": tokens, "seconds": seconds, "cpu_s": cpu, "rss_mb": _peak_rss_mb(), "extra": extra}
+    if prof is not None:
+        result["profile"] = prof.as_dict()
+    return result
 
 
 def _hf_model():
@@ -168,12 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=64, help="kvsched max batch size")
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF static batch size")
     p.add_argument("--skip", action="append", default=[], choices=sorted(RUNNERS), help="engines to skip")
+    p.add_argument("--no-profile", action="store_true", help="do not time kvsched's step phases")
     a = p.parse_args(argv)
     prompts, eos = _prompts(a.num_prompts)
     total_prompt = sum(len(x) for x in prompts)
     print(f"{len(prompts)} prompts ({total_prompt} prompt tokens), max {a.max_tokens} new tokens, greedy")
     opts = {
-        "kvsched": {"max_batch_size": a.max_batch_size, "max_num_tokens": 2048},
+        "kvsched": {
+            "max_batch_size": a.max_batch_size,
+            "max_num_tokens": 2048,
+            "profile_steps": not a.no_profile,
+        },
         "hf-static": {"batch_size": a.hf_batch_size},
         "hf-cb": {"num_blocks": 64, "max_batch_tokens": 2048},
     }
@@ -207,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rss_mb']:>12.0f}  "
             f"{match:>12}  {r['extra']}"
         )
+    if "profile" in base:
+        from kvsched.engine.step_profile import format_profile
+
+        print(f"\nkvsched step profile (wall time; load average {os.getloadavg()[0]:.1f} at the end):")
+        print(format_profile(base["profile"]))
     return 0
 
 

@@ -55,6 +55,7 @@ from kvsched.engine.overlap import OverlapLoop
 from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.speculative.speculator import Speculator
+from kvsched.engine.step_profile import StepProfile
 from kvsched.engine.text_stream import TextStream
 
 log = logging.getLogger("kvsched.engine")
@@ -137,6 +138,9 @@ class Engine:
             if self.args.async_scheduling and self.spec is None and self.parts.lora is None
             else None
         )
+        #: ``EngineArgs.profile_steps``: time per phase of each synchronous step (engine/step_profile.py).
+        self.profile = StepProfile() if self.args.profile_steps else None
+        self.parts.model.profile = self.parts.runner.profile = self.profile
 
     @property
     def scheduler(self) -> Scheduler:
@@ -313,11 +317,15 @@ class Engine:
         if self.spec is not None:
             self.spec.reserve(self._active)
         self._scheduled = None
+        if self.profile is not None:
+            self.profile.begin()
         try:
             out, finished = self.loop.step(self._active)
         except Exception as exc:
             return self._contain(exc)
         self._scheduled = None
+        if self.profile is not None:
+            self.profile.after_update(ran=finished is not None)
         if finished is None:
             if out.paused_requests or out.preempted_requests:
                 self._publish_kv_events()  # suspends moved blocks between tiers
@@ -338,9 +346,13 @@ class Engine:
             tracked = self._tracked[req.request_id]
             top = result.top_logprobs[i] if want_lp and result.top_logprobs is not None else None
             outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now, top))
+        if self.profile is not None:
+            self.profile.lap("detokenize")
         if finished or any(o.finished for o in outputs):
             self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
         self._publish_kv_events()
+        if self.profile is not None:
+            self.profile.end()
         return outputs
 
     def run(self) -> list[RequestOutput]:
@@ -357,12 +369,14 @@ class Engine:
         """The loop's runner: one forward pass and one sampled token per logits row."""
         if self.spec is not None:
             return self._run_speculative(out)
-        rows, logits = self.parts.runner.run(out, self.kv)
+        rows, logits = self.parts.runner.run(out, self.kv)  # profiled: laps batch_build and forward
         sample_rows = [self._tracked[r.request_id] for r in rows]
         want_lp = any(t.logprobs is not None for t in sample_rows)
         result = self.sampler(
             logits, [t.params for t in sample_rows], [t.generator for t in sample_rows], want_lp
         )
+        if self.profile is not None:
+            self.profile.lap("sampling")
         self._batch = (rows, result, want_lp)
         return {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
 
@@ -518,6 +532,8 @@ class Engine:
 
     def _note_schedule(self, out: SchedulerOutput) -> None:
         """The loop's ``on_schedule`` hook: suspend / resume / preemption counts, first scheduled time."""
+        if self.profile is not None:
+            self.profile.lap("scheduling")
         now = time.monotonic()
         self._scheduled = out
         self.stats.record_schedule(out)

@@ -69,6 +69,8 @@ class EngineArgs:
     # Async scheduling (engine/overlap.py): the forward runs in a worker thread while the engine
     # schedules the next step and detokenizes the last one; outputs are the same as without it.
     async_scheduling: bool = False
+    # Time each phase of a step (engine/step_profile.py; Engine.profile); synchronous loop only.
+    profile_steps: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,6 +96,12 @@ class EngineArgs:
         self._validate_lora()
         if not isinstance(self.async_scheduling, bool):
             raise ConfigError(f"async_scheduling={self.async_scheduling!r} is invalid: must be a bool")
+        if not isinstance(self.profile_steps, bool):
+            raise ConfigError(f"profile_steps={self.profile_steps!r} is invalid: must be a bool")
+        if self.profile_steps and (self.async_scheduling or self.speculative is not None):
+            raise ConfigError(
+                "profile_steps times the synchronous loop: not with async_scheduling or speculative"
+            )
         if self.chunk_unit_size is not None and self.chunk_unit_size % self.tokens_per_block:
             raise ConfigError(
                 f"chunk_unit_size={self.chunk_unit_size} is invalid: must be a multiple of "

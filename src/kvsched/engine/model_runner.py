@@ -21,6 +21,7 @@ from kvsched.engine.model.llama import KVTensors, LlamaForCausalLM
 
 if TYPE_CHECKING:
     from kvsched.engine.lora.residency import AdapterResidency
+    from kvsched.engine.step_profile import StepProfile
 
 
 class _BlockTables(Protocol):
@@ -46,6 +47,8 @@ class ModelRunner:
         self.tokens_per_block = cache_config.tokens_per_block
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
+        #: Set by the engine with ``EngineArgs.profile_steps``: laps ``batch_build`` and ``forward``.
+        self.profile: StepProfile | None = None
 
     def build_batch(
         self, scheduled: SchedulerOutput, kv: _BlockTables
@@ -80,4 +83,10 @@ class ModelRunner:
             return rows, torch.empty(0, self.vocab_size, device=self.device)
         if self.lora is not None and batch.lora_groups is not None:
             self.lora.prepare(lora for lora, _ in batch.lora_groups)
-        return rows, self.model(batch, self.storage)
+        prof = self.profile
+        if prof is None:
+            return rows, self.model(batch, self.storage)
+        prof.lap("batch_build")
+        logits = self.model(batch, self.storage)
+        prof.lap("forward")
+        return rows, logits

@@ -11,12 +11,17 @@ view ``[num_blocks, 2, tpb*kv_heads*head_dim][:, 0]``, which lands directly as `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kvsched.engine.forward_batch import ForwardBatch
+
+if TYPE_CHECKING:
+    from kvsched.engine.step_profile import StepProfile
 
 # A group's padded work (seqs * max_q * max_kv) may exceed its real work by this factor plus a constant.
 _PAD_FACTOR = 1.5
@@ -45,6 +50,8 @@ class AttentionPlan:
     write_k_rows: torch.Tensor  # [T] flat cache rows where this step's K goes (V = +tpb)
     tokens_per_block: int
     groups: list[_Group]
+    #: When set (``EngineArgs.profile_steps``), the K/V gathers of every layer are timed into it.
+    profile: StepProfile | None = None
 
     @classmethod
     def build(cls, batch: ForwardBatch, sliding_window: int | None = None) -> AttentionPlan:
@@ -152,11 +159,15 @@ def paged_attention(
             out[a:b] = _causal_self(q[a:b], k[a:b], v[a:b]).reshape(b - a, num_heads * head_dim)
             continue
         g, qn = grp.num_seqs, grp.max_q
+        prof = plan.profile
+        t0 = perf_counter() if prof is not None else 0.0
         qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
         kg = k_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
         vg = v_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
         if kg.dtype != q.dtype:
             kg, vg = kg.to(q.dtype), vg.to(q.dtype)
+        if prof is not None:
+            prof.add("attention_gather", perf_counter() - t0)
         if qn <= _BMM_MAX_Q:
             og = _attend_bmm(qg, kg, vg, grp)
         else:

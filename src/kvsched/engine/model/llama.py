@@ -5,7 +5,7 @@ Module names mirror HF's (``model.layers.N.self_attn.q_proj`` ...) so checkpoint
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
@@ -14,6 +14,9 @@ from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.model.attention import AttentionPlan, paged_attention
 from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
 from kvsched.engine.model_config import ModelConfig
+
+if TYPE_CHECKING:
+    from kvsched.engine.step_profile import StepProfile
 
 
 class KVTensors(Protocol):
@@ -88,6 +91,8 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         #: Set by ``engine.lora.install_lora``: the LoRA layers read each batch's adapter groups from it.
         self.lora_context: Any = None
+        #: Set by the engine with ``EngineArgs.profile_steps``: attention times its K/V gathers into it.
+        self.profile: StepProfile | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_storage: KVTensors) -> torch.Tensor:
@@ -95,6 +100,7 @@ class LlamaForCausalLM(nn.Module):
         if len(caches) != self.config.num_layers:
             raise ValueError(f"KV storage has {len(caches)} layers, the model {self.config.num_layers}")
         plan = AttentionPlan.build(batch, self.config.sliding_window)
+        plan.profile = self.profile
         lora = self.lora_context
         if lora is None:
             return self._forward(batch, caches, plan)
