@@ -30,6 +30,7 @@ class StepShape:
     kv_read_tokens: int = 0  # per sequence: its KV length after the step, summed
     h2d_bytes: float = 0.0  # host -> device copies (resumes, host-tier prefix hits)
     d2h_bytes: float = 0.0  # device -> host copies (suspends)
+    copy_calls: int = 0  # block-copy calls of the KV manager behind those bytes (both directions)
     lora_tokens: int = 0  # query tokens of requests with an adapter
     lora_adapters: int = 0  # distinct adapters in the step (each one's weights read once)
     lora_load_bytes: float = 0.0  # adapters copied host -> device before this step's forward
@@ -44,6 +45,7 @@ class StepShape:
         self.attn_pairs = self.kv_read_tokens = 0
         self.ctx_tokens = self.ctx_pairs = self.ctx_kv_tokens = 0
         self.h2d_bytes = self.d2h_bytes = 0.0
+        self.copy_calls = 0
         self.lora_tokens = self.lora_adapters = 0
         self.lora_load_bytes = 0.0
 
@@ -221,20 +223,41 @@ class RooflineCostModel:
 
 @dataclass(slots=True)
 class LinearCostModel:
-    """t = c . features(shape) + copy bytes / link; coefficients fitted to measured step times."""
+    """t = c . features(shape) + copy time; coefficients fitted to measured step times.
+
+    Copy time = ``copy_calls x copy_overhead`` + bytes / ``host_link_bandwidth``, the bytes of both
+    directions added unless ``duplex`` (a GPU's PCIe/NVLink-C2C link has lanes each way; a CPU engine's
+    host<->device copies are memcpys one after the other). With ``overlap_copies`` the copies run beside
+    the forward (a side stream), else before it. `fit_copy_cost` fits the two copy terms to timed calls.
+    """
 
     coefficients: tuple[float, ...]
     host_link_bandwidth: float = 55e9  # effective B/s per direction
     overlap_copies: bool = True
+    copy_overhead: float = 0.0  # s per block-copy call (launch, index handling)
+    duplex: bool = True
 
     def __post_init__(self) -> None:
         if len(self.coefficients) != len(FEATURE_NAMES):
             raise ConfigError(f"LinearCostModel needs {len(FEATURE_NAMES)} coefficients {FEATURE_NAMES}")
+        if not self.host_link_bandwidth > 0 or self.copy_overhead < 0:
+            raise ConfigError(
+                f"host_link_bandwidth={self.host_link_bandwidth} must be > 0 and "
+                f"copy_overhead={self.copy_overhead} >= 0"
+            )
+
+    def copy_time(self, shape: StepShape) -> float:
+        """Seconds of the step's host<->device block copies (0 when nothing moves)."""
+        h2d, d2h = shape.h2d_bytes, shape.d2h_bytes
+        moved = (h2d if h2d > d2h else d2h) if self.duplex else h2d + d2h
+        return shape.copy_calls * self.copy_overhead + moved / self.host_link_bandwidth
 
     def step_time(self, shape: StepShape) -> float:
         compute = sum(c * f for c, f in zip(self.coefficients, shape.features())) if shape.num_tokens else 0.0
         compute += shape.lora_load_bytes / self.host_link_bandwidth  # the forward waits for its adapters
-        copy = max(shape.h2d_bytes, shape.d2h_bytes) / self.host_link_bandwidth
+        if not (shape.copy_calls or shape.h2d_bytes or shape.d2h_bytes):
+            return compute
+        copy = self.copy_time(shape)
         return max(compute, copy) if self.overlap_copies else compute + copy
 
     @classmethod
@@ -258,3 +281,22 @@ class LinearCostModel:
                 break
             active.pop(int(np.argmin(sol)))
         return cls(tuple(float(c) for c in coef), **kwargs)  # type: ignore[arg-type]
+
+
+def fit_copy_cost(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
+    """(seconds per call, bytes per second) of ``t = overhead + bytes / bandwidth`` fitted to timed
+    block-copy calls, least squares on relative error; a negative overhead is clamped to 0 and the
+    bandwidth refitted through the origin."""
+    if len(sizes) != len(times) or len(sizes) < 2:
+        raise ConfigError("fit_copy_cost needs >= 2 (bytes, seconds) pairs of equal count")
+    b = np.asarray(sizes, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    if (b <= 0).any() or (t <= 0).any():
+        raise ConfigError("fit_copy_cost: every call must move > 0 bytes in > 0 seconds")
+    w = 1.0 / t
+    x = np.stack([np.ones_like(b), b], axis=1) * w[:, None]
+    (overhead, per_byte), *_ = np.linalg.lstsq(x, t * w, rcond=None)
+    if overhead < 0 or per_byte <= 0:
+        overhead = 0.0
+        per_byte = float(np.sum(b * w * w * t) / np.sum((b * w) ** 2))
+    return float(overhead), float(1.0 / per_byte)

@@ -9,12 +9,13 @@ deterministic tokens; then record metrics and drop finished requests. With specu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from kvsched.core.config import CacheConfig
-from kvsched.core.kvcache import KVCacheManager
+from kvsched.core.kvcache import KVCacheManager, KVEvent
 from kvsched.core.loop import StepLoop
 from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
@@ -22,10 +23,12 @@ from kvsched.core.request import Request
 from kvsched.core.scheduler import SchedulerOutput, make_scheduler
 from kvsched.core.scheduler.draft_mirror import BothCaches, reserve_draft_slots
 from kvsched.sim.cost import CostModel, StepShape
+from kvsched.sim.decode_window import eligible_batch, run_window, window_length
+from kvsched.sim.lora_residency import lora_step
 from kvsched.sim.metrics import MetricsRecorder
 from kvsched.sim.speculation import DraftKV, SimSpeculation
 from kvsched.sim.storage import CountingStorage
-from kvsched.sim.workload import RequestSpec
+from kvsched.sim.workload import SMALL_TOKENS, RequestSpec, segment_tag
 
 
 @dataclass(slots=True, frozen=True)
@@ -97,6 +100,8 @@ class Replica:
         self._num_device = self.kv.num_device_blocks
         self._num_host = self.kv.num_host_blocks
         self._drain_events = cache_config.enable_kv_events
+        #: a KV-aware router's feed: called with (replica index, events) after each step that made some
+        self.on_events: Callable[[int, list[KVEvent]], None] | None = None
         # LoRA: (device pages for adapters, pages per adapter) -> the scheduler's PEFT page budget
         self.peft = None if lora_pages is None else PeftCache(lora_pages[0], lora_pages[1])
         if self.peft is not None:
@@ -118,13 +123,20 @@ class Replica:
         self.clock = 0.0
         self.num_steps = 0
         self.last_tok: dict[int, float] = {}
-        # request id -> its output-token function (None: plain ids, base + index) and token base
+        # request id -> its output-token function (None: plain ids, see _token) and its first token
         self._tok: dict[int, Callable[[int], int] | None] = {}
         self._base: dict[int, int] = {}
         self.shape = StepShape()
         self._dt = 0.0  # duration of the last step run
-        self._off = self._on = 0
-        self._doff = self._don = 0
+        self._off = self._on = self._calls = 0
+        self._doff = self._don = self._dcalls = 0
+        #: decode windows (sim/decode_window.py): on unless a test compares against step-by-step runs
+        self.decode_windows = True
+        #: the batch a window may replay, or None; `horizon`: windows start no step at or after it
+        #: (the simulator sets it before each call: the next arrival, or another replica's clock)
+        self._window: list[Request] | None = None
+        self.horizon = -math.inf
+        self.stalled = False  # the last regular step ran nothing
         # per-run counters read by the simulator's summary
         self.preemptions = self.recomputed = self.reused = self.context_tokens = 0
 
@@ -132,16 +144,19 @@ class Replica:
         if not self.active and self.clock < t:
             self.clock = t
         rid = spec.request_id
-        # plain token ids (no vocab mapping): the token is base + index, no call per decode
+        # plain token ids (no vocab mapping): the tag, then SMALL_TOKENS[index]; no call per decode
         self._tok[rid] = spec.output_token if spec.vocab_size is not None else None
-        self._base[rid] = spec.output_base
+        self._base[rid] = segment_tag(spec.output_base)
         if spec.lora_id is not None:
             self._has_lora = True
         self.active.append(make_request(spec, t))
+        self._window = None  # the next step schedules the newcomer
 
     def _token(self, rid: int, index: int) -> int:
         f = self._tok[rid]
-        return self._base[rid] + index if f is None else f(index)
+        if f is not None:
+            return f(index)
+        return SMALL_TOKENS[index] if index else self._base[rid]
 
     @property
     def scheduler(self) -> Scheduler:
@@ -161,7 +176,7 @@ class Replica:
             shape.add_context(r.context_current_position, r.context_chunk_size, last)
             if last:
                 sampled[r.request_id] = (self._token(r.request_id, len(r.output_token_ids)),)
-        tok, base, last_tok = self._tok, self._base, self.last_tok
+        tok, small, last_tok = self._tok, SMALL_TOKENS, self.last_tok
         kv_sum = n_plain = 0
         rids = [r.request_id for r in gen]
         prev = list(map(last_tok.__getitem__, rids))
@@ -179,35 +194,22 @@ class Replica:
                     self.spec_steps += 1
                     self.spec_drafts += nd
                     self.spec_accepted += a
-                    f = tok[rid]
-                    b = base[rid]
-                    sampled[rid] = tuple(b + n_out + j if f is None else f(n_out + j) for j in range(a + 1))
+                    sampled[rid] = tuple(self._token(rid, n_out + j) for j in range(a + 1))
                     continue
             else:
                 kv_sum += len(r.prompt_token_ids) + n_out
                 n_plain += 1
             f = tok[rid]
-            sampled[rid] = (base[rid] + n_out if f is None else f(n_out),)
+            sampled[rid] = (small[n_out] if f is None else f(n_out),)  # a decode: n_out >= 1
         if n_plain:  # what add_decode(kv_len, 1) adds, summed: kv_len + 1 pairs and KV tokens each
             shape.num_tokens += n_plain
             shape.num_seqs += n_plain
             shape.num_logits += n_plain
             shape.attn_pairs += kv_sum
             shape.kv_read_tokens += kv_sum
-        sto = self.storage  # copies done by this step's suspends, resumes, host-tier hits, offloads
-        off, on = sto.d2h_blocks, sto.h2d_blocks
-        if off != self._off or on != self._on:
-            shape.d2h_bytes = (off - self._off) * self.block_bytes
-            shape.h2d_bytes = (on - self._on) * self.block_bytes
-            self._off, self._on = off, on
-        dsto = self._draft_storage  # the draft cache's suspends and resumes move its blocks too
-        doff, don = dsto.d2h_blocks, dsto.h2d_blocks
-        if doff != self._doff or don != self._don:
-            shape.d2h_bytes += (doff - self._doff) * dsto.bytes_per_block
-            shape.h2d_bytes += (don - self._don) * dsto.bytes_per_block
-            self._doff, self._don = doff, don
+        self._copies(shape)
         if self._has_lora:
-            self._lora_step(out, shape)
+            lora_step(self, out, shape)
         dt = self.cost.step_time(shape)
         if spec is not None and spec.draft_cost is not None and self.draft is not None:
             dt += self.draft.cost(spec.draft_cost)  # the draft's k forwards run before the target's
@@ -226,41 +228,22 @@ class Replica:
                 self.context_tokens += r.num_context_tokens
         return sampled
 
-    def _lora_step(self, out: SchedulerOutput, shape: StepShape) -> None:
-        """The step's adapter tokens and distinct adapters; an adapter not resident is loaded (its bytes
-        copied host -> device), evicting least-recently-used adapters no scheduled request pins while
-        the resident pages exceed the PEFT budget, as the engine's AdapterResidency does."""
-        step: dict[int, int] = {}
-        tokens = 0
-        ctx = [(r, r.context_chunk_size) for r in out.context_requests if r.lora_id is not None]
-        gen = [(r, 1 + len(r.draft_tokens)) for r in out.generation_requests if r.lora_id is not None]
-        for r, n in ctx + gen:
-            tokens += n
-            lora = r.lora_id
-            if lora is not None and lora not in step:
-                step[lora] = 1 if self.peft is None else self.peft.num_pages(r)
-        if not step:
-            return
-        shape.lora_tokens = tokens
-        shape.lora_adapters = len(step)
-        resident = self.resident
-        for lora, pages in step.items():
-            if lora in resident:
-                del resident[lora]  # re-inserted below: most recently used last
-            else:
-                self.lora_loads += 1
-                shape.lora_load_bytes += self._adapter_bytes
-            resident[lora] = pages
-        budget = 0 if self.peft is None else self.peft.max_device_pages
-        if budget <= 0:
-            return
-        used = sum(resident.values())
-        for lora in list(resident):
-            if used <= budget:
-                break
-            if lora in step or self.peft is not None and self.peft.is_pinned(lora):
-                continue
-            used -= resident.pop(lora)
+    def _copies(self, shape: StepShape) -> None:
+        """Copies since the last step (this step's suspends, resumes, host-tier hits, offloads)."""
+        sto = self.storage
+        off, on = sto.d2h_blocks, sto.h2d_blocks
+        if off != self._off or on != self._on:
+            shape.d2h_bytes = (off - self._off) * self.block_bytes
+            shape.h2d_bytes = (on - self._on) * self.block_bytes
+            shape.copy_calls = sto.copy_calls - self._calls
+            self._off, self._on, self._calls = off, on, sto.copy_calls
+        dsto = self._draft_storage  # the draft cache's suspends and resumes move its blocks too
+        doff, don = dsto.d2h_blocks, dsto.h2d_blocks
+        if doff != self._doff or don != self._don:
+            shape.d2h_bytes += (doff - self._doff) * dsto.bytes_per_block
+            shape.h2d_bytes += (don - self._don) * dsto.bytes_per_block
+            shape.copy_calls += dsto.copy_calls - self._dcalls
+            self._doff, self._don, self._dcalls = doff, don, dsto.copy_calls
 
     def _settle(self, out: SchedulerOutput) -> None:
         """After the step update, as the engine's ``Speculator.settle``: the main cache gives back what
@@ -274,42 +257,75 @@ class Replica:
             self.draft.settle(out)
 
     def step(self) -> list[Request] | None:
-        """Run one step at `clock`; None if the scheduler ran nothing (the caller decides how long to wait)."""
+        """Run one step at `clock`, or a decode window of several (sim/decode_window.py) that ends
+        before `horizon`; None if the scheduler ran nothing (the caller decides how long to wait)."""
+        batch = self._window
+        if batch is not None:
+            k = window_length(self, batch)
+            if k > 0:
+                before = self.num_steps
+                finished = run_window(self, batch, k, self.horizon)
+                if self.on_events is not None:
+                    events = self.kv.drain_events()
+                    if events:
+                        self.on_events(self.index, events)
+                elif self._drain_events and self.num_steps >> 8 != before >> 8:
+                    self.kv.drain_events()  # as the step-by-step loop does every 256 steps
+                if finished:
+                    self._done(finished, self.clock)
+                    self._window = [r for r in batch if not r.is_finished] or None
+                return finished
         spec = self.spec
         if spec is not None:
             reserve_draft_slots(self.active, spec.k)
         out, finished = self.loop.step(self.active)
+        self.stalled = finished is None
         if finished is None:
             return None
         if spec is not None:
             self._settle(out)
         now, kv, shape = self.clock, self.kv, self.shape
-        if self._drain_events and self.num_steps % 256 == 0:
-            kv.drain_events()  # nobody subscribes in a simulation: keep the event list bounded
+        if self.on_events is not None:
+            events = kv.drain_events()
+            if events:
+                self.on_events(self.index, events)
+        elif self._drain_events and self.num_steps % 256 == 0:
+            kv.drain_events()  # nobody subscribes: keep the event list bounded
+        gen = out.generation_requests
         self.rec.step(
             now,
             self._dt,
             self._num_device - kv.num_free_device_blocks,
             self._num_host - kv.num_free_host_blocks,
-            len(out.context_requests) + len(out.generation_requests),
+            len(out.context_requests) + len(gen),
             shape.num_tokens,
             self.index,
         )
+        self._window = None
+        if self.decode_windows and not out.context_requests:
+            self._window = eligible_batch(self, gen, len(self.active))
         if finished:
-            for r in finished:
-                rid = r.request_id
-                del self.last_tok[rid]
-                del self._tok[rid]
-                del self._base[rid]
-                if self.peft is not None:
-                    self.peft.release(r)  # as the engine does when a request finishes
-                if spec is not None:
-                    spec.acceptance.forget(rid)
-                self.preemptions += r.num_preemptions
-                self.recomputed += r.num_recomputed_tokens
-                self.rec.request_done(
-                    r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids),
-                    r.priority,
-                )  # fmt: skip
-            self.active = [r for r in self.active if not r.is_finished]
+            self._done(finished, now)
+            if self._window is not None:
+                self._window = [r for r in self._window if not r.is_finished] or None
         return finished
+
+    def _done(self, finished: list[Request], now: float) -> None:
+        """Record the requests finished in the step (or window) that ended at ``now``; drop them."""
+        spec = self.spec
+        for r in finished:
+            rid = r.request_id
+            del self.last_tok[rid]
+            del self._tok[rid]
+            del self._base[rid]
+            if self.peft is not None:
+                self.peft.release(r)  # as the engine does when a request finishes
+            if spec is not None:
+                spec.acceptance.forget(rid)
+            self.preemptions += r.num_preemptions
+            self.recomputed += r.num_recomputed_tokens
+            self.rec.request_done(
+                r.arrival_time, r.metrics["first_token"], now, r.prompt_len, len(r.output_token_ids),
+                r.priority,
+            )  # fmt: skip
+        self.active = [r for r in self.active if not r.is_finished]

@@ -1,0 +1,54 @@
+"""LoRA adapters on a simulated replica's device: the step's adapter shape and residency (LRU, PEFT budget).
+
+Split out of replica.py (one job per module); `Replica._run` calls `lora_step` only when a LoRA request
+was admitted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from kvsched.core.scheduler import SchedulerOutput
+from kvsched.sim.cost import StepShape
+
+if TYPE_CHECKING:
+    from kvsched.sim.replica import Replica
+
+__all__ = ["lora_step"]
+
+
+def lora_step(rep: Replica, out: SchedulerOutput, shape: StepShape) -> None:
+    """The step's adapter tokens and distinct adapters; an adapter not resident is loaded (its bytes
+    copied host -> device), evicting least-recently-used adapters no scheduled request pins while
+    the resident pages exceed the PEFT budget, as the engine's AdapterResidency does."""
+    step: dict[int, int] = {}
+    tokens = 0
+    ctx = [(r, r.context_chunk_size) for r in out.context_requests if r.lora_id is not None]
+    gen = [(r, 1 + len(r.draft_tokens)) for r in out.generation_requests if r.lora_id is not None]
+    for r, n in ctx + gen:
+        tokens += n
+        lora = r.lora_id
+        if lora is not None and lora not in step:
+            step[lora] = 1 if rep.peft is None else rep.peft.num_pages(r)
+    if not step:
+        return
+    shape.lora_tokens = tokens
+    shape.lora_adapters = len(step)
+    resident = rep.resident
+    for lora, pages in step.items():
+        if lora in resident:
+            del resident[lora]  # re-inserted below: most recently used last
+        else:
+            rep.lora_loads += 1
+            shape.lora_load_bytes += rep._adapter_bytes
+        resident[lora] = pages
+    budget = 0 if rep.peft is None else rep.peft.max_device_pages
+    if budget <= 0:
+        return
+    used = sum(resident.values())
+    for lora in list(resident):
+        if used <= budget:
+            break
+        if lora in step or rep.peft is not None and rep.peft.is_pinned(lora):
+            continue
+        used -= resident.pop(lora)
