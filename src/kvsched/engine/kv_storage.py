@@ -29,6 +29,7 @@ from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache.types import Tier
 from kvsched.engine.block_copy import copy_rows
+from kvsched.engine.lazy_zeros import lazy_zeros
 
 
 def _positive(name: str, value: object) -> int:
@@ -70,11 +71,12 @@ class TensorKVStorage:
         self.block_shape = block_shape
         self.dtype = dtype
         self._cuda = self.device.type == "cuda"
-        self.device_pool = torch.zeros(
+        # lazy_zeros: a CPU pool commits memory only for the blocks that get written.
+        self.device_pool = lazy_zeros(
             (num_layers, self.num_device_blocks, *block_shape), dtype=dtype, device=self.device
         )
         self.device_kv: list[torch.Tensor] = list(self.device_pool.unbind(0))
-        self.host_blocks = torch.zeros(
+        self.host_blocks = lazy_zeros(
             (self.num_host_blocks, num_layers, *block_shape), dtype=dtype, pin_memory=self._cuda
         )
         self.host_kv: list[torch.Tensor] = list(self.host_blocks.unbind(1))
