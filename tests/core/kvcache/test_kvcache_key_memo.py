@@ -77,16 +77,29 @@ def test_a_remembered_prefix_is_not_hashed_again(monkeypatch):
 def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
     memo = KeyMemo(8)
     monkeypatch.setattr(keys, "MEMO", memo)
+    hashed = []
+
+    def counting(data):
+        hashed.append(data)
+        return sha256(data)
+
     parent = root_key(None, None)
-    chain_keys(parent, os.urandom(16 * 6), 16)
-    assert (len(memo.recent), len(memo.older)) == (6, 0)
+    monkeypatch.setattr(keys, "sha256", counting)
+    first = os.urandom(16 * 6)
+    first_keys = chain_keys(parent, first, 16)
+    assert (len(memo.recent), len(memo.older), len(hashed)) == (6, 0, 6)
     chain_keys(parent, os.urandom(16 * 5), 16)  # 11 > 8: recent becomes older
-    assert (len(memo.recent), len(memo.older)) == (0, 11)
+    assert (len(memo.recent), len(memo.older), len(hashed)) == (0, 11, 11)
+    assert chain_keys(parent, first, 16) == first_keys  # older hits, not hashed, move back to recent
+    assert (len(memo.recent), len(memo.older), len(hashed)) == (6, 11, 11)
+    chain_keys(parent, os.urandom(16 * 2), 16)
+    assert (len(memo.recent), len(memo.older)) == (8, 11)  # at the size: no rotation yet
+    chain_keys(parent, os.urandom(16), 16)
+    assert (len(memo.recent), len(memo.older)) == (0, 9)  # past it: the 11 are forgotten
     packed = os.urandom(16 * 20)
     keys_once = chain_keys(parent, packed, 16)
-    assert (len(memo.recent), len(memo.older)) == (0, 20)  # the 11 before are forgotten
-    assert chain_keys(parent, packed, 16) == keys_once  # older hits move back to recent
     assert (len(memo.recent), len(memo.older)) == (0, 20)
+    assert chain_keys(parent, first, 16) == first_keys and len(hashed) == 11 + 3 + 20 + 6
     memo.clear()
     assert len(memo) == 0 and chain_keys(parent, packed, 16) == keys_once
 
@@ -100,6 +113,8 @@ def test_probe_and_lookup_agree_with_and_without_the_memo(fresh_memo):
     for clear in (False, True):
         if clear:
             fresh_memo.clear()
+            assert m.probe_reuse(req(9, prompt[:30] + [7, 7, 7])) == 28
+            assert len(fresh_memo) == 8  # the 7 hits and the first miss are remembered
         assert m.probe_reuse(req(9, prompt[:30] + [7, 7, 7])) == 28
         assert m.probe_reuse(req(9, [5] + prompt)) == 0
         b = req(2 + clear, prompt[:25] + [1])
