@@ -4,6 +4,7 @@ two replicas. One cluster and one pair of replicas for the whole module (each re
 
 from __future__ import annotations
 
+import json
 import time
 from collections import defaultdict
 
@@ -145,13 +146,22 @@ def test_http_over_two_replicas(server, tiny_llama_dir) -> None:
     health = httpx.get(server.url + "/health", trust_env=False)
     assert health.status_code == 200
     assert [r["alive"] for r in health.json()["replicas"]] == [True, True]
+    router, sessions = server.backend.router, []
+    server.backend.router = _Recording(router, sessions)
+    try:  # the OpenAI `user` field reaches the router as the session
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, user="alice")
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    finally:
+        server.backend.router = router
+    assert sessions == ["alice", None]
     series = _series(httpx.get(server.url + "/metrics", trust_env=False).text)
     routed = [
         series[f'kvsched:replica_requests_routed_total{{model_name="tiny",replica="{i}"}}'] for i in (0, 1)
     ]
-    assert (
-        routed == [float(r.routed) for r in server.backend.replicas] and sum(routed) == 9
-    )  # 7 direct + 2 here
+    assert routed == [float(r.routed) for r in server.backend.replicas]
+    assert sum(routed) == 11  # 7 direct + 4 here
     hits = [
         series[f'kvsched:replica_prefix_cache_hits_total{{model_name="tiny",replica="{i}"}}'] for i in (0, 1)
     ]
@@ -161,20 +171,56 @@ def test_http_over_two_replicas(server, tiny_llama_dir) -> None:
     assert series['kvsched:prefix_cache_hits_total{model_name="tiny"}'] == sum(hits)
 
 
+class _Recording:
+    """A router that records the session of each choice and lets ``inner`` choose."""
+
+    def __init__(self, inner, sessions: list) -> None:
+        self.inner, self.sessions, self.wants_events = inner, sessions, inner.wants_events
+
+    def choose(self, token_ids, loads, *, session=None, salt=None, lora_id=None) -> int:
+        self.sessions.append(session)
+        return self.inner.choose(token_ids, loads, session=session, salt=salt, lora_id=lora_id)
+
+    def on_events(self, replica, events) -> None:
+        self.inner.on_events(replica, events)
+
+    def remove_replica(self, replica) -> None:
+        self.inner.remove_replica(replica)
+
+
 def _series(text: str) -> dict[str, float]:
     """Prometheus text -> {name{labels}: value}."""
     lines = (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
     return {name: float(value) for name, value in lines}
 
 
-def test_killed_replica_leaves_the_other_serving(pair, server, tiny_llama_dir) -> None:
-    """Last in the module: it kills replica 0. The same actors, routed round-robin, so that placement
-    is known: 100 -> 0, 101 -> 1, (both streaming), then 102 -> 0, which has sent nothing when 0 dies."""
-    server.stop()  # the HTTP server's engine thread no longer drives ``pair``
+@pytest.fixture(scope="module")
+def round_robin(pair, server, tiny_llama_dir):
+    """The same actors behind a round-robin router, so that placement is known (0, 1, 0, ...)."""
+    server.stop()  # the first HTTP server's engine thread no longer drives these actors
     actors = [r.actor for r in pair.replicas]
-    rr = ReplicatedBackend(
-        actors, pair.info, load_tokenizer(str(tiny_llama_dir)), make_router("round_robin", block_size=16)
-    )
+    router = make_router("round_robin", block_size=16)
+    return ReplicatedBackend(actors, pair.info, load_tokenizer(str(tiny_llama_dir)), router)
+
+
+def _kill(actor) -> None:
+    """``ray.kill`` and wait until the actor is gone (the kill is asynchronous: a step sent meanwhile
+    could still run)."""
+    ray.kill(actor)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
+
+
+def test_killed_replica_leaves_the_other_serving(round_robin, tiny_llama_dir) -> None:
+    """100 -> 0 and 101 -> 1 both stream, then 102 -> 0, which has sent nothing when 0 is killed:
+    100 fails with a clear error, 102 is retried on 1, 101 finishes."""
+    rr = round_robin
     long = SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
     for rid in (100, 101):
         rr.add_request(rr.encode(f"request {rid}"), long, rid)
@@ -185,18 +231,49 @@ def test_killed_replica_leaves_the_other_serving(pair, server, tiny_llama_dir) -
         for out in rr.step():
             tokens[out.request_id] += out.new_token_ids
     rr.add_request(rr.encode("request 102"), GREEDY, 102)
-    ray.kill(actors[0])
+    _kill(rr.replicas[0].actor)
     done = _drain(rr, tokens=tokens)
     assert done[101][1] == "length" and len(done[101][0]) == 120
-    assert done[102][1] == "length"  # retried on replica 1
+    assert done[102][1] == "length", done[102]  # retried on replica 1
     assert done[102][0] == _engine_tokens(tiny_llama_dir, {102: "request 102"})[102]
-    assert (
-        done[100][1] == "error" and "replica 0 died" in done[100][2] and "already sent tokens" in done[100][2]
-    )
+    assert done[100][1] == "error"
+    assert "engine replica 0 died" in done[100][2] and "already sent tokens" in done[100][2]
     assert rr.num_retried == 1
     assert [h["alive"] for h in rr.health()] == [False, True]
     after = _run(rr, {103: "after the crash"})  # round-robin skips the dead replica
     assert after[103][1] == "length" and rr.replicas[1].routed >= 3
+
+
+def test_http_stream_ends_in_band_when_the_last_replica_dies(round_robin) -> None:
+    """Over HTTP: a stream whose replica dies after its first token ends with an OpenAI-shaped error
+    event and [DONE]; with no replica alive, /health is 503 and a new request a 503."""
+    srv = UvicornThread(build_app(round_robin, "tiny")).start()
+    try:
+        body = {"model": "tiny", "prompt": "stream me", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        events = []
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, trust_env=False, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 1:
+                    ray.kill(round_robin.replicas[1].actor)  # replica 0 is dead already
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert "engine replica 1 died" in error["message"] and error["type"]
+        assert 1 <= len(events) - 2 < 200  # some tokens came before the error, not all
+        health = httpx.get(srv.url + "/health", trust_env=False)
+        assert health.status_code == 503
+        assert [h["alive"] for h in health.json()["replicas"]] == [False, False]
+        refused = httpx.post(
+            srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x"}, trust_env=False
+        )
+        assert (
+            refused.status_code == 503 and "no engine replica is alive" in refused.json()["error"]["message"]
+        )
+    finally:
+        srv.stop()
 
 
 def test_ray_serve_application_answers(pair, tiny_llama_dir) -> None:

@@ -113,9 +113,14 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         return salt_id(tenant_of(raw.headers, salt_header), body_salt)
 
     async def start(
-        token_ids: list[int], params, priority: int, salt: int | None = None, lora: str | None = None
+        token_ids: list[int],
+        params,
+        priority: int,
+        salt: int | None = None,
+        lora: str | None = None,
+        session: str | None = None,
     ) -> RequestHandle:
-        handle = engine.submit(token_ids, params, priority, cache_salt=salt, lora=lora)
+        handle = engine.submit(token_ids, params, priority, cache_salt=salt, lora=lora, session=session)
         try:
             await handle.accepted()
         except Exception as exc:
@@ -153,7 +158,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         ids = await prompts.completion(req.prompt)
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         params = sampling_params(req, max_tokens, req.logprobs)
-        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora)
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora, req.user)
         rid, fmt = f"cmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, req.logprobs or 0)
         want_lp = req.logprobs is not None
         if req.stream:
@@ -187,7 +192,7 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
         max_tokens = check_context(len(ids), req.max_tokens, backend.max_model_len, opts.max_tokens_cap)
         num_top = (req.top_logprobs or 0) if req.logprobs else 0
         params = sampling_params(req, max_tokens, num_top if req.logprobs else None)
-        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora)
+        handle = await start(ids, params, req.priority, cache_salt(req.cache_salt, raw), lora, req.user)
         rid, fmt = f"chatcmpl-{uuid.uuid4().hex}", Formatter(backend.token_text, num_top)
         if req.stream:
             first, enc, held = [True], ChatChunks(rid, req.model), Collected()

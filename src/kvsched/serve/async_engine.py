@@ -91,12 +91,15 @@ class AsyncEngine:
         *,
         cache_salt: int | None = None,
         lora: str | None = None,
+        session: str | None = None,
     ) -> RequestHandle:
         """Queue a request (never blocks). Raises QueueFullError or EngineClosedError.
 
         ``priority``: higher = more important (used by an engine in priority mode). ``cache_salt``:
         the request's prefix-cache scope (``serve/tenancy.py``); None shares the unsalted cache.
         ``lora``: the LoRA adapter's name (the request's ``model``), None for the base model.
+        ``session``: the conversation (the OpenAI ``user`` field), passed on only to a backend that
+        routes by it (``accepts_sessions``: engine replicas with a sticky or KV-aware router).
 
         ``params`` go to the engine as they are: it decides every stop (EOS, length, stop token ids,
         stop strings with hold-back) and its text deltas and finish reasons are streamed unchanged.
@@ -113,7 +116,8 @@ class AsyncEngine:
         stream = _Stream(self._loop.create_future())
         self._streams[rid] = stream
         self._num_waiting += 1
-        self._command(("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt, lora))
+        cmd = ("add", rid, prompt_token_ids, params, priority, time.monotonic(), cache_salt, lora, session)
+        self._command(cmd)
         return RequestHandle(self, rid, stream, len(prompt_token_ids))
 
     async def call(self, fn: Callable[[], T]) -> T:
@@ -238,12 +242,12 @@ class AsyncEngine:
 
     def _apply(self, cmd: tuple, live: set[int], accepted: list[int]) -> None:
         if cmd[0] == "add":
-            _, rid, token_ids, params, priority, arrival, salt, lora = cmd
+            _, rid, token_ids, params, priority, arrival, salt, lora, session = cmd
+            extra: dict[str, Any] = {} if lora is None else {"lora": lora}
+            if session is not None and getattr(self.backend, "accepts_sessions", False):
+                extra["session"] = session
             try:
-                if lora is None:
-                    self.backend.add_request(token_ids, params, rid, priority, arrival, salt)
-                else:
-                    self.backend.add_request(token_ids, params, rid, priority, arrival, salt, lora=lora)
+                self.backend.add_request(token_ids, params, rid, priority, arrival, salt, **extra)
             except Exception as exc:  # bad request: fail it alone
                 self._to_loop(self._fail, [rid], exc)
                 self._observe("error", None)

@@ -57,6 +57,9 @@ class _Replica:
 class ReplicatedBackend:
     """A Backend over Ray actor handles of :class:`~kvsched.serve.replicas.replica.EngineReplica`."""
 
+    #: ``add_request(..., session=...)``: the server passes the OpenAI ``user`` field (serve/async_engine.py)
+    accepts_sessions = True
+
     def __init__(
         self,
         actors: Sequence[Any],
@@ -170,8 +173,13 @@ class ReplicatedBackend:
             except self._actor_error as exc:
                 self._replica_died(i, exc, outputs)
                 continue
-            except Exception as exc:  # the replica's step raised: fail its requests, keep routing to it
-                self._fail_replica_requests(i, f"replica {i} failed a step: {type(exc).__name__}", outputs)
+            except Exception as exc:  # its step raised, or its reply was lost: is the actor still there?
+                if self._is_dead(i):
+                    self._replica_died(i, exc, outputs)
+                else:  # fail its requests, keep routing to it
+                    cause = getattr(exc, "cause", None) or exc  # RayTaskError: the replica's own error
+                    message = f"engine replica {i} failed a step: {type(cause).__name__}: {cause}"
+                    self._fail_replica_requests(i, message, outputs)
                 continue
             self._take(i, reply, outputs)
         return outputs
@@ -223,6 +231,16 @@ class ReplicatedBackend:
                     rid, f"engine replica {i} died ({rep.error}); the request was not retried: {why}"
                 )
             )
+
+    def _is_dead(self, i: int, timeout_s: float = 10.0) -> bool:
+        """True if replica ``i``'s actor is gone (a ping raises RayActorError); a slow one is alive."""
+        try:
+            self._ray.get(self.replicas[i].actor.ping.remote(), timeout=timeout_s)
+        except self._actor_error:
+            return True
+        except Exception:  # a timeout or a lost reply: not proof of death
+            return False
+        return False
 
     def _fail_replica_requests(self, i: int, message: str, outputs: list[StepOutput]) -> None:
         for rid, route in list(self._routes.items()):
