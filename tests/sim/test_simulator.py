@@ -152,7 +152,7 @@ def test_replicas_are_independent_engines_behind_a_router():
     assert res.summary["requests"] == 30 and res.summary["replicas"] == 2
     order = sorted(specs, key=lambda s: (s.arrival_time, s.request_id))
     for k in (0, 1):
-        mine = [s for i, s in enumerate(order) if (i + 1) % 2 == k]  # round robin starts at replica 1
+        mine = [s for i, s in enumerate(order) if i % 2 == k]  # round robin starts at replica 0
         got = [replace(d, replica=0) for d in res.decisions if d.replica == k]
         assert got == _hand_loop(mine, cache, "unified")[0]
     one = Simulator(specs, COST, cache, **SCHED).run().summary

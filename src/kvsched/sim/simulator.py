@@ -13,20 +13,22 @@ import math
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError, SchedulerDeadlockError
+from kvsched.core.routing import ROUTER_KINDS
 from kvsched.sim.cost import CostModel
 from kvsched.sim.metrics import SLO, MetricsRecorder
 from kvsched.sim.replica import Replica, StepDecision, decision_of, make_request
+from kvsched.sim.routing import SimRouter
 from kvsched.sim.speculation import SimSpeculation
 from kvsched.sim.workload import RequestSpec
 
 __all__ = ["ROUTERS", "SimResult", "Simulator", "StepDecision", "decision_of", "make_request"]
 
-ROUTERS = ("least_loaded", "round_robin", "sticky")
+ROUTERS = ROUTER_KINDS  # the core's routers (kvsched.core.routing), the same the Ray front-end uses
 
 
 @dataclass(slots=True)
@@ -45,8 +47,10 @@ class Simulator:
     """Runs one workload through `num_replicas` identical instances; `run()` may be called once.
 
     `lora_pages=(device pages, pages per adapter)` gives each replica a PEFT page budget for LoRA adapters.
-    Routers: `least_loaded` (fewest active requests), `round_robin`, `sticky` (a conversation turn goes
-    where its previous turn ran, so its prefix is cached there; first turns least-loaded).
+    Routers (`kvsched.core.routing`, through `sim/routing.py`): `least_loaded` (fewest active requests),
+    `round_robin`, `sticky` (a conversation's turns go where its first ran, so its prefix is cached there;
+    first turns least-loaded), `kv_aware` (fewest prefill tokens not cached there plus load, fed by the
+    replicas' KV events; `router_options` are its weights and thresholds).
     `speculation` makes every replica decode speculatively (`sim/speculation.py`).
     `max_concurrency=N` is a closed loop, as `vllm bench serve --max-concurrency` drives a server: a request
     is submitted at its arrival time or, when N are in the system, the instant one finishes; its latencies
@@ -67,6 +71,7 @@ class Simulator:
         name: str | None = None,
         num_replicas: int = 1,
         router: str = "least_loaded",
+        router_options: dict[str, Any] | None = None,
         lora_pages: tuple[int, int] | None = None,
         speculation: SimSpeculation | None = None,
         max_concurrency: int | None = None,
@@ -86,8 +91,9 @@ class Simulator:
                 raise ConfigError(f"request {s.request_id}: parent {s.parent} is not in the workload")
         if not isinstance(num_replicas, int) or num_replicas < 1:
             raise ConfigError(f"num_replicas={num_replicas!r} is invalid: must be an integer >= 1")
-        if router not in ROUTERS:
-            raise ConfigError(f"router={router!r} is invalid: one of {', '.join(ROUTERS)}")
+        self.routing = SimRouter(router, cache_config.tokens_per_block, router_options)
+        if self.routing.wants_events:  # the router's index is fed by every replica's KV events
+            cache_config = replace(cache_config, enable_kv_events=True)
         self.rec = MetricsRecorder()
         self.decisions: list[StepDecision] | None = [] if record_decisions else None
         self.replicas = [
@@ -95,29 +101,17 @@ class Simulator:
                     lora_pages, speculation=speculation, **scheduler_kwargs)
             for i in range(num_replicas)
         ]  # fmt: skip
+        self.routing.attach(self.replicas)
         self.kv = self.replicas[0].kv
         self.scheduler = self.replicas[0].scheduler
-        self.router = router
+        self.router = self.routing.kind
         self.block_bytes = block_bytes
         self.slo = slo or SLO()
         self.progress = progress
         self.name = name or scheduler
         self.max_blocks = cache_config.num_device_blocks
         self.tpb = cache_config.tokens_per_block
-        self._rr = 0
         self._cpu = 0.0
-        self._placed: dict[int, int] = {}
-
-    def _route(self, spec: RequestSpec) -> Replica:
-        reps = self.replicas
-        if len(reps) == 1:
-            return reps[0]
-        if self.router == "round_robin":
-            self._rr = (self._rr + 1) % len(reps)
-            return reps[self._rr]
-        if self.router == "sticky" and spec.parent is not None and spec.parent in self._placed:
-            return reps[self._placed[spec.parent]]
-        return min(reps, key=lambda r: (len(r.active), r.index))
 
     def run(self) -> SimResult:
         specs, reps = self.specs, self.replicas
@@ -129,10 +123,10 @@ class Simulator:
             else:
                 children.setdefault(s.parent, []).append(s)
         heapq.heapify(heap)
-        placed = self._placed
-        sticky = self.router == "sticky"
+        route = self.routing.route
         rejected = 0
         limit = self.max_concurrency
+        coupled = bool(children) or limit is not None  # a finish can schedule an arrival
         # closed loop: when each free slot freed up; arrived requests waiting for one (FIFO); requests
         # whose slot is taken, due for submission at their heap time
         free_slots = [0.0] * (limit or 0)
@@ -164,13 +158,11 @@ class Simulator:
                         heapq.heappush(heap, (freed, rid))
                         continue
                 submitted.discard(rid)
-                target = self._route(spec)
-                if sticky:
-                    placed[rid] = target.index
-                target.admit(spec, t)
+                route(spec).admit(spec, t)
                 continue
             if rep is None:
                 break
+            rep.horizon = self._horizon(rep, heap, coupled)
             finished = rep.step()
             if finished is None:  # nothing runnable: wait for the next event that can change that
                 self._wait(rep, heap)
@@ -193,6 +185,16 @@ class Simulator:
         if bar is not None:
             bar.close()
         return self._result(wall, rejected)
+
+    def _horizon(self, rep: Replica, heap: list[tuple[float, int]], coupled: bool) -> float:
+        """Where a decode window of ``rep`` (sim/decode_window.py) must stop: at the next arrival, and
+        at the clock of any other replica whose step could create one (a finish releases a
+        conversation's next turn or a closed-loop slot) or that waits (it retries at each event)."""
+        h = heap[0][0] if heap else math.inf
+        for r in self.replicas:
+            if r is not rep and r.active and r.clock < h and (coupled or r.stalled):
+                h = r.clock
+        return h
 
     def _wait(self, rep: Replica, heap: list[tuple[float, int]]) -> None:
         """Move a replica that can run nothing to the next event: an arrival or another replica's step."""
