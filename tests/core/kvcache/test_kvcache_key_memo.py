@@ -25,6 +25,7 @@ def fresh_memo(monkeypatch):
 def pinned_chains() -> None:
     r = root_key(None, None)
     assert r.hex() == ROOT
+    assert root_key(-1, 2**64 + 3) == sha256(b"\x03" + b"\xff" * 8 + (3).to_bytes(8, "little")).digest()
     assert root_key(7, 123456789).hex() == "de84cfd4f0f813ac707be73d148324f4285af0ad9d538bd696be6e7036bb472c"
     ks = chain_keys(r, pack_tokens(list(range(40))), 64)
     assert [k.hex() for k in ks] == [
@@ -95,11 +96,14 @@ def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
     chain_keys(parent, os.urandom(16 * 2), 16)
     assert (len(memo.recent), len(memo.older)) == (8, 11)  # at the size: no rotation yet
     chain_keys(parent, os.urandom(16), 16)
-    assert (len(memo.recent), len(memo.older)) == (0, 9)  # past it: the 11 are forgotten
+    assert (len(memo.recent), len(memo.older), len(memo)) == (0, 9, 9)  # past it: the 11 are forgotten
+    assert chain_keys(parent, first, 16) == first_keys  # promoted ones were kept with their keys
+    assert (len(memo.recent), len(memo.older), len(hashed)) == (6, 9, 14)
     packed = os.urandom(16 * 20)
     keys_once = chain_keys(parent, packed, 16)
-    assert (len(memo.recent), len(memo.older)) == (0, 20)
-    assert chain_keys(parent, first, 16) == first_keys and len(hashed) == 11 + 3 + 20 + 6
+    assert (len(memo.recent), len(memo.older), len(memo)) == (0, 26, 26)
+    chain_keys(parent, os.urandom(16 * 9), 16)
+    assert chain_keys(parent, first, 16) == first_keys and len(hashed) == 14 + 20 + 9 + 6
     memo.clear()
     assert len(memo) == 0 and chain_keys(parent, packed, 16) == keys_once
 

@@ -60,7 +60,7 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
         append(key)
         parent = key
         i += 1
-    for chunk in chunks[i:] if i else chunks:
+    for chunk in chunks[i:]:
         data = parent + chunk
         parent = recent[data] = sha256(data).digest()
         append(parent)
