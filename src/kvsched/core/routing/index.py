@@ -4,7 +4,8 @@ The router keys a prompt exactly as the KV manager does (``kvcache.keys``: root 
 (LoRA id, salt), then chained SHA-256 over whole blocks), so a key equals the ``block_hash`` of the
 events the manager emitted for those tokens. Only whole blocks of the prompt minus its last token count:
 that is what ``KVCacheManager.prepare_context`` looks up. Because keys are chained, a block's key already
-names its whole prefix: the index is a flat dict, and a match walks the prompt's keys once.
+names its whole prefix: each replica's part of the index is a flat dict (key -> tier bits), and a match
+walks the prompt's keys per replica until its first miss.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def prompt_keys(
 
 
 class PrefixIndex:
-    """Block key -> replicas holding it, with a tier bit per replica (a block moving tiers is a
-    ``removed`` on the old tier then a ``stored`` on the new one, so both bits may be set briefly).
+    """Per replica: block key -> tier bits (a block moving tiers is a ``removed`` on the old tier then a
+    ``stored`` on the new one, so both bits may be set briefly).
 
     Predicted blocks (``predict``): the keys of a prompt just routed to a replica, whose prefill has not
     published them yet. A burst of requests sharing a prefix then follows the first one instead of
@@ -49,30 +50,29 @@ class PrefixIndex:
     same way). A prediction lasts ``ttl`` calls of ``predict`` unless events confirm or remove it.
     """
 
-    __slots__ = ("_where", "_held", "_pending", "_tick")
+    __slots__ = ("_blocks", "_pending", "_tick")
 
     def __init__(self) -> None:
-        self._where: dict[bytes, dict[int, int]] = {}
-        # replica -> its keys, so that a replica that is gone is dropped in O(its blocks)
-        self._held: dict[int, set[bytes]] = {}
+        # replica -> {block key: bits}; one event is one dict operation, a replica that left one del
+        self._blocks: dict[int, dict[bytes, int]] = {}
         # predictions in the order made: (tick, replica, keys newly predicted)
         self._pending: deque[tuple[int, int, list[bytes]]] = deque()
         self._tick = 0
 
     def __len__(self) -> int:
-        return len(self._where)
+        """Distinct keys held (stored or predicted) by any replica (a diagnostic: O(index size))."""
+        return len(set().union(*self._blocks.values())) if self._blocks else 0
 
     def replicas(self) -> list[int]:
         """Replicas with at least one indexed block."""
-        return [r for r, keys in self._held.items() if keys]
+        return [r for r, blocks in self._blocks.items() if blocks]
 
     def num_blocks(self, replica: int, *, predicted: bool = False) -> int:
         """Blocks reported stored on ``replica`` (plus those only predicted there, with ``predicted``)."""
-        keys = self._held.get(replica, ())
+        blocks = self._blocks.get(replica, {})
         if predicted:
-            return len(keys)
-        where = self._where
-        return sum(1 for k in keys if where[k][replica] & _TIER_BITS)
+            return len(blocks)
+        return sum(1 for bits in blocks.values() if bits & _TIER_BITS)
 
     def predict(self, replica: int, keys: Sequence[bytes], ttl: int) -> None:
         """Mark ``keys`` as about to be on ``replica``; predictions older than ``ttl`` calls expire."""
@@ -83,117 +83,72 @@ class PrefixIndex:
             self._expire(*pending.popleft())
         if ttl <= 0:
             return
-        where = self._where
-        held = self._held.setdefault(replica, set())
-        new = []
-        for key in keys:
-            reps = where.get(key)
-            if reps is None:
-                where[key] = {replica: _PENDING_BIT}
-            elif replica not in reps:
-                reps[replica] = _PENDING_BIT
-            else:
-                continue  # known there (stored or predicted): nothing to expire later
-            held.add(key)
-            new.append(key)
+        blocks = self._blocks.setdefault(replica, {})
+        new = [key for key in keys if key not in blocks]  # known there (stored or predicted): skip
         if new:
+            blocks.update(dict.fromkeys(new, _PENDING_BIT))
             pending.append((tick, replica, new))
 
     def _expire(self, tick: int, replica: int, keys: list[bytes]) -> None:
-        where = self._where
-        held = self._held.get(replica)
+        blocks = self._blocks.get(replica)
+        if blocks is None:
+            return
         for key in keys:
-            reps = where.get(key)
-            if reps is None:
-                continue
-            bits = reps.get(replica)
+            bits = blocks.get(key)
             if bits is None or not bits & _PENDING_BIT:
                 continue
             if bits & _TIER_BITS:
-                reps[replica] = bits & _TIER_BITS  # confirmed by a stored event meanwhile
-                continue
-            del reps[replica]
-            if held is not None:
-                held.discard(key)
-            if not reps:
-                del where[key]
+                blocks[key] = bits & _TIER_BITS  # confirmed by a stored event meanwhile
+            else:
+                del blocks[key]
 
     def apply(self, replica: int, events: Iterable[KVEvent]) -> None:
         """Fold one replica's events in, in order. A ``removed`` for an unknown block is ignored (the
         manager's event buffer is bounded, so a router that fell behind may miss a ``stored``)."""
-        where = self._where
-        held = self._held.setdefault(replica, set())
-        for ev in events:
-            bit = _DEVICE_BIT if ev.tier == DEVICE else _HOST_BIT
-            key = ev.block_hash
-            if ev.kind == "stored":
-                reps = where.get(key)
-                if reps is None:
-                    where[key] = {replica: bit}
-                else:
-                    reps[replica] = reps.get(replica, 0) | bit
-                held.add(key)
-            elif ev.kind == "removed":
-                reps = where.get(key)
-                if reps is None:
+        blocks = self._blocks.setdefault(replica, {})
+        get = blocks.get
+        for kind, key, tier, _parent in events:
+            bit = _DEVICE_BIT if tier == DEVICE else _HOST_BIT
+            if kind == "stored":
+                blocks[key] = get(key, 0) | bit
+            elif kind == "removed":
+                bits = get(key)
+                if bits is None:
                     continue
-                left = reps.get(replica, 0) & ~bit & _TIER_BITS  # an eviction ends a prediction too
+                left = bits & ~bit & _TIER_BITS  # an eviction ends a prediction too
                 if left:
-                    reps[replica] = left
-                    continue
-                reps.pop(replica, None)
-                held.discard(key)
-                if not reps:
-                    del where[key]
+                    blocks[key] = left
+                else:
+                    del blocks[key]
             else:
-                raise ConfigError(f"KV event kind {ev.kind!r} is unknown: expected 'stored' or 'removed'")
+                raise ConfigError(f"KV event kind {kind!r} is unknown: expected 'stored' or 'removed'")
 
     def remove_replica(self, replica: int) -> None:
         """Forget every block of a replica that left (died or was scaled down)."""
-        where = self._where
-        for key in self._held.pop(replica, ()):
-            reps = where.get(key)
-            if reps is not None:
-                reps.pop(replica, None)
-                if not reps:
-                    del where[key]
+        self._blocks.pop(replica, None)
 
     def match(self, keys: Sequence[bytes], *, predicted: bool = False) -> dict[int, tuple[int, int]]:
         """Per replica with a hit: leading blocks of ``keys`` it holds, as (on device, on host).
 
         A replica's chain stops at the first block it lacks; with ``predicted``, a predicted block
-        counts as on the device. One dict probe per key plus one per replica still matching:
-        O(len(keys) * replicas), and it stops when no replica matches.
+        counts as on the device. One dict probe per matched block plus one per replica:
+        O(len(keys) * replicas) at worst, and a replica that lacks the first block costs one probe.
         """
-        where = self._where
         out: dict[int, tuple[int, int]] = {}
         if not keys:
             return out
-        first = where.get(keys[0])
-        if not first:
-            return out
         need = _TIER_BITS | (_PENDING_BIT if predicted else 0)
-        # replica -> [device blocks, host blocks] of its chain so far
-        alive = {
-            r: [0, 1] if bits & _TIER_BITS == _HOST_BIT else [1, 0]
-            for r, bits in first.items()
-            if bits & need
-        }
-        for key in keys[1:]:
-            if not alive:
-                break
-            reps = where.get(key)
-            if reps is None:
-                break
-            for r in list(alive):
-                bits = reps.get(r, 0) & need
+        for replica, blocks in self._blocks.items():
+            get = blocks.get
+            dev = host = 0
+            for key in keys:
+                bits = get(key, 0) & need
                 if not bits:
-                    dev, host = alive.pop(r)
-                    out[r] = (dev, host)
-                elif bits & _TIER_BITS == _HOST_BIT:
-                    alive[r][1] += 1
+                    break
+                if bits & _TIER_BITS == _HOST_BIT:
+                    host += 1
                 else:
-                    alive[r][0] += 1
-        for r, (dev, host) in alive.items():
-            out[r] = (dev, host)
+                    dev += 1
+            if dev or host:
+                out[replica] = (dev, host)
         return out
