@@ -11,6 +11,8 @@ turns into conversations (sharing is through hash blocks only), so `sticky` has 
 there and decides as `least_loaded` does.
 
 Run: `python benchmarks/routing.py [--num-requests 2000] [--replicas 4,8]` (about a minute on one core).
+`--micro` instead times the router's own calls: `choose` for a 16k-token prompt over 8 replicas (against
+`least_loaded` and against hashing the prompt alone) and `on_events` per event.
 """
 
 from __future__ import annotations
@@ -80,6 +82,50 @@ def run(args: argparse.Namespace) -> None:
     print("(ratios against least_loaded in the same run; the machine may be loaded: CPU s is indicative)")
 
 
+def micro() -> None:
+    """The KV-aware router's hot calls, each against a baseline timed in the same run."""
+    from kvsched.core.kvcache.types import KVEvent, Tier
+    from kvsched.core.routing import KVAwareRouter, ReplicaLoad, make_router, prompt_keys
+
+    bs, n_rep = 32, 8
+    loads = {i: ReplicaLoad(num_running=i, num_waiting=1, kv_usage=0.5) for i in range(n_rep)}
+    router = KVAwareRouter(bs)
+    prompts = [[p * 100_000 + t for t in range(16_384)] for p in range(64)]
+    for p, toks in enumerate(prompts):  # each prompt cached on two replicas, 20k other blocks each
+        keys = prompt_keys(toks, bs)
+        for rep in (p % n_rep, (p + 3) % n_rep):
+            router.on_events(rep, [KVEvent("stored", k, Tier.DEVICE) for k in keys[: 256 + p]])
+    filler = [
+        KVEvent("stored", bytes([i % 251, i // 251 % 251, i // 63001]) * 11, Tier.DEVICE)
+        for i in range(20_000)
+    ]
+    for rep in range(n_rep):
+        router.on_events(rep, filler)
+
+    def per_call(fn, n: int) -> float:  # noqa: ANN001
+        t = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        return (time.perf_counter() - t) / n * 1e6
+
+    ll = make_router("least_loaded", block_size=bs)
+    t_ll = per_call(lambda i: ll.choose(prompts[i % 64], loads), 2000)
+    t_keys = per_call(lambda i: prompt_keys(prompts[i % 64], bs), 200)
+    t_kv = per_call(lambda i: router.choose(prompts[i % 64], loads), 200)
+    router.predict_ttl = 0  # the same index, no predictions made (those made expire on the next call)
+    t_kv0 = per_call(lambda i: router.choose(prompts[i % 64], loads), 200)
+    churn = [
+        KVEvent("removed" if i % 2 else "stored", filler[i // 2].block_hash, Tier.HOST) for i in range(20_000)
+    ]
+    t_ev = per_call(lambda i: router.on_events(i % n_rep, churn), 20) / len(churn) * 1e3
+    print(
+        f"choose, 16,384-token prompt, {n_rep} replicas x ~20k blocks (machine may be loaded):\n"
+        f"  kv_aware {t_kv:8.1f} us (without predictions {t_kv0:8.1f} us)   prompt_keys alone {t_keys:8.1f} us   "
+        f"least_loaded {t_ll:6.2f} us   kv_aware / prompt_keys {t_kv / t_keys:.2f}x\n"
+        f"  on_events: {t_ev:.0f} ns per event"
+    )
+
+
 def _ratio(x: float, base: float) -> str:
     return f"{x / base:>7.3f}" if base else f"{'n/a':>7}"
 
@@ -95,7 +141,12 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=2.0)
     ap.add_argument("--slo-tpot", type=float, default=0.1)
     ap.add_argument("--same-trace", action="store_true", help="do not compress arrivals for N > 4")
-    run(ap.parse_args())
+    ap.add_argument("--micro", action="store_true", help="only: time choose() and on_events()")
+    a = ap.parse_args()
+    if a.micro:
+        micro()
+    else:
+        run(a)
 
 
 if __name__ == "__main__":
