@@ -137,3 +137,59 @@ def test_generated_blocks_are_remembered_at_publish(fresh_memo):
     (data,) = [d for d in fresh_memo.recent if d.endswith(pack_tokens([7, 50, 51, 52]))]
     assert fresh_memo.recent[data] == sha256(data).digest()
     assert m._store.index[fresh_memo.recent[data]].key == fresh_memo.recent[data]
+
+
+def test_probe_hashes_only_what_the_memo_lacks(fresh_memo, monkeypatch):
+    hashed = []
+
+    def counting(data):
+        hashed.append(data)
+        return sha256(data)
+
+    m = make(reuse=True, device=64)
+    prompt = list(range(100, 141))  # 10 full blocks of 4, then one token
+    run_context(m, req(1, prompt))
+    probe = req(9, prompt[:30] + [7, 7, 7])  # 7 published blocks, then a miss
+    fresh_memo.clear()
+    fresh_memo.size = 8
+    monkeypatch.setattr(prefix, "sha256", counting)
+    assert m.probe_reuse(probe) == 28 and len(hashed) == 8  # 7 hits and the first miss
+    assert (len(fresh_memo.recent), len(fresh_memo.older)) == (8, 0)  # at the size: kept
+    assert all(sha256(d).digest() == k for d, k in fresh_memo.recent.items())
+    assert m.probe_reuse(probe) == 28 and len(hashed) == 8  # all remembered
+    fresh_memo.rotate()
+    assert m.probe_reuse(probe) == 28 and len(hashed) == 8  # the older generation answers
+    assert (len(fresh_memo.recent), len(fresh_memo.older)) == (8, 8)
+    # one more published block and a miss: two new hashes, 10 > 8 remembered pairs: rotated
+    assert m.probe_reuse(req(10, prompt[:32] + [5, 5, 5, 5, 5])) == 32 and len(hashed) == 10
+    assert (len(fresh_memo.recent), len(fresh_memo.older)) == (0, 10)
+
+
+def test_match_prefix_returns_the_published_blocks_and_the_last_key():
+    m = make(reuse=True, device=64)
+    prompt = list(range(100, 141))
+    run_context(m, req(1, prompt))
+    root = root_key(None, None)
+    chain = chain_keys(root, pack_tokens(prompt[:40]), 16)
+    blocks, last = prefix.match_prefix(m._store.index, root, prompt[:30] + [7, 7], 4)
+    assert blocks == [m._store.index[k] for k in chain[:7]] and last == chain[6]
+    assert prefix.match_prefix(m._store.index, root, [1, 2, 3, 4], 4) == ([], root)
+
+
+def test_several_blocks_hashed_in_one_commit_publish_in_order_with_parents():
+    """Accepted draft tokens can complete more than one block in one advance; a 3-token prompt has no
+    looked-up key, so its first block is hashed at commit and its event has no parent."""
+    m = make(reuse=True, device=16)
+    r = req(1, [1, 2, 3], max_new=20)
+    run_context(m, r)  # output token 7: 4 tokens, KV of 3
+    r.draft_tokens = [10, 11, 12, 13, 14, 15, 16]
+    assert m.try_allocate_generation(r)
+    r.output_token_ids += [10, 11, 12, 13, 14, 15, 16, 17]
+    r.draft_tokens = []
+    m.advance(r, 8)  # KV of 11 tokens: blocks 0 and 1 complete in this one commit
+    tokens = [1, 2, 3, 7, 10, 11, 12, 13]
+    chain = chain_keys(root_key(None, None), pack_tokens(tokens), 16)
+    table = m.block_table(r)
+    assert [m._store.index[k].slot for k in chain] == table[:2]
+    stored = [(e.block_hash, e.parent_hash) for e in m.drain_events() if e.kind == "stored"]
+    assert stored == [(chain[0], None), (chain[1], chain[0])]
