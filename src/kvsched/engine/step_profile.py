@@ -4,8 +4,9 @@
 its seconds to it. With it off (the default) every hook is one ``is None`` test, so it costs nothing
 worth measuring. Phases: ``scheduling`` (the scheduler's pass, suspends and resumes included),
 ``batch_build`` (the flattened inputs of the forward), ``forward`` (the model, attention included),
-``attention_gather`` (the part of the forward that
-gathers the paged K/V of each layer, counted inside ``forward`` too), ``sampling``, ``step_update``
+``attention`` (paged attention of every layer, counted inside ``forward`` too: the rest of the forward
+is projections, MLP and norms, i.e. the matmuls), ``attention_gather`` (the part of ``attention`` that
+gathers the paged K/V of each layer), ``sampling``, ``step_update``
 (``apply_step``), ``detokenize`` (text deltas and stop strings), and ``other``: the rest of the step
 (Python around the phases). TensorRT-LLM's and vLLM's schedulers report the same split to show what
 an overlap scheduler could hide behind the forward.
@@ -16,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from time import perf_counter
 
-#: Phases in print order; ``attention_gather`` is a part of ``forward`` and not added to the total.
+#: Phases in print order; ``attention`` (writing this step's K/V, gathering the cached K/V, attending) is a
+#: part of ``forward``, ``attention_gather`` a part of ``attention``: neither is added to the total.
 PHASES = (
     "forward",
+    "attention",
     "attention_gather",
     "batch_build",
     "sampling",
@@ -27,6 +30,7 @@ PHASES = (
     "step_update",
     "other",
 )
+_NESTED = ("attention", "attention_gather")
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ class StepProfile:
         step = now - self._start
         self.total += step
         self.steps += 1
-        counted = sum(v for k, v in self.seconds.items() if k not in ("other", "attention_gather"))
+        counted = sum(v for k, v in self.seconds.items() if k != "other" and k not in _NESTED)
         self.seconds["other"] = self.total - counted
 
     def reset(self) -> None:
@@ -87,10 +91,10 @@ def format_profile(figures: dict[str, float]) -> str:
     """One table: ms per step and share of the step time of each phase (``as_dict`` input)."""
     steps = max(int(figures.get("steps", 0)), 1)
     total = figures.get("total", 0.0) or 1e-12
-    lines = [f"{'phase':<18} {'ms/step':>8} {'share':>7}"]
+    lines = [f"{'phase':<22} {'ms/step':>8} {'share':>7}"]
     for phase in PHASES:
         s = figures.get(phase, 0.0)
-        name = f"  {phase}" if phase == "attention_gather" else phase
-        lines.append(f"{name:<18} {1e3 * s / steps:>8.2f} {s / total:>7.1%}")
-    lines.append(f"{'step':<18} {1e3 * total / steps:>8.2f} {1:>7.0%}  ({steps} steps)")
+        name = {"attention": "  attention", "attention_gather": "    attention_gather"}.get(phase, phase)
+        lines.append(f"{name:<22} {1e3 * s / steps:>8.2f} {s / total:>7.1%}")
+    lines.append(f"{'step':<22} {1e3 * total / steps:>8.2f} {1:>7.0%}  ({steps} steps)")
     return "\n".join(lines)

@@ -41,6 +41,11 @@ class _Group:
     out_src: torch.Tensor | None  # rows of the padded output that are real
     out_dst: torch.Tensor | None  # their rows in the flat batch
     bias: torch.Tensor | None = None  # additive form of ``mask`` for the bmm path, built by the first layer
+    #: Gather targets [G*W, tpb*Hkv*D] for K and V, allocated by the first layer and reused by the others:
+    #: a fresh multi-MiB tensor per layer costs page faults (large allocations are fresh mmaps), and
+    #: ``index_select(out=)`` into kept memory runs about 2.4x faster than allocating (measured, CPU).
+    k_buf: torch.Tensor | None = None
+    v_buf: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -142,6 +147,22 @@ def paged_attention(
     plan: AttentionPlan,
 ) -> torch.Tensor:
     """Write this step's K/V into ``cache`` and attend. q: [T, Hq, D]; k, v: [T, Hkv, D] -> [T, Hq*D]."""
+    prof = plan.profile
+    if prof is None:
+        return _paged_attention(q, k, v, cache, plan)
+    t0 = perf_counter()
+    out = _paged_attention(q, k, v, cache, plan)
+    prof.add("attention", perf_counter() - t0)
+    return out
+
+
+def _paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: torch.Tensor,
+    plan: AttentionPlan,
+) -> torch.Tensor:
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
     tpb = plan.tokens_per_block
@@ -162,8 +183,13 @@ def paged_attention(
         prof = plan.profile
         t0 = perf_counter() if prof is not None else 0.0
         qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
-        kg = k_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
-        vg = v_blocks.index_select(0, grp.blocks).view(g, -1, kv_heads, head_dim)
+        if grp.k_buf is None:
+            shape = (grp.blocks.shape[0], k_blocks.shape[1])
+            grp.k_buf = k_blocks.new_empty(shape)
+            grp.v_buf = k_blocks.new_empty(shape)
+        assert grp.v_buf is not None
+        kg = torch.index_select(k_blocks, 0, grp.blocks, out=grp.k_buf).view(g, -1, kv_heads, head_dim)
+        vg = torch.index_select(v_blocks, 0, grp.blocks, out=grp.v_buf).view(g, -1, kv_heads, head_dim)
         if kg.dtype != q.dtype:
             kg, vg = kg.to(q.dtype), vg.to(q.dtype)
         if prof is not None:
