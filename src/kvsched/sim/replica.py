@@ -23,7 +23,7 @@ from kvsched.core.request import Request
 from kvsched.core.scheduler import SchedulerOutput, make_scheduler
 from kvsched.core.scheduler.draft_mirror import BothCaches, reserve_draft_slots
 from kvsched.sim.cost import CostModel, StepShape
-from kvsched.sim.decode_window import eligible_batch, run_window, window_length
+from kvsched.sim.decode_window import eligible_batch, run_window
 from kvsched.sim.lora_residency import lora_step
 from kvsched.sim.metrics import MetricsRecorder
 from kvsched.sim.speculation import DraftKV, SimSpeculation
@@ -261,10 +261,9 @@ class Replica:
         before `horizon`; None if the scheduler ran nothing (the caller decides how long to wait)."""
         batch = self._window
         if batch is not None:
-            k = window_length(self, batch)
-            if k > 0:
-                before = self.num_steps
-                finished = run_window(self, batch, k, self.horizon)
+            before = self.num_steps
+            finished = run_window(self, batch, self.horizon)
+            if finished is not None:
                 if self.on_events is not None:
                     events = self.kv.drain_events()
                     if events:
