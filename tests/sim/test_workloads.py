@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 from kvsched.core.errors import ConfigError
-from kvsched.sim.synthetic import LengthDist, arrival_times, multi_turn_workload, synthetic_workload
+from kvsched.sim.synthetic import (
+    LengthDist,
+    arrival_times,
+    long_prompt_workload,
+    multi_turn_workload,
+    synthetic_workload,
+)
 from kvsched.sim.trace import default_trace, iter_mooncake, load_mooncake
-from kvsched.sim.workload import time_scaled
+from kvsched.sim.workload import time_scaled, workload_summary
 
 
 def _write(tmp_path, records):
@@ -161,3 +167,19 @@ def test_multi_turn_prompts_extend_previous_turn_and_vocab_mapping():
     assert specs[3].prompt_tokens()[:8] == t0[:8]  # same system prompt across conversations
     fast = time_scaled(specs, 0.5)
     assert fast[1].arrival_time == 2.5
+
+
+def test_long_prompt_workload_has_its_stated_means():
+    specs = long_prompt_workload()
+    info = workload_summary(specs)
+    assert info["requests"] == 4000
+    assert info["mean_prompt_len"] == pytest.approx(15_000, rel=0.03)
+    assert info["mean_output_len"] == pytest.approx(150, rel=0.05)
+    assert info["arrival_span_s"] == pytest.approx(1_000, rel=0.05)
+    # every prompt opens with one of 16 shared 12k-token documents, then its own question
+    assert len({s.segments[0] for s in specs}) == 16
+    assert all(s.segments[0][1] == 12_000 and len(s.segments) == 2 for s in specs)
+    small = long_prompt_workload(10, 5.0, prefix_len=100, num_prefixes=2, question_len=50, output_len=8)
+    assert len(small) == 10 and all(s.prompt_len > 100 for s in small)
+    with pytest.raises(ConfigError):
+        long_prompt_workload(0)

@@ -114,6 +114,36 @@ def synthetic_workload(
     return specs
 
 
+def long_prompt_workload(
+    n: int = 4000,
+    duration_s: float = 1000.0,
+    *,
+    prefix_len: int = 12_000,
+    num_prefixes: int = 16,
+    question_len: float = 3_000,
+    output_len: float = 150,
+    seed: int = 0,
+) -> list[RequestSpec]:
+    """Long prompts over shared documents (RAG / long-context chat): each prompt is one of
+    ``num_prefixes`` shared ``prefix_len``-token documents plus its own question (lognormal, mean
+    ``question_len``), so the mean prompt is ``prefix_len + question_len`` (15k by default); outputs
+    are lognormal with mean ``output_len``; Poisson arrivals over about ``duration_s`` seconds.
+
+    The simulator's heavy case: every step is long prefills and many KV blocks to hash and move, and the
+    prefix cache decides how much of each prompt is computed at all."""
+    if n < 1 or not duration_s > 0:
+        raise ConfigError(f"long_prompt_workload needs n >= 1 and duration_s > 0, got {n}, {duration_s}")
+    return synthetic_workload(
+        n,
+        n / duration_s,
+        LengthDist("lognormal", question_len, 0.6),
+        LengthDist("lognormal", output_len, 0.5),
+        seed=seed,
+        shared_prefix_len=prefix_len,
+        num_shared_prefixes=num_prefixes,
+    )
+
+
 def multi_turn_workload(
     num_conversations: int,
     turns: int,
