@@ -1,9 +1,11 @@
 """Engine replicas as Ray actors (``serve/replicas``) on a local Ray cluster started here: routing by
-prefix, greedy equality with one in-process engine, a replica killed mid-run, and the HTTP server over
-two replicas. One cluster and one pair of replicas for the whole module (each replica loads a model)."""
+prefix, greedy equality with one in-process engine, the HTTP server over two replicas (/health,
+/metrics, sessions), replicas killed idle and mid-run, and the Ray Serve application. One cluster and one
+pair of replicas for the whole module (each replica loads a model); the tests run in file order."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import defaultdict
@@ -106,13 +108,16 @@ def test_unrelated_prompts_spread_and_equal_one_engine(pair, tiny_llama_dir) -> 
 
 
 def test_bad_request_is_the_engines_typed_error(pair) -> None:
-    from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
+    from kvsched.core.errors import DuplicateRequestError, InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match=r"prompt token ids must be in \[0, 256\)"):
         pair.add_request([1, 999], GREEDY, "bad")
     with pytest.raises(InvalidRequestError, match="exceeds max_model_len=256"):
         pair.add_request([1] * 250, SamplingParams(max_tokens=10), "long")
-    assert issubclass(RequestTooLargeError, InvalidRequestError)
+    pair.add_request([1, 2, 3], GREEDY, "dup")
+    with pytest.raises(DuplicateRequestError):
+        pair.add_request([1, 2, 3], GREEDY, "dup")
+    pair.abort_request("dup")
     assert not pair.has_unfinished_requests()
 
 
@@ -161,7 +166,7 @@ def test_http_over_two_replicas(server, tiny_llama_dir) -> None:
         series[f'kvsched:replica_requests_routed_total{{model_name="tiny",replica="{i}"}}'] for i in (0, 1)
     ]
     assert routed == [float(r.routed) for r in server.backend.replicas]
-    assert sum(routed) == 11  # 7 direct + 4 here
+    assert sum(routed) == 12  # 8 direct (one aborted) + 4 here
     hits = [
         series[f'kvsched:replica_prefix_cache_hits_total{{model_name="tiny",replica="{i}"}}'] for i in (0, 1)
     ]
@@ -192,6 +197,25 @@ def _series(text: str) -> dict[str, float]:
     """Prometheus text -> {name{labels}: value}."""
     lines = (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
     return {name: float(value) for name, value in lines}
+
+
+def test_health_report_finds_a_replica_that_died_idle(pair, tiny_llama_dir) -> None:
+    """/health pings each live replica (in its probe group), so an idle replica's death shows at once."""
+
+    @ray.remote(num_cpus=0, concurrency_groups={"probe": 1})
+    class Idle:
+        def ping(self) -> int:
+            return 0
+
+    idle = Idle.remote()
+    router = make_router("least_loaded", block_size=16)
+    backend = ReplicatedBackend(
+        [pair.replicas[0].actor, idle], pair.info, load_tokenizer(str(tiny_llama_dir)), router
+    )
+    assert [e["alive"] for e in asyncio.run(backend.health_report())] == [True, True]
+    _kill(idle)
+    report = asyncio.run(backend.health_report())
+    assert [e["alive"] for e in report] == [True, False] and report[1]["error"] == "ActorDiedError"
 
 
 @pytest.fixture(scope="module")

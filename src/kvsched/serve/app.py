@@ -136,10 +136,10 @@ def build_app(backend: Backend, model_name: str, options: ServerOptions | None =
     async def health() -> Response:
         if not engine.is_running:
             return Response("engine not running", status_code=503)
-        replicas = getattr(backend, "health", None)  # engine replicas (serve/replicas): one entry each
+        replicas = getattr(backend, "health_report", None)  # engine replicas (serve/replicas): one each
         if replicas is None:
             return Response(status_code=200)
-        report = replicas()
+        report = await replicas()
         alive = any(r["alive"] for r in report)
         return JSONResponse({"replicas": report}, status_code=200 if alive else 503)
 

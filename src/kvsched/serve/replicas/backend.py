@@ -16,11 +16,13 @@ server turns it into an OpenAI-shaped error, in-band on a stream). The other rep
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvsched.core.errors import DuplicateRequestError
 from kvsched.core.request import SamplingParams
 from kvsched.core.routing import ReplicaLoad, Router
 from kvsched.engine.outputs import RequestOutput, StepOutput
@@ -29,6 +31,8 @@ from kvsched.serve.metrics import EngineSnapshot, ReplicaSnapshot
 from kvsched.serve.replicas.frontend import FrontTokenizer, check_request
 from kvsched.serve.replicas.replica import ReplicaInfo, StepReply
 
+#: The actors' concurrency group for pings (one thread beside the engine's): a long step does not delay it.
+PROBE_GROUP = "probe"
 #: Longest a ``step`` call waits for a reply: short, so the engine thread takes new requests promptly.
 DEFAULT_WAIT_S = 0.005
 
@@ -113,6 +117,8 @@ class ReplicatedBackend:
     ) -> None:
         """Check the request as the engine would, route it and send it (without waiting for the actor).
         ``session``: requests of one conversation (the OpenAI ``user`` field) for sticky routing."""
+        if request_id in self._routes:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in use")
         check_request(self.info, token_ids, params, priority, cache_salt, lora)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         args = (token_ids, params, request_id, priority, arrival, cache_salt, lora, session)
@@ -235,7 +241,7 @@ class ReplicatedBackend:
     def _is_dead(self, i: int, timeout_s: float = 10.0) -> bool:
         """True if replica ``i``'s actor is gone (a ping raises RayActorError); a slow one is alive."""
         try:
-            self._ray.get(self.replicas[i].actor.ping.remote(), timeout=timeout_s)
+            self._ray.get(self._ping(i), timeout=timeout_s)
         except self._actor_error:
             return True
         except Exception:  # a timeout or a lost reply: not proof of death
@@ -253,6 +259,24 @@ class ReplicatedBackend:
     @property
     def num_alive(self) -> int:
         return sum(r.alive for r in self.replicas)
+
+    async def health_report(self, timeout_s: float = 2.0) -> list[dict[str, Any]]:
+        """:meth:`health`, with each live replica pinged first (event-loop thread): one that died while
+        idle shows as dead here at once; routing learns it at its next call (its requests are retried).
+        The ping runs in the actor's ``probe`` concurrency group, so a long step does not delay it; a
+        ping that times out is not proof of death."""
+        report = self.health()
+        live = [e for e in report if e["alive"]]
+        pings = [
+            asyncio.wait_for(asyncio.wrap_future(self._ping(e["replica"]).future()), timeout_s) for e in live
+        ]
+        for entry, res in zip(live, await asyncio.gather(*pings, return_exceptions=True)):
+            if isinstance(res, self._actor_error):
+                entry.update(alive=False, num_running=0, num_waiting=0, error=type(res).__name__)
+        return report
+
+    def _ping(self, i: int) -> Any:
+        return self.replicas[i].actor.ping.options(concurrency_group=PROBE_GROUP).remote()
 
     def health(self) -> list[dict[str, Any]]:
         """Each replica: alive or dead (and why), running and waiting requests (its last reply)."""

@@ -8,7 +8,7 @@ from kvsched.core.errors import ConfigError
 from kvsched.core.routing import make_router
 from kvsched.engine.engine_args import EngineArgs
 from kvsched.serve.replicas import require_ray
-from kvsched.serve.replicas.backend import ReplicatedBackend
+from kvsched.serve.replicas.backend import PROBE_GROUP, ReplicatedBackend
 from kvsched.serve.replicas.frontend import load_tokenizer
 from kvsched.serve.replicas.replica import EngineReplica
 
@@ -30,7 +30,9 @@ def start_replicas(
     if not isinstance(num_replicas, int) or num_replicas < 1:
         raise ConfigError(f"num_replicas={num_replicas!r} is invalid: must be an integer >= 1")
     tokenizer = load_tokenizer(engine_args.model)  # a missing model fails here, before any actor
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(EngineReplica)
+    remote = ray.remote(
+        num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, concurrency_groups={PROBE_GROUP: 1}
+    )(EngineReplica)
     actors = [remote.remote(engine_args) for _ in range(num_replicas)]
     try:
         infos = ray.get([a.info.remote() for a in actors], timeout=timeout_s)

@@ -58,8 +58,11 @@ class StepReply:
 class EngineReplica:
     """An engine and the calls the front-end makes on it; requests are identified by the front-end's ids."""
 
-    def __init__(self, args: EngineArgs) -> None:
-        self.engine = Engine(args)
+    def __init__(self, args: EngineArgs | None = None, *, engine: Engine | None = None) -> None:
+        """Builds its engine from ``args`` (in the actor's process); or takes ``engine`` (in-process use)."""
+        if (args is None) == (engine is None):
+            raise ValueError("give EngineReplica engine args or an engine, not both or neither")
+        self.engine = engine if engine is not None else Engine(args)
         self.backend = EngineBackend(self.engine)
         self._rejected: list[tuple[Hashable, str, str]] = []
 

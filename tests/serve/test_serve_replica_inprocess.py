@@ -1,0 +1,60 @@
+"""The replica and the front-end checks without Ray: ``EngineReplica`` over an in-process engine, and
+``check_request`` raising what ``Engine.add_request`` raises for the same bad input."""
+
+from __future__ import annotations
+
+import pytest
+from tiny_engine import tiny_engine
+
+from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
+from kvsched.core.request import SamplingParams
+from kvsched.serve.replicas.frontend import check_request
+from kvsched.serve.replicas.replica import EngineReplica
+
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def replica() -> EngineReplica:
+    return EngineReplica(engine=tiny_engine(num_device_blocks=8, max_model_len=256))
+
+
+BAD = [
+    ([], GREEDY, InvalidRequestError),  # empty prompt
+    ([1, 10**6], GREEDY, InvalidRequestError),  # a token outside the vocabulary
+    ([1] * 250, SamplingParams(max_tokens=10), InvalidRequestError),  # beyond max_model_len
+    ([1] * 150, SamplingParams(max_tokens=10), RequestTooLargeError),  # more blocks than the pool
+    ([1, 2], SamplingParams(max_tokens=2, logprobs=10**6), InvalidRequestError),  # too many logprobs
+]
+
+
+@pytest.mark.parametrize(("token_ids", "params", "error"), BAD)
+def test_front_end_checks_raise_what_the_engine_raises(replica, token_ids, params, error) -> None:
+    with pytest.raises(error) as engine_err:
+        replica.engine.add_request(token_ids, params, request_id="x")
+    with pytest.raises(error) as front_err:
+        check_request(replica.info(), token_ids, params, 0, None, None)
+    assert type(front_err.value) is type(engine_err.value)
+    assert str(front_err.value).split(": ", 1)[-1] in str(engine_err.value)  # same words, less the id
+
+
+def test_replica_step_reply_carries_outputs_results_events_and_load(replica) -> None:
+    replica.add([1, 2, 3] * 12, GREEDY, "a", 0, 0.5, None, None)
+    replica.add([4, 5], GREEDY, "b", 0, 0.0, None, "no-such-adapter")  # refused: reported with the step
+    first = replica.step()
+    assert first.rejected and first.rejected[0][0] == "b"
+    assert first.snapshot.num_running == 1 and first.num_unfinished == 1
+    assert {e.kind for e in first.events} == {"stored"}  # the prompt's two whole blocks
+    tokens = [t for o in first.outputs for t in o.new_token_ids]
+    while True:
+        reply = replica.step()
+        tokens += [t for o in reply.outputs for t in o.new_token_ids]
+        if reply.num_unfinished == 0:
+            break
+    result = reply.results["a"]
+    assert result.outputs[0].token_ids == tokens and len(tokens) == 4
+    assert result.metrics.ttft is not None and result.metrics.ttft >= 0.5  # the age counts toward TTFT
+    replica.add([7, 8, 9], SamplingParams(max_tokens=50), "c", 0, 0.0, None, None)
+    replica.abort("c")
+    replica.abort("never-added")  # unknown: ignored
+    assert replica.step().num_unfinished == 0
