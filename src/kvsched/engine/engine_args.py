@@ -22,6 +22,8 @@ DEFAULT_DEVICE_KV_BYTES = 1 << 30
 DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY = 0.25
 #: Proposers of speculative decoding: prompt lookup, or a draft model with its own KV cache.
 SPECULATIVE_KINDS = ("ngram", "draft")
+#: Weight quantization applied after loading (engine/quant.py); None keeps the checkpoint's dtype.
+QUANTIZATION_KINDS = ("int8",)
 
 
 @dataclass(slots=True)
@@ -30,6 +32,8 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "float32"
+    # Opt-in weight-only int8 (per output channel) for the decoder projections and the LM head.
+    quantization: str | None = None
     device: str = "cpu"
     tokens_per_block: int = 16
     num_device_blocks: int | None = None
@@ -78,6 +82,11 @@ class EngineArgs:
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is invalid: must be one of {', '.join(_DTYPES)}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_KINDS:
+            raise ConfigError(
+                f"quantization={self.quantization!r} is invalid: must be None or one of "
+                f"{', '.join(QUANTIZATION_KINDS)}"
+            )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} is invalid: must be 'cpu' or 'cuda[:N]'")
         if self.num_device_blocks is not None and self.device_kv_bytes is not None:
@@ -249,10 +258,12 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
             "scheduler": SCHEDULER_KINDS,
             "capacity_policy": CAPACITY_POLICIES,
             "speculative": SPECULATIVE_KINDS,
+            "quantization": QUANTIZATION_KINDS,
         }
         helps = {
             "capacity_policy": "two-stage scheduler only (default max_utilization)",
             "speculative": "speculative decoding: ngram (prompt lookup) or draft (a draft model)",
+            "quantization": "int8: weight-only int8 linears (default: none, the checkpoint's dtype)",
             "draft_model": "draft checkpoint with the target's vocabulary (default: a truncated target)",
         }
         group.add_argument(

@@ -103,6 +103,10 @@ def build_engine_parts(
 
         loaded = load_model(args.model, dtype=dtype, device=device, seed=args.seed)
     model, model_config, tokenizer = loaded
+    if args.quantization is not None:  # also a model given in ``loaded`` (quantized in place, once)
+        from kvsched.engine.quant import quantize_model
+
+        quantize_model(model, args.quantization)
     max_len = args.max_model_len or model_config.max_position_embeddings
     if max_len > model_config.max_position_embeddings:
         raise ConfigError(
@@ -198,7 +202,9 @@ def _draft_model(
             raise ConfigError(str(e)) from None
     from kvsched.engine.weights.loader import load_model
 
-    draft, draft_config, _ = load_model(args.draft_model, dtype=dtype, device=device, seed=args.seed)
+    draft, draft_config, _ = load_model(
+        args.draft_model, dtype=dtype, device=device, seed=args.seed, quantization=args.quantization
+    )
     if draft_config.vocab_size != config.vocab_size:
         raise ConfigError(
             f"draft_model {args.draft_model!r} has a vocabulary of {draft_config.vocab_size} tokens, the "

@@ -60,11 +60,29 @@ def load_model(
     device: str | torch.device = "cpu",
     dummy_config: ModelConfig | None = None,
     seed: int = 0,
+    quantization: str | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Load ``path`` (GGUF file, HF folder, None = default model) -> (model, config, tokenizer or None).
 
     With ``dummy_config`` the weights are random (seeded); a tokenizer is still loaded if ``path`` is given.
+    ``quantization="int8"`` quantizes the linears once the weights are in (``engine/quant.py``).
     """
+    model, config, tok = _load(path, dtype=dtype, device=device, dummy_config=dummy_config, seed=seed)
+    if quantization is not None:
+        from kvsched.engine.quant import quantize_model
+
+        quantize_model(model, quantization)
+    return model, config, tok
+
+
+def _load(
+    path: str | Path | None,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    dummy_config: ModelConfig | None,
+    seed: int,
+) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     if dummy_config is not None:
         from kvsched.engine.weights.dummy import dummy_model
 
