@@ -137,3 +137,21 @@ def test_smollm2_int8_first_tokens_agree_with_fp32_on_builtin_prompts() -> None:
         outs[name] = [done[i] for i in ids]
     assert isinstance(q_model.lm_head, Int8Linear) and not isinstance(model.lm_head, Int8Linear)
     assert outs["int8"] == outs["fp32"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"speculative": "draft", "num_speculative_tokens": 2, "draft_num_layers": 1}, {"enable_lora": True}],
+    ids=["draft", "lora"],
+)
+def test_int8_composes_with_a_truncated_draft_and_lora(tiny_llama_dir, extra) -> None:
+    """The truncated draft shares the target's int8 layers; LoRA wraps an ``Int8Linear`` base. Greedy
+    output is the same as int8 alone (speculation and an engine without adapters change no token)."""
+    prompts = random_prompts([9, 21], seed=5)
+    outs = []
+    for kw in ({}, extra):
+        ex = make_engine(tiny_llama_dir, num_device_blocks=64, num_host_blocks=0, quantization="int8", **kw)
+        ids = submit(ex, prompts, 5)
+        done = {o.request_id: o.outputs[0].token_ids for o in ex.run()}
+        outs.append([done[i] for i in ids])
+    assert all(len(t) == 5 for t in outs[1]) and outs[1] == outs[0]
