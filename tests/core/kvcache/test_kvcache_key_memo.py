@@ -176,20 +176,38 @@ def test_match_prefix_returns_the_published_blocks_and_the_last_key():
     assert prefix.match_prefix(m._store.index, root, [1, 2, 3, 4], 4) == ([], root)
 
 
-def test_several_blocks_hashed_in_one_commit_publish_in_order_with_parents():
+def test_several_blocks_hashed_in_one_commit_publish_in_order_with_parents(fresh_memo):
     """Accepted draft tokens can complete more than one block in one advance; a 3-token prompt has no
     looked-up key, so its first block is hashed at commit and its event has no parent."""
     m = make(reuse=True, device=16)
     r = req(1, [1, 2, 3], max_new=20)
     run_context(m, r)  # output token 7: 4 tokens, KV of 3
-    r.draft_tokens = [10, 11, 12, 13, 14, 15, 16]
+    assert len(fresh_memo) == 0
+    fresh_memo.size = 3
+    r.draft_tokens = list(range(10, 21))
     assert m.try_allocate_generation(r)
-    r.output_token_ids += [10, 11, 12, 13, 14, 15, 16, 17]
+    r.output_token_ids += list(range(10, 22))
     r.draft_tokens = []
-    m.advance(r, 8)  # KV of 11 tokens: blocks 0 and 1 complete in this one commit
-    tokens = [1, 2, 3, 7, 10, 11, 12, 13]
-    chain = chain_keys(root_key(None, None), pack_tokens(tokens), 16)
-    table = m.block_table(r)
-    assert [m._store.index[k].slot for k in chain] == table[:2]
+    m.advance(r, 12)  # KV of 15 tokens: blocks 0, 1 and 2 complete in this one commit
+    chain = chain_keys(root_key(None, None), pack_tokens([1, 2, 3, 7, *range(10, 18)]), 16)
+    assert [m._store.index[k].slot for k in chain] == m.block_table(r)[:3]
     stored = [(e.block_hash, e.parent_hash) for e in m.drain_events() if e.kind == "stored"]
-    assert stored == [(chain[0], None), (chain[1], chain[0])]
+    assert stored == [(chain[0], None), (chain[1], chain[0]), (chain[2], chain[1])]
+    assert (len(fresh_memo.recent), len(fresh_memo.older)) == (3, 0)  # at the size: not rotated
+
+
+def test_looked_up_blocks_are_published_without_hashing_again(monkeypatch):
+    hashed = []
+
+    def counting(data):
+        hashed.append(data)
+        return sha256(data)
+
+    monkeypatch.setattr(prefix, "sha256", counting)
+    m = make(reuse=True, device=16)
+    r = req(1, list(range(9)))  # keys of blocks 0 and 1 are computed at lookup
+    run_context(m, r)
+    assert hashed == [] and len(m._store.index) == 2
+    for t in (20, 21, 22):
+        assert decode(m, r, t)  # the KV of 8, 7, 20, 21 completes block 2: hashed at commit
+    assert len(hashed) == 1 and len(m._store.index) == 3
