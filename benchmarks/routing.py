@@ -10,6 +10,10 @@ TTFT p50 / p99, and each of them relative to `least_loaded` measured in the same
 turns into conversations (sharing is through hash blocks only), so `sticky` has no session to follow
 there and decides as `least_loaded` does.
 
+`--conversations N` replays N synthetic multi-turn conversations instead (5 turns, a 1,000-token system
+prompt shared by all, each turn's prompt = the previous prompt + its answer + a new message, 5 s think
+time): there `sticky` keeps each conversation's prefix, and kv_aware's sessions do too.
+
 Run: `python benchmarks/routing.py [--num-requests 2000] [--replicas 4,8]` (about a minute on one core).
 `--micro` instead times the router's own calls: `choose` for a 16k-token prompt over 8 replicas (against
 `least_loaded` and against hashing the prompt alone) and `on_events` per event.
@@ -28,6 +32,7 @@ from kvsched.sim.metrics import SLO
 from kvsched.sim.models import MODEL_PRESETS
 from kvsched.sim.scenario import Scenario
 from kvsched.sim.simulator import SimResult
+from kvsched.sim.synthetic import LengthDist, multi_turn_workload
 from kvsched.sim.trace import load_mooncake
 from kvsched.sim.workload import time_scaled, workload_summary
 
@@ -39,12 +44,25 @@ def run(args: argparse.Namespace) -> None:
     if BASELINE not in routers:
         routers.insert(0, BASELINE)
     replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
-    trace = load_mooncake(limit=args.num_requests)
+    if args.conversations:
+        trace = multi_turn_workload(
+            args.conversations,
+            5,
+            args.conversation_rate,
+            LengthDist.parse("lognormal:1500:0.6"),
+            LengthDist.parse("lognormal:300:0.6"),
+            think_time=5.0,
+            system_prompt_len=1000,
+        )
+        source = f"{args.conversations} synthetic 5-turn conversations at {args.conversation_rate:g}/s"
+    else:
+        trace = load_mooncake(limit=args.num_requests)
+        source = "the Mooncake conversation trace"
     info = workload_summary(trace)
     model, gpu = MODEL_PRESETS[args.model], GPU_PRESETS[args.gpu]
     slo = SLO(args.slo_ttft, args.slo_tpot)
     print(
-        f"{info['requests']} requests of the Mooncake conversation trace (mean prompt "
+        f"{info['requests']} requests of {source} (mean prompt "
         f"{info['mean_prompt_len']:.0f}, output {info['mean_output_len']:.0f}, arrivals over "
         f"{info['arrival_span_s']:.0f} s); {model.name} on N x {gpu.name}, unified scheduler, host tier "
         f"{args.host_memory_gb:g} GB per replica, SLO TTFT {slo.ttft} s / TPOT {slo.tpot} s; "
@@ -142,6 +160,8 @@ def main() -> None:
     ap.add_argument("--slo-tpot", type=float, default=0.1)
     ap.add_argument("--same-trace", action="store_true", help="do not compress arrivals for N > 4")
     ap.add_argument("--micro", action="store_true", help="only: time choose() and on_events()")
+    ap.add_argument("--conversations", type=int, default=0, help="> 0: synthetic multi-turn instead")
+    ap.add_argument("--conversation-rate", type=float, default=5.0, help="new conversations per second")
     a = ap.parse_args()
     if a.micro:
         micro()
