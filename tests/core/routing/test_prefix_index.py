@@ -1,5 +1,7 @@
 """PrefixIndex against streams of KV events: stored, removed, tier moves, a replica gone, gaps."""
 
+import random
+
 import pytest
 
 from kvsched.core.errors import ConfigError
@@ -102,3 +104,46 @@ def test_predictions_count_only_when_asked_expire_and_give_way_to_events():
 def test_unknown_event_kind_is_a_clear_error():
     with pytest.raises(ConfigError, match="'moved'"):
         PrefixIndex().apply(0, [KVEvent("moved", KEYS[0], D)])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_event_streams_match_a_brute_force_model(seed):
+    """Random stored / removed / tier moves / replicas leaving, checked after every batch against a
+    plain model: per replica, the set of tiers each block is on."""
+    rng = random.Random(seed)
+    idx = PrefixIndex()
+    model: dict[int, dict[bytes, set]] = {}
+    for _ in range(200):
+        rep = rng.randrange(3)
+        if rng.random() < 0.03:
+            idx.remove_replica(rep)
+            model.pop(rep, None)
+            continue
+        batch = []
+        for _ in range(rng.randrange(1, 6)):
+            key = KEYS[rng.randrange(len(KEYS))]
+            tier = rng.choice((D, H))
+            kind = rng.choice(("stored", "removed"))
+            batch.append(KVEvent(kind, key, tier))
+            tiers = model.setdefault(rep, {}).setdefault(key, set())
+            if kind == "stored":
+                tiers.add(tier)
+            else:
+                tiers.discard(tier)
+        idx.apply(rep, batch)
+        for start in (0, 0, rng.randrange(len(KEYS))):
+            keys = KEYS[start:]
+            want = {}
+            for r, blocks in model.items():
+                dev = host = 0
+                for k in keys:
+                    tiers = blocks.get(k)
+                    if not tiers:
+                        break
+                    if D in tiers:
+                        dev += 1
+                    else:
+                        host += 1
+                if dev or host:
+                    want[r] = (dev, host)
+            assert idx.match(keys) == want
