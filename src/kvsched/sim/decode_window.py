@@ -65,7 +65,7 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
     if first is not None and kv.num_free_device_blocks < len(first):
         return None
     n = len(batch)
-    rec, cost, last_tok = rep.rec, rep.cost, rep.last_tok
+    cost, last_tok = rep.cost, rep.last_tok
     rids = [r.request_id for r in batch]
     kv_sum = 0
     for r in batch:
@@ -76,10 +76,15 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
     shape.num_tokens = shape.num_seqs = shape.num_logits = n
     used_dev = rep._num_device - kv.num_free_device_blocks
     used_host = rep._num_host - kv.num_free_host_blocks
-    record, index, itl = rec.step, rep.index, rec.itl
+    itl = rep.rec.itl
     decisions = rep.decisions
-    decision = _decision(batch, index) if decisions is not None else None
+    decision = _decision(batch, rep.index) if decisions is not None else None
+    times: list[float] = []
+    durations: list[float] = []
+    devs: list[int] = []
+    hosts: list[int] = []
     now = rep.clock
+    rep._copies(shape)  # any copy since the last step (none expected: nothing was scheduled since)
     steps = 0
     while True:
         j = steps + 1
@@ -90,11 +95,12 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
             _grow(rep, batch, grow, done, j)
             used_dev = rep._num_device - kv.num_free_device_blocks
             used_host = rep._num_host - kv.num_free_host_blocks
-        rep._copies(shape)  # the offloads of this step's evictions (and any copy since the last step)
+            rep._copies(shape)  # the offloads of this step's evictions
         shape.attn_pairs = shape.kv_read_tokens = kv_sum
         dt = cost.step_time(shape)
-        shape.h2d_bytes = shape.d2h_bytes = 0.0
-        shape.copy_calls = 0
+        if shape.copy_calls:
+            shape.h2d_bytes = shape.d2h_bytes = 0.0
+            shape.copy_calls = 0
         prev, now = now, now + dt
         if steps:
             itl.extend([now - prev] * n)
@@ -103,17 +109,20 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
         if decision is not None:
             decisions.append(decision(rep.num_steps + steps))  # type: ignore[union-attr]
         steps = j
+        times.append(now)
+        durations.append(dt)
+        devs.append(used_dev)
+        hosts.append(used_host)
         if steps >= k or now >= horizon:
             break
-        record(now, dt, used_dev, used_host, n, n, index)  # the final step records after its finishes
         kv_sum += n
     rep.clock = now
     rep._dt = dt
     finished = _finish(rep, batch, done, steps, now)
-    if finished:
-        used_dev = rep._num_device - kv.num_free_device_blocks
-        used_host = rep._num_host - kv.num_free_host_blocks
-    record(now, dt, used_dev, used_host, n, n, index)
+    if finished:  # the last step's sample is taken after its step update freed the finished
+        devs[-1] = rep._num_device - kv.num_free_device_blocks
+        hosts[-1] = rep._num_host - kv.num_free_host_blocks
+    rep.rec.steps(times, durations, devs, hosts, n, n, rep.index)
     rep.num_steps += steps
     last_tok.update(dict.fromkeys(rids, now))
     return finished

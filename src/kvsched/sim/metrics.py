@@ -87,6 +87,30 @@ class MetricsRecorder:
         self.t_tokens.append(tokens)
         self.t_replica.append(replica)
 
+    def steps(
+        self,
+        times: list[float],
+        durations: list[float],
+        device_used: list[int],
+        host_used: list[int],
+        batch: int,
+        tokens: int,
+        replica: int = 0,
+    ) -> None:
+        """Several consecutive :meth:`step` samples at once (a decode window: same batch and tokens)."""
+        n = len(times)
+        self.num_steps += n
+        busy = self.busy_time
+        for dt in durations:  # one add per step, in order: the same float as step() by step()
+            busy += dt
+        self.busy_time = busy
+        self.t_time.extend(times)
+        self.t_device.extend(device_used)
+        self.t_host.extend(host_used)
+        self.t_batch.extend([batch] * n)
+        self.t_tokens.extend([tokens] * n)
+        self.t_replica.extend([replica] * n)
+
     def per_request(self) -> dict[str, np.ndarray]:
         arr = np.frombuffer(self.arrival, dtype=np.float64)
         first = np.frombuffer(self.first_token, dtype=np.float64)
