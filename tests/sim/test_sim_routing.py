@@ -135,6 +135,9 @@ def test_cli_router_kv_aware(tmp_path, capsys):
     assert rc == 0
     run = json.loads(out.read_text())["runs"][0]
     assert run["requests"] == 12 and run["replicas"] == 2 and run["kv_stats"]["num_events"] > 0
+    assert (
+        run["router"] == "kv_aware" and "2 x 1 x h200 behind the kv_aware router" in capsys.readouterr().out
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["sim", "--router", "fastest", "--no-progress"])

@@ -276,9 +276,10 @@ def run(a: argparse.Namespace) -> int:
     scenario.device_blocks()
     scenario.host_blocks()
     info = workload_summary(specs)
+    behind = f" behind the {scenario.router} router" if scenario.num_replicas > 1 else ""
     print(
         f"{scenario.model.name} ({_precision(scenario)}) on {scenario.num_replicas} x {scenario.tp} x "
-        f"{scenario.gpu.name}: "
+        f"{scenario.gpu.name}{behind}: "
         f"{scenario.device_blocks()} device blocks "
         f"x {scenario.tokens_per_block} tokens, {scenario.host_blocks()} host blocks; workload "
         f"{info['requests']} requests, mean prompt {info.get('mean_prompt_len', 0):.0f}, "

@@ -225,6 +225,7 @@ class Simulator:
         summary.update(
             {
                 "replicas": len(reps),
+                "router": self.router,
                 "rejected": rejected,
                 "suspends": st["num_suspends"],
                 "resumes": st["num_resumes"],
