@@ -99,6 +99,7 @@ def main() -> None:
     for _ in range(a.runs):
         for overlap in (False, True):
             r = _run(loaded, prompts, a.max_tokens, overlap, opts)
+            print(f"  run: overlap {'on ' if overlap else 'off'} {r['tok_s']:.1f} tok/s", flush=True)
             if overlap not in best or r["tok_s"] > best[overlap]["tok_s"]:
                 best[overlap] = r
     load = os.getloadavg()[0]
