@@ -211,3 +211,27 @@ def test_looked_up_blocks_are_published_without_hashing_again(monkeypatch):
     for t in (20, 21, 22):
         assert decode(m, r, t)  # the KV of 8, 7, 20, 21 completes block 2: hashed at commit
     assert len(hashed) == 1 and len(m._store.index) == 3
+
+
+def test_a_private_duplicate_stays_private_when_the_published_one_is_dropped():
+    """Two requests look up the same prompt before either computes it: the first to commit
+    publishes, the other's copies stay private, and stay so even once the published ones are gone;
+    its later blocks are published (module docstring of prefix.py)."""
+    m = make(reuse=True, device=16)
+    prompt = list(range(100, 113))  # 3 full blocks of 4, then one token
+    a, b = req(1, prompt), req(2, prompt)
+    assert m.prepare_context(a) and m.prepare_context(b)
+    assert m.resize_context(a, 13) and m.resize_context(b, 8)
+    m.advance(a, 13)
+    a.context_current_position = 13
+    m.advance(b, 8)  # b's blocks 0 and 1: keys already held by a's blocks
+    b.context_current_position = 8
+    chain = chain_keys(root_key(None, None), pack_tokens(prompt[:12]), 16)
+    b_blocks = m._caches[2].blocks
+    assert [m._store.index[k] for k in chain[:2]] != b_blocks[:2]
+    m.free_request(a)
+    assert m.clear_cached_blocks() == 3 and not m._store.index  # a's published blocks are gone
+    assert m.resize_context(b, 5)
+    m.advance(b, 5)
+    assert list(m._store.index) == [chain[2]]  # b's block 2 only: 0 and 1 stay private
+    assert m._store.index[chain[2]] is b_blocks[2] and b_blocks[0].key is None
