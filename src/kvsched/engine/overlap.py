@@ -120,7 +120,8 @@ class OverlapLoop:
             if out is not None and (out.context_requests or out.generation_requests):
                 cur = self._submit(out, prev)
             outputs = failed + self._finish(prev) if prev is not None else failed
-            eng._active = [r for r in eng._active if r.state != _DONE]
+            if any(o.finished for o in outputs):  # the ones ended by the last update stay till emitted
+                eng._active = [r for r in eng._active if r.state != _DONE]
             if prev is None and cur is None and not failed:
                 return self._idle(out)
             if cur is not None:
