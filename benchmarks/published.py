@@ -29,7 +29,7 @@ Blackwell the softmax exponentials (16 per clock per SM, as on Hopper) bound att
 rate (FlashAttention-4); GpuSpec.sfu_exp_rate caps it (Hopper's FP8 attention stays tensor-bound, so
 the H100 calibration does not move). The row settings above replaced a fixed batch 512 / 8,192 tokens.
 Scale: runs with fewer requests than the page under-fill the batch at the end (the H200 1,024/8,192 row
-is -11 % at --scale 0.2); the closing numbers are at --scale 1.0 with the factors fitted at 0.2.
+is -11 % at --scale 0.2, -9 % at 1.0), so the closing numbers are --scale 1.0 with the fit at 1.0 (~20 min).
 Run: `python benchmarks/published.py [--scale 0.2] [--policy two-stage:guaranteed_no_evict]
 [--factors mfu,attention,hbm]`.
 """
