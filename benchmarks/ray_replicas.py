@@ -2,10 +2,15 @@
 serve --dataset prefix`; prints the prefix-cache hit rate (from the server's /metrics), throughput and
 TTFT per router, and ratios to round-robin measured in the same run.
 
-    python benchmarks/ray_replicas.py --num-prompts 32 --replicas 2
+    python benchmarks/ray_replicas.py --num-prompts 60 --replicas 2
 
 Each router gets a fresh server (cold caches). Needs the `ray` extra. On a shared or small machine the
 absolute figures are noisy; compare the ratios, and run it more than once.
+
+The defaults make routing matter: the prefix dataset cycles over its prefixes in order, so with an even
+number of prefixes and 2 replicas round-robin would send each prefix to the same replica every time (by
+accident); 15 prefixes break that. The device KV pool (120 MB: ~160 SmolLM2 blocks of 16 tokens, no
+host tier) holds about half of the 15 x 256 prefix tokens, so a replica that sees every prefix evicts.
 """
 
 from __future__ import annotations
@@ -91,16 +96,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--routers", default=",".join(ROUTERS))
-    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--num-prompts", type=int, default=60)
     p.add_argument("--prefix-len", type=int, default=256)
-    p.add_argument("--num-prefixes", type=int, default=4)
-    p.add_argument("--input-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=16)
-    p.add_argument("--max-concurrency", type=int, default=8)
+    p.add_argument("--num-prefixes", type=int, default=15)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=8)
+    p.add_argument("--max-concurrency", type=int, default=4)
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument(
         "--engine-flags",
-        default="--device-kv-bytes 200000000 --host-kv-bytes 100000000",
+        default="--device-kv-bytes 120000000 --host-kv-bytes 0",
         help="extra `kvsched serve` flags, one string",
     )
     args = p.parse_args()
