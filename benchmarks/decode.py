@@ -36,23 +36,24 @@ def _engine(loaded: Any, max_batch_size: int) -> Any:
     return Engine(args, parts=build_engine_parts(args, loaded=loaded))
 
 
-def decode_tok_s(loaded: Any, prompt: list[int], max_tokens: int, reps: int) -> float:
-    """Best of ``reps``: output tokens after the first, over the time after the first (TTFT excluded)."""
+def decode_tok_s(loaded: Any, prompt: list[int], max_tokens: int, reps: int) -> tuple[float, float]:
+    """Best of ``reps``: output tokens after the first over the wall time after the first (TTFT
+    excluded), and the same tokens per CPU second of this process (steadier on a busy machine)."""
     from kvsched.core.request import SamplingParams
 
     ex = _engine(loaded, 1)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    best = 0.0
+    best = best_cpu = 0.0
     for _ in range(reps + 1):  # the first run warms up
         rid = ex.add_request(prompt, params)
         ex.step()  # the prefill and the first token
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         while ex.has_unfinished_requests():
             ex.step()
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         assert len(ex.pop_output(rid).outputs[0].token_ids) == max_tokens
-        best = max(best, (max_tokens - 1) / seconds)
-    return best
+        best, best_cpu = max(best, (max_tokens - 1) / seconds), max(best_cpu, (max_tokens - 1) / cpu)
+    return best, best_cpu
 
 
 def greedy_outputs(loaded: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -86,7 +87,7 @@ def batch_forward_ms(model: Any, config: Any, batch: int, context: int, reps: in
     return 1e3 * statistics.median(times)
 
 
-def hf_decode_tok_s(prompt: list[int], max_tokens: int) -> float:
+def hf_decode_tok_s(prompt: list[int], max_tokens: int) -> tuple[float, float]:
     """HF ``generate`` on the same GGUF, batch 1, greedy, EOS ignored; decode time only (one run)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -99,17 +100,80 @@ def hf_decode_tok_s(prompt: list[int], max_tokens: int) -> float:
     kw = {"attention_mask": torch.ones_like(ids), "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, **kw)  # warm-up
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
-        ttft = time.perf_counter() - start
-        start = time.perf_counter()
+        ttft, ttft_cpu = time.perf_counter() - start, time.process_time() - cpu
+        start, cpu = time.perf_counter(), time.process_time()
         model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, **kw)
-        total = time.perf_counter() - start
-    return (max_tokens - 1) / max(total - ttft, 1e-9)
+        total, total_cpu = time.perf_counter() - start, time.process_time() - cpu
+    return (max_tokens - 1) / max(total - ttft, 1e-9), (max_tokens - 1) / max(total_cpu - ttft_cpu, 1e-9)
+
+
+def kernel_us(batch: int, reps: int) -> dict[str, float]:
+    """Median µs of one decoder layer's seven projections (SmolLM2 shapes) per candidate kernel, on
+    random weights: why ``engine/quant.py`` uses ``_weight_int8pack_mm`` with bf16 activations."""
+    import torch
+    from torch import nn
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    ws = [torch.randn(n, k, generator=gen) * 0.05 for n, k in shapes]
+    xs = {k: torch.randn(batch, k, generator=gen) for _, k in shapes}
+    xb = {k: x.bfloat16() for k, x in xs.items()}
+    qs = []
+    for w in ws:
+        scale = w.abs().amax(1) / 127
+        qs.append((torch.round(w / scale[:, None]).to(torch.int8), scale))
+    qt = [(q.t().contiguous(), s) for q, s in qs]  # [K, N] for _int_mm
+    wb = [w.bfloat16() for w in ws]
+    mm8 = torch.ops.aten._weight_int8pack_mm
+    from kvsched.engine.quant import Int4Linear
+
+    int4 = [Int4Linear(nn.Linear(w.shape[1], w.shape[0], bias=False)) for w in ws]
+
+    def int_mm() -> None:  # int8 activations, one scale per token
+        for q, s in qt:
+            x = xs[q.shape[0]]
+            xs_ = x.abs().amax(-1, keepdim=True) / 127
+            torch._int_mm(torch.round(x / xs_).to(torch.int8), q).float().mul_(xs_ * s)
+
+    cands = {
+        "fp32 linear": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws],
+        "bf16 linear": lambda: [torch.nn.functional.linear(xb[w.shape[1]], w) for w in wb],
+        "int8pack fp32 act": lambda: [mm8(xs[q.shape[1]], q, s) for q, s in qs],
+        "int8pack bf16 act": lambda: [mm8(xb[q.shape[1]], q, s.bfloat16()) for q, s in qs],
+        "_int_mm int8 act": int_mm,
+        "int4pack bf16 act": lambda: [m(xs[m.in_features]) for m in int4],
+    }
+    out: dict[str, list[float]] = {name: [] for name in cands}
+    with torch.inference_mode():
+        for fn in cands.values():
+            fn()
+        for _ in range(reps):  # interleaved, so a burst of load hits every candidate alike
+            for name, fn in cands.items():
+                start = time.perf_counter()
+                fn()
+                out[name].append(1e6 * (time.perf_counter() - start))
+    return {name: statistics.median(v) for name, v in out.items()}
+
+
+def weight_mb_per_token(model: Any) -> float:
+    """MB of linear weights (fp32 matrices, or codes + scales) a decode step reads; the embedding table
+    is not counted (one row per token), a head tied to it is."""
+    seen: set[int] = set()
+    total = 0
+    for mod in model.modules():
+        if not hasattr(mod, "in_features"):  # nn.Linear, Int8Linear, Int4Linear
+            continue
+        for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total / 1e6
 
 
 def agreement(ref: list[list[int]], got: list[list[int]]) -> tuple[int, float]:
-    """(prompts with identical output, mean length of the prefix int8 shares with fp32)."""
+    """(prompts with identical output, mean length of the prefix the two share)."""
     same = sum(a == b for a, b in zip(ref, got))
     prefixes = []
     for a, b in zip(ref, got):
@@ -129,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32, help="decoding sequences of the batched forward")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF generate baseline")
+    p.add_argument(
+        "--kernel-reps", type=int, default=20, help="repetitions of the kernel comparison (0: skip)"
+    )
     a = p.parse_args(argv)
 
     import torch
@@ -140,43 +207,57 @@ def main(argv: list[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     model, config, tok = load_model(None)
-    q_model = copy.deepcopy(model)
-    n_q = quantize_model(q_model, "int8")
-    fp32, int8 = (model, config, tok), (q_model, config, tok)
+    models = {"fp32": model}
+    for kind in ("int8", "int4"):
+        models[kind] = copy.deepcopy(model)
+        quantize_model(models[kind], kind)
     prompt = tok.encode_chat(QUESTION)
-    load0 = os.getloadavg()[0]
     print(
-        f"SmolLM2-135M GGUF, threads={torch.get_num_threads()}, int8: {n_q} linears "
-        f"(decoder projections + LM head; embedding fp32), load average {load0:.1f} at the start"
+        f"SmolLM2-135M GGUF, threads={torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at "
+        "the start. int8: decoder projections + LM head; int4: decoder projections (LM head fp32); "
+        "embedding fp32. MB of weights read per decode token: "
+        + ", ".join(f"{k} {weight_mb_per_token(m):.0f}" for k, m in models.items())
     )
 
-    rows = [("kvsched fp32", decode_tok_s(fp32, prompt, a.max_tokens, a.reps))]
-    rows.append(("kvsched int8", decode_tok_s(int8, prompt, a.max_tokens, a.reps)))
+    rows = [
+        (f"kvsched {k}", decode_tok_s((m, config, tok), prompt, a.max_tokens, a.reps))
+        for k, m in models.items()
+    ]
     if not a.no_hf:
         try:
             rows.append(("HF generate fp32", hf_decode_tok_s(prompt, a.max_tokens)))
         except Exception as exc:  # reported, not raised: the kvsched figures stand alone
             print(f"HF baseline failed: {type(exc).__name__}: {exc}")
-    base = rows[0][1]
-    print(f"\nbatch-1 decode, {a.max_tokens} tokens ({len(prompt)}-token prompt), TTFT excluded")
-    print(f"{'engine':<18} {'tok/s':>8} {'x fp32':>7}")
-    for name, tps in rows:
-        print(f"{name:<18} {tps:>8.1f} {tps / base:>7.2f}")
+    (base, base_cpu) = rows[0][1]
+    print(
+        f"\nbatch-1 decode, {a.max_tokens} tokens ({len(prompt)}-token prompt), TTFT excluded, best of {a.reps}"
+    )
+    print(f"{'engine':<18} {'tok/s':>8} {'x fp32':>7} {'tok/CPU s':>10} {'x fp32':>7}")
+    for name, (tps, cps) in rows:
+        print(f"{name:<18} {tps:>8.1f} {tps / base:>7.2f} {cps:>10.1f} {cps / base_cpu:>7.2f}")
 
-    ms32 = batch_forward_ms(model, config, a.batch, 256, 5)
-    ms8 = batch_forward_ms(q_model, config, a.batch, 256, 5)
-    print(f"\nforward of {a.batch} decoding sequences (context 256), median of 5")
-    print(f"fp32 {ms32:.1f} ms, int8 {ms8:.1f} ms: int8 x{ms32 / ms8:.2f} the speed of fp32")
+    ms = {k: batch_forward_ms(m, config, a.batch, 256, 5) for k, m in models.items()}
+    print(
+        f"\nforward of {a.batch} decoding sequences (context 256), median of 5: "
+        + ", ".join(f"{k} {v:.1f} ms (x{ms['fp32'] / v:.2f})" for k, v in ms.items())
+    )
+
+    if a.kernel_reps:
+        print("\nkernels, one decoder layer's projections (random weights), median µs, x = speed vs fp32")
+        for m in (1, a.batch):
+            us = kernel_us(m, a.kernel_reps)
+            fp = us["fp32 linear"]
+            print(f"  batch {m:>3}: " + ", ".join(f"{k} {v:.0f} (x{fp / v:.2f})" for k, v in us.items()))
 
     prompts = [tok.encode_chat(c) for c in chat_conversations(a.num_prompts)]
-    ref = greedy_outputs(fp32, prompts, a.agree_tokens)
-    got = greedy_outputs(int8, prompts, a.agree_tokens)
-    same, prefix = agreement(ref, got)
-    print(
-        f"\ngreedy agreement int8 vs fp32, {len(prompts)} built-in prompts x {a.agree_tokens} tokens: "
-        f"identical {same}/{len(prompts)} ({same / len(prompts):.0%}), mean matching prefix "
-        f"{prefix:.1f} tokens ({prefix / a.agree_tokens:.0%})"
-    )
+    ref = greedy_outputs((model, config, tok), prompts, a.agree_tokens)
+    print(f"\ngreedy agreement with fp32, {len(prompts)} built-in prompts x {a.agree_tokens} tokens:")
+    for kind in ("int8", "int4"):
+        same, prefix = agreement(ref, greedy_outputs((models[kind], config, tok), prompts, a.agree_tokens))
+        print(
+            f"  {kind}: identical {same}/{len(prompts)} ({same / len(prompts):.0%}), mean matching prefix "
+            f"{prefix:.1f} tokens ({prefix / a.agree_tokens:.0%})"
+        )
     print(f"load average {os.getloadavg()[0]:.1f} at the end (2-core machine shared with other jobs)")
     return 0
 

@@ -23,7 +23,7 @@ DEFAULT_HOST_SHARE_OF_AVAILABLE_MEMORY = 0.25
 #: Proposers of speculative decoding: prompt lookup, or a draft model with its own KV cache.
 SPECULATIVE_KINDS = ("ngram", "draft")
 #: Weight quantization applied after loading (engine/quant.py); None keeps the checkpoint's dtype.
-QUANTIZATION_KINDS = ("int8",)
+QUANTIZATION_KINDS = ("int8", "int4")
 
 
 @dataclass(slots=True)
@@ -32,7 +32,8 @@ class EngineArgs:
 
     model: str | None = None
     dtype: str = "float32"
-    # Opt-in weight-only int8 (per output channel) for the decoder projections and the LM head.
+    # Opt-in weight quantization: "int8" (per output channel; decoder projections and LM head) or "int4"
+    # (groups of 32, the GGUF Q4_1 layout; decoder projections, CPU). None: the checkpoint in ``dtype``.
     quantization: str | None = None
     device: str = "cpu"
     tokens_per_block: int = 16
@@ -263,7 +264,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
         helps = {
             "capacity_policy": "two-stage scheduler only (default max_utilization)",
             "speculative": "speculative decoding: ngram (prompt lookup) or draft (a draft model)",
-            "quantization": "int8: weight-only int8 linears (default: none, the checkpoint's dtype)",
+            "quantization": "int8 (per channel) or int4 (groups of 32, CPU) weights (default: none, dtype)",
             "draft_model": "draft checkpoint with the target's vocabulary (default: a truncated target)",
         }
         group.add_argument(

@@ -1,19 +1,26 @@
-"""Opt-in weight-only int8 linears (``quantization="int8"``), applied once after the weights are loaded.
+"""Opt-in weight quantization (``quantization="int8"`` or ``"int4"``), applied once after loading.
 
 Why: fp32 decode at batch 1 reads every weight once per token, so its speed is the memory bandwidth
-divided by ~540 MB on SmolLM2-135M; int8 weights read a quarter of that. Each projection of every decoder
-layer and the LM head become :class:`Int8Linear`: symmetric int8 per output channel (scale = the row's
-max |w| / 127). The token embedding stays fp32 (a decode step reads one row of it, not the table).
+divided by ~540 MB on SmolLM2-135M. Both kinds replace each projection of every decoder layer:
 
-Kernel, chosen by measurement (``benchmarks/decode.py``, torch 2.13 CPU): ``aten._weight_int8pack_mm``
-with bf16 activations. Its fp32-activation variant was several times slower than fp32 ``linear``;
-``torch._int_mm`` (int8 activations, quantized per token) was as fast but agreed less often with fp32;
-``torch.ao.quantization.quantize_dynamic`` builds on quantized tensors, deprecated in torch 2.13.
-The output is returned in the activation's dtype, so the rest of the model is unchanged. Off the CPU the
-layer dequantizes its rows on the fly (correct, not fast): the int8 kernel is a CPU path.
+* ``int8`` (any checkpoint): :class:`Int8Linear`, symmetric int8 per output channel (scale = the row's
+  max |w| / 127), the LM head too. Kernel, chosen by measurement (``benchmarks/decode.py``, torch 2.13
+  CPU): ``aten._weight_int8pack_mm`` with bf16 activations. Its fp32-activation variant was ~25x slower
+  than fp32 ``linear``; ``torch._int_mm`` (int8 activations, one scale per token) agreed less often with
+  fp32 greedy output; ``torch.ao.quantization.quantize_dynamic`` builds on quantized tensors, deprecated
+  in torch 2.13. Off the CPU the layer dequantizes on the fly (correct, not fast).
+* ``int4`` (CPU): :class:`Int4Linear`, 4-bit codes per group of 32 input channels with a scale and a
+  minimum, the layout of GGUF Q4_1. The default GGUF stores its projections as Q4_1, so this recovers the
+  file's own blocks exactly; only the bf16 activations differ from fp32. The LM head stays fp32 (the
+  GGUF's is the Q8_0 embedding, which 4 bits would change).
+
+The token embedding always stays fp32 (a step reads one row per token, not the table). Outputs come
+back in the activation's dtype, so the rest of the model is unchanged.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -78,34 +85,94 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
 
 
+#: Input channels per int4 group: the block of GGUF Q4_0 / Q4_1 (and a group size the kernel takes).
+INT4_GROUP = 32
+
+
+def quantize_groupwise_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``weight`` [out, in] -> (codes 0..15 int32 [out, in], scale and minimum fp32 [out, in / 32]) with
+    ``weight ~ codes * scale + minimum`` per group of 32 input channels (asymmetric, as GGUF Q4_1).
+
+    A weight that was a Q4_1 block comes back exactly: the block's minimum has code 0 and its maximum
+    code 15 (llama.cpp's ``quantize_row_q4_1`` picks d = (max - min) / 15), so both are recovered."""
+    out_f, in_f = weight.shape
+    if in_f % INT4_GROUP:
+        raise ConfigError(f"int4 needs in_features divisible by {INT4_GROUP}, got a weight of {out_f}x{in_f}")
+    w = weight.detach().float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = (hi - lo) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0
+    codes = torch.round((w - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
+    return codes.reshape(out_f, in_f), scale, lo
+
+
+class Int4Linear(nn.Module):
+    """4-bit codes per group of 32 input channels with a scale and a minimum each (CPU only).
+
+    Kernel: ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations; it computes ``(code - 8) * scale
+    + zero`` per group, so ``zero = minimum + 8 * scale``.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        if linear.weight.device.type != "cpu":
+            raise ConfigError("quantization='int4' is a CPU path (torch's int4 CPU kernel); use 'int8'")
+        codes, scale, lo = quantize_groupwise_4bit(linear.weight)
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        zero = lo + 8 * scale
+        # [in / 32, out, 2]: (scale, zero) per group and output channel, in the activation dtype
+        self.register_buffer(
+            "scale_zero", torch.stack([scale, zero], -1).transpose(0, 1).contiguous().bfloat16()
+        )
+        b = linear.bias
+        self.bias = None if b is None else nn.Parameter(b.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.packed, INT4_GROUP, self.scale_zero)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {INT4_GROUP}"
+        )
+
+
 def quantize_model(model: nn.Module, quantization: str | None) -> int:
-    """Replace the decoder projections and the LM head of ``model`` (a ``LlamaForCausalLM``) in place;
-    returns how many linears were quantized. ``None`` leaves the model as it is (fp32 stays the default).
-    A layer already quantized is skipped, so calling it twice is harmless. A tied LM head gets its own
-    int8 copy; the embedding it was tied to stays fp32."""
+    """Replace the decoder projections (and, for int8, the LM head) of ``model`` (a ``LlamaForCausalLM``)
+    in place; returns how many linears were quantized. ``None`` leaves the model as it is (fp32 stays the
+    default). A layer already quantized is skipped, so calling it twice is harmless. A tied LM head gets
+    its own int8 copy; the embedding it was tied to stays fp32."""
     if quantization is None:
         return 0
     if quantization not in QUANTIZATION_KINDS:
         raise ConfigError(
             f"quantization={quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATION_KINDS)}"
         )
+    make = Int8Linear.from_linear if quantization == "int8" else Int4Linear
     count = 0
     for layer in model.model.layers:  # type: ignore[union-attr]
         for parent, names in ((layer.self_attn, ATTENTION_PROJECTIONS), (layer.mlp, MLP_PROJECTIONS)):
             for name in names:
-                count += _replace(parent, name)
-    count += _replace(model, "lm_head")
+                count += _replace(parent, name, make)
+    if quantization == "int8":
+        count += _replace(model, "lm_head", make)
     return count
 
 
-def _replace(parent: nn.Module, name: str) -> int:
+def _replace(parent: nn.Module, name: str, make: Callable[[nn.Linear], nn.Module]) -> int:
     mod = getattr(parent, name)
-    if isinstance(mod, Int8Linear):
+    if isinstance(mod, Int8Linear | Int4Linear):
         return 0
     if not isinstance(mod, nn.Linear):
         raise ConfigError(
             f"cannot quantize {name}: it is a {type(mod).__name__}, not a plain nn.Linear "
             "(quantize before installing LoRA adapters)"
         )
-    setattr(parent, name, Int8Linear.from_linear(mod))
+    setattr(parent, name, make(mod))
     return 1
