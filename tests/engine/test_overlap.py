@@ -287,3 +287,17 @@ def test_token_stop_follows_eos_ignore_eos_and_stop_ids():
     assert token_stop(plain, 9) and not token_stop(plain, 5)
     assert not token_stop(ignoring, 9)
     assert token_stop(stops, 5) and token_stop(stops, 9) and not token_stop(stops, 4)
+
+
+def test_llm_generate_with_async_scheduling_keyword(tiny_llama_dir):
+    from kvsched import LLM
+
+    prompts = ["the cat sat on", "one two three", "hello"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, stop=["q"], logprobs=1)
+    outs = []
+    for overlap in (False, True):
+        llm = LLM(str(tiny_llama_dir), async_scheduling=overlap, num_device_blocks=64, tokens_per_block=8)
+        assert (llm.engine._overlap is not None) == overlap
+        got = llm.generate(prompts, params, use_tqdm=False)
+        outs.append([(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason) for o in got])
+    assert outs[0] == outs[1]
