@@ -11,8 +11,9 @@ divided by ~540 MB on SmolLM2-135M. Both kinds replace each projection of every 
   in torch 2.13. Off the CPU the layer dequantizes on the fly (correct, not fast).
 * ``int4`` (CPU): :class:`Int4Linear`, 4-bit codes per group of 32 input channels with a scale and a
   minimum, the layout of GGUF Q4_1. The default GGUF stores its projections as Q4_1, so this recovers the
-  file's own blocks exactly; only the bf16 activations differ from fp32. The LM head stays fp32 (the
-  GGUF's is the Q8_0 embedding, which 4 bits would change).
+  file's own 4-bit codes exactly; what differs from fp32 is bf16 rounding (activations, and the scales
+  and zero points, which the kernel takes in the activation dtype). The LM head stays fp32 (the GGUF's
+  is the Q8_0 embedding, which 4 bits would change).
 
 The token embedding always stays fp32 (a step reads one row per token, not the table). Outputs come
 back in the activation's dtype, so the rest of the model is unchanged.
@@ -109,8 +110,9 @@ def quantize_groupwise_4bit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class Int4Linear(nn.Module):
     """4-bit codes per group of 32 input channels with a scale and a minimum each (CPU only).
 
-    Kernel: ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations; it computes ``(code - 8) * scale
-    + zero`` per group, so ``zero = minimum + 8 * scale``.
+    Kernel: ``aten._weight_int4pack_mm_for_cpu`` with bf16 activations (its fp32 variant was ~15x
+    slower than fp32 ``linear``); it computes ``(code - 8) * scale + zero`` per group, so ``zero =
+    minimum + 8 * scale``, and takes scales and zeros in bf16 only.
     """
 
     def __init__(self, linear: nn.Linear) -> None:
