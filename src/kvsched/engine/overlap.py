@@ -179,7 +179,10 @@ class OverlapLoop:
             if patch_rows:
                 assert before is not None  # a placeholder comes from the step before
                 known = before.result().token_ids  # done: the worker ran that step first
-                batch.input_ids[torch.tensor(patch_rows)] = torch.tensor([known[j] for j in patch_src])
+                ids = batch.input_ids
+                ids[torch.tensor(patch_rows, device=ids.device)] = torch.tensor(
+                    [known[j] for j in patch_src], dtype=ids.dtype, device=ids.device
+                )
             return sampler(model(batch, storage), params, gens, want_lp)
 
         first = [
