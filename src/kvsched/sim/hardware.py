@@ -111,6 +111,17 @@ GPU_PRESETS: dict[str, GpuSpec] = {
         gpu_link_bandwidth=300 * GIGA,
         source="NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, 2,039 GB/s, NVLink 3 600 GB/s bidir, PCIe Gen4",
     ),
+    "a100-40gb": GpuSpec(
+        "a100-40gb",
+        sfu_exp_rate=_exp_rate(108, 1.41),
+        bf16_flops=312 * TERA,
+        fp8_flops=312 * TERA,
+        hbm_bandwidth=1.555 * TERA,
+        hbm_bytes=40 * GIGA,
+        host_link_bandwidth=_PCIE4,
+        gpu_link_bandwidth=300 * GIGA,
+        source="NVIDIA A100 datasheet (SXM4 40GB): 312 TFLOPS BF16 dense, 1,555 GB/s HBM2, NVLink 3, PCIe Gen4",
+    ),
     "h100": GpuSpec(
         "h100",
         sfu_exp_rate=_exp_rate(132, 1.98),
