@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from tiny_engine import tiny_engine
+from tiny_engine import ENGINE_KW, TINY, tiny_engine
 
 from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
 from kvsched.core.request import SamplingParams
@@ -58,3 +60,46 @@ def test_replica_step_reply_carries_outputs_results_events_and_load(replica) -> 
     replica.abort("c")
     replica.abort("never-added")  # unknown: ignored
     assert replica.step().num_unfinished == 0
+
+
+def _adapter(path, rank: int = 2) -> str:
+    """A random HF PEFT adapter on q_proj of the tiny model."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(TINY.num_layers):
+        key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+        tensors[f"{key}.lora_A.weight"] = torch.randn(rank, TINY.hidden_size, generator=gen)
+        tensors[f"{key}.lora_B.weight"] = torch.randn(TINY.num_heads * TINY.head_dim, rank, generator=gen)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": ["q_proj"]}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_lora_requests_are_keyed_as_the_router_keys_them(tmp_path) -> None:
+    """The replica names its adapters' ids (``ReplicaInfo.lora_ids``); the router's keys for a prompt
+    under that id are the block hashes the replica's KV events report for it."""
+    from kvsched.core.routing import prompt_keys
+    from kvsched.engine.engine import Engine
+    from kvsched.engine.engine_args import EngineArgs
+    from kvsched.engine.parts import build_engine_parts
+    from kvsched.engine.weights.loader import default_model_path, load_model
+
+    args = EngineArgs(**ENGINE_KW, lora_modules={"sql": _adapter(tmp_path / "sql")})
+    loaded = load_model(default_model_path(), dummy_config=TINY, seed=0)  # its own copy: LoRA wraps it
+    replica = EngineReplica(engine=Engine(args, parts=build_engine_parts(args, loaded=loaded)))
+    info = replica.info()
+    assert info.lora_names == ("sql",) and info.lora_ids == dict(replica.engine.lora_names)
+    check_request(info, [1, 2, 3], GREEDY, 0, None, "sql")  # a loaded adapter passes
+    with pytest.raises(InvalidRequestError, match="unknown LoRA adapter 'poet'"):
+        check_request(info, [1, 2, 3], GREEDY, 0, None, "poet")
+    prompt = list(range(100, 150))  # 50 tokens: 3 whole blocks of 16 before the last token
+    replica.add(prompt, GREEDY, "q", 0, 0.0, 7, "sql")
+    stored = [e.block_hash for e in replica.step().events if e.kind == "stored"]
+    keys = prompt_keys(prompt, info.tokens_per_block, lora_id=info.lora_ids["sql"], salt=7)
+    assert len(keys) == 3 and stored[:3] == keys
+    assert keys != prompt_keys(prompt, info.tokens_per_block, salt=7)  # the adapter changes the keys
