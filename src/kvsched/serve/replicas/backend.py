@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvsched.core.errors import DuplicateRequestError
@@ -27,35 +26,15 @@ from kvsched.core.request import SamplingParams
 from kvsched.core.routing import ReplicaLoad, Router
 from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.serve.handle import EngineClosedError
-from kvsched.serve.metrics import EngineSnapshot, ReplicaSnapshot
+from kvsched.serve.metrics import EngineSnapshot
 from kvsched.serve.replicas.frontend import FrontTokenizer, check_request
 from kvsched.serve.replicas.replica import ReplicaInfo, StepReply
+from kvsched.serve.replicas.state import ReplicaState, Route, error_output, health_entries, totals
 
 #: The actors' concurrency group for pings (one thread beside the engine's): a long step does not delay it.
 PROBE_GROUP = "probe"
 #: Longest a ``step`` call waits for a reply: short, so the engine thread takes new requests promptly.
 DEFAULT_WAIT_S = 0.005
-
-
-@dataclass(slots=True)
-class _Route:
-    """Where a request runs, and what a retry on another replica needs (dropped at its first token)."""
-
-    replica: int
-    add_args: tuple | None
-    retried: bool = False
-
-
-@dataclass(slots=True)
-class _Replica:
-    actor: Any
-    alive: bool = True
-    error: str | None = None
-    load: ReplicaLoad = field(default_factory=ReplicaLoad)
-    snapshot: EngineSnapshot = field(default_factory=EngineSnapshot)
-    num_requests: int = 0  # routed here and not finished (front-end count)
-    routed: int = 0  # requests routed here since start (retries included)
-    busy: bool = False  # its engine still had unfinished requests at its last reply
 
 
 class ReplicatedBackend:
@@ -86,8 +65,8 @@ class ReplicatedBackend:
         self._front = FrontTokenizer(tokenizer)
         self.router = router
         self.wait_s = wait_s
-        self.replicas = [_Replica(actor=a) for a in actors]
-        self._routes: dict[Hashable, _Route] = {}
+        self.replicas = [ReplicaState(actor=a) for a in actors]
+        self._routes: dict[Hashable, Route] = {}
         self._inflight: dict[Any, int] = {}  # step ObjectRef -> replica
         self._results: dict[Hashable, RequestOutput] = {}
         self._pending: list[StepOutput] = []  # outputs made here (failures), returned by the next step
@@ -123,7 +102,7 @@ class ReplicatedBackend:
         arrival = time.monotonic() if arrival_time is None else arrival_time
         args = (token_ids, params, request_id, priority, arrival, cache_salt, lora, session)
         replica = self._route(args)
-        self._routes[request_id] = _Route(replica, args)
+        self._routes[request_id] = Route(replica, args)
 
     def _route(self, args: tuple, exclude: int = -1) -> int:
         token_ids, params, rid, priority, arrival, salt, lora, session = args
@@ -201,7 +180,7 @@ class ReplicatedBackend:
         for rid, kind, message in reply.rejected:
             if self._routes.pop(rid, None) is not None:
                 rep.num_requests -= 1
-                outputs.append(_error_output(rid, f"the replica refused the request: {kind}: {message}"))
+                outputs.append(error_output(rid, f"the replica refused the request: {kind}: {message}"))
         for out in reply.outputs:
             route = self._routes.get(out.request_id)
             if route is None or route.replica != i:
@@ -233,7 +212,7 @@ class ReplicatedBackend:
             if not self.num_alive:
                 why = "no other replica is alive"
             outputs.append(
-                _error_output(
+                error_output(
                     rid, f"engine replica {i} died ({rep.error}); the request was not retried: {why}"
                 )
             )
@@ -253,7 +232,7 @@ class ReplicatedBackend:
             if route.replica == i:
                 del self._routes[rid]
                 self.replicas[i].num_requests -= 1
-                outputs.append(_error_output(rid, message))
+                outputs.append(error_output(rid, message))
 
     # -- state -------------------------------------------------------------------------------------
     @property
@@ -280,38 +259,11 @@ class ReplicatedBackend:
 
     def health(self) -> list[dict[str, Any]]:
         """Each replica: alive or dead (and why), running and waiting requests (its last reply)."""
-        return [
-            {
-                "replica": i,
-                "alive": r.alive,
-                "num_running": r.load.num_running if r.alive else 0,
-                "num_waiting": r.load.num_waiting if r.alive else 0,
-                **({} if r.error is None else {"error": r.error}),
-            }
-            for i, r in enumerate(self.replicas)
-        ]
+        return health_entries(self.replicas)
 
     def snapshot(self) -> EngineSnapshot:
-        """Totals over the replicas (gauges over the live ones; counters over all, so they never go
-        back when one dies) and each replica's own figures (``/metrics`` label ``replica``)."""
-        total = EngineSnapshot()
-        per: list[ReplicaSnapshot] = []
-        for i, r in enumerate(self.replicas):
-            s = r.snapshot
-            if r.alive:
-                total.num_running += s.num_running
-                total.num_waiting += s.num_waiting
-                total.num_paused += s.num_paused
-                total.device_kv_usage += s.device_kv_usage / len(self.replicas)
-                total.host_kv_usage += s.host_kv_usage / len(self.replicas)
-            total.prefix_queries += s.prefix_queries
-            total.prefix_hits += s.prefix_hits
-            total.num_suspends += s.num_suspends
-            total.num_resumes += s.num_resumes
-            total.num_preemptions += s.num_preemptions
-            per.append(ReplicaSnapshot(replica=i, alive=r.alive, routed=r.routed, engine=s))
-        total.replicas = tuple(per)
-        return total
+        """Totals over the replicas and each replica's own figures (``/metrics`` label ``replica``)."""
+        return totals(self.replicas)
 
     def shutdown(self) -> None:
         """Kill the replica actors (the server is done with them)."""
@@ -319,7 +271,3 @@ class ReplicatedBackend:
             if rep.alive:
                 self._ray.kill(rep.actor)
             rep.alive = False
-
-
-def _error_output(request_id: Hashable, message: str) -> StepOutput:
-    return StepOutput(request_id, [], "", finished=True, finish_reason="error", error=message)
