@@ -2,7 +2,10 @@
 
 Prints load time, decode step time / tokens per second for batches of 1..64 sequences at a given context
 length, and prefill tokens per second. Wall time and process CPU time are both shown (CPU time is the
-steadier figure on a shared machine). Block tables are deliberately scattered.
+steadier figure on a shared machine). Block tables are deliberately scattered. ``--op-shares`` adds, per
+decode batch, the share of the forward's CPU time in the matmuls (projections, MLP, LM head), in
+attention (its bmm / SDPA and softmax), in the paged K/V gathers and in the rest (torch.profiler): the
+matmuls are the floor of a CPU engine, the rest is what batching and kernels can still win.
 """
 
 from __future__ import annotations
@@ -40,6 +43,35 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return (time.perf_counter() - wall) / reps, (time.process_time() - cpu) / reps
 
 
+#: aten ops by kind; anything else (norms, rotary, SiLU, copies, allocation) is "other".
+_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm"),
+    "attention": (
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::_softmax",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+    ),
+    "gather": ("aten::index_select",),
+}
+
+
+def _op_shares(fn) -> str:
+    """Self CPU time of two forwards split by op kind (torch.profiler), as shares of the total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        fn()
+    totals = dict.fromkeys((*_KINDS, "other"), 0.0)
+    for ev in prof.key_averages():
+        kind = next((k for k, names in _KINDS.items() if ev.key in names), "other")
+        totals[kind] += ev.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return "  ".join(f"{k} {v / whole:.0%}" for k, v in totals.items())
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dummy", action="store_true", help="random weights of SmolLM2's shape (no file read)")
@@ -48,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--op-shares", action="store_true", help="split each decode forward by op kind")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         seqs = [SeqInput([7], args.context, tables[i], 1) for i in range(bs)]
         wall, cpu = _timed(lambda seqs=seqs: model(ForwardBatch.build(seqs, tpb, args.device), kv), args.reps)
         print(f"{bs:>5} {args.context:>7} {wall * 1e3:>12.1f} {cpu * 1e3:>11.1f} {bs / wall:>12.1f}")
+        if args.op_shares:
+            print(
+                "      " + _op_shares(lambda seqs=seqs: model(ForwardBatch.build(seqs, tpb, args.device), kv))
+            )
     for bs, n in prefills:
         seqs = [SeqInput(list(range(100, 100 + n)), 0, tables[i], 1) for i in range(bs)]
         wall, cpu = _timed(lambda seqs=seqs: model(ForwardBatch.build(seqs, tpb, args.device), kv), 1)
