@@ -17,6 +17,11 @@ divided by ~540 MB on SmolLM2-135M. Both kinds replace each projection of every 
 
 The token embedding always stays fp32 (a step reads one row per token, not the table). Outputs come
 back in the activation's dtype, so the rest of the model is unchanged.
+
+Measured (SmolLM2 GGUF, 1 thread, busy 2-core machine): batch-1 decode tokens per CPU second fp32 17.7,
+int8 30.7, int4 35.2; greedy outputs identical to fp32 on 4 of 16 built-in prompts (int8) and 13 of 16
+(int4) over 32 tokens. Both are latency options: at 32 decoding sequences the weight reads are shared
+by the batch and these kernels are no faster than fp32 GEMM (0.8-1.1x; ``_int_mm`` would be ~2x there).
 """
 
 from __future__ import annotations
