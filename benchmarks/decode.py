@@ -10,6 +10,9 @@ bounded by memory bandwidth; ``quantization="int8"`` reads int8 decoder and head
 * greedy agreement of int8 with fp32 on the built-in chat prompts (``kvsched.bench.prompts``): the
   fraction of prompts with identical output and the mean length of the matching prefix.
 
+On a busy machine pass ``--threads 1``: with two OpenMP threads per process and more runnable
+processes than cores, threads spin waiting for each other and the figures say little.
+
     python benchmarks/decode.py                       # 128 tokens, 16 prompts x 32 tokens of agreement
     python benchmarks/decode.py --max-tokens 64 --num-prompts 8 --no-hf --threads 1
 """
@@ -36,24 +39,27 @@ def _engine(loaded: Any, max_batch_size: int) -> Any:
     return Engine(args, parts=build_engine_parts(args, loaded=loaded))
 
 
-def decode_tok_s(loaded: Any, prompt: list[int], max_tokens: int, reps: int) -> tuple[float, float]:
-    """Best of ``reps``: output tokens after the first over the wall time after the first (TTFT
-    excluded), and the same tokens per CPU second of this process (steadier on a busy machine)."""
+def decode_tok_s(loaded: dict[str, Any], prompt: list[int], max_tokens: int, reps: int) -> dict:
+    """Per model: the best of ``reps`` of output tokens after the first over the wall time after the
+    first (TTFT excluded), and the same tokens per CPU second of this process (steadier on a busy
+    machine). The models take turns within each rep, so a change of machine load hits them alike."""
     from kvsched.core.request import SamplingParams
 
-    ex = _engine(loaded, 1)
+    engines = {name: _engine(m, 1) for name, m in loaded.items()}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    best = best_cpu = 0.0
-    for _ in range(reps + 1):  # the first run warms up
-        rid = ex.add_request(prompt, params)
-        ex.step()  # the prefill and the first token
-        start, cpu = time.perf_counter(), time.process_time()
-        while ex.has_unfinished_requests():
-            ex.step()
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        assert len(ex.pop_output(rid).outputs[0].token_ids) == max_tokens
-        best, best_cpu = max(best, (max_tokens - 1) / seconds), max(best_cpu, (max_tokens - 1) / cpu)
-    return best, best_cpu
+    best = {name: (0.0, 0.0) for name in engines}
+    for _ in range(reps + 1):  # the first round warms up
+        for name, ex in engines.items():
+            rid = ex.add_request(prompt, params)
+            ex.step()  # the prefill and the first token
+            start, cpu = time.perf_counter(), time.process_time()
+            while ex.has_unfinished_requests():
+                ex.step()
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            assert len(ex.pop_output(rid).outputs[0].token_ids) == max_tokens
+            wall, per_cpu = best[name]
+            best[name] = (max(wall, (max_tokens - 1) / seconds), max(per_cpu, (max_tokens - 1) / cpu))
+    return best
 
 
 def greedy_outputs(loaded: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -219,10 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {weight_mb_per_token(m):.0f}" for k, m in models.items())
     )
 
-    rows = [
-        (f"kvsched {k}", decode_tok_s((m, config, tok), prompt, a.max_tokens, a.reps))
-        for k, m in models.items()
-    ]
+    speeds = decode_tok_s({k: (m, config, tok) for k, m in models.items()}, prompt, a.max_tokens, a.reps)
+    rows = [(f"kvsched {k}", v) for k, v in speeds.items()]
     if not a.no_hf:
         try:
             rows.append(("HF generate fp32", hf_decode_tok_s(prompt, a.max_tokens)))
