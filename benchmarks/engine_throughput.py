@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     prompts, eos = _prompts(a.num_prompts)
     total_prompt = sum(len(x) for x in prompts)
-    print(f"{len(prompts)} prompts ({total_prompt} prompt tokens), max {a.max_tokens} new tokens, greedy")
+    print(
+        f"{len(prompts)} prompts ({total_prompt} prompt tokens), max {a.max_tokens} new tokens, greedy; "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (each engine runs alone, one after "
+        "another: on a loaded machine compare the CPU ms/tok column)"
+    )
     opts = {
         "kvsched": {
             "max_batch_size": a.max_batch_size,
