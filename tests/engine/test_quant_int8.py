@@ -135,6 +135,8 @@ def test_engine_args_default_is_fp32_and_unknown_quantization_is_a_config_error(
         EngineArgs(quantization="fp8")
     with pytest.raises(ConfigError, match="unknown engine argument"):
         EngineArgs.from_kwargs(None, quantisation="int8")
+    with pytest.raises(ConfigError, match="quantization='int4' runs on the CPU only"):
+        EngineArgs(quantization="int4", device="cuda")
 
 
 def test_quantization_flag_on_the_engine_clis() -> None:

@@ -90,6 +90,10 @@ class EngineArgs:
             )
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} is invalid: must be 'cpu' or 'cuda[:N]'")
+        if self.quantization == "int4" and self.device != "cpu":
+            raise ConfigError(
+                f"quantization='int4' runs on the CPU only (device={self.device!r}); use 'int8'"
+            )
         if self.num_device_blocks is not None and self.device_kv_bytes is not None:
             raise ConfigError("give num_device_blocks or device_kv_bytes, not both")
         if self.num_host_blocks is not None and self.host_kv_bytes is not None:
