@@ -153,17 +153,22 @@ def run_hf_cb(prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...], o
 RUNNERS = {"kvsched": run_kvsched, "hf-static": run_hf_static, "hf-cb": run_hf_cb}
 
 
-def _child(name: str, args: tuple, queue: Any) -> None:
+def _child(name: str, args: tuple, queue: Any, threads: int) -> None:
+    if threads:  # the same for every engine; the variable also reaches threads an engine starts itself
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         queue.put(RUNNERS[name](*args))
     except Exception as exc:  # reported, not raised: one engine failing must not hide the others
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_isolated(name: str, *args: Any) -> dict:
+def run_isolated(name: str, *args: Any, threads: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, args, queue))
+    proc = ctx.Process(target=_child, args=(name, args, queue, threads))
     proc.start()
     result = queue.get()
     proc.join()
@@ -178,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf-batch-size", type=int, default=16, help="HF static batch size")
     p.add_argument("--skip", action="append", default=[], choices=sorted(RUNNERS), help="engines to skip")
     p.add_argument("--no-profile", action="store_true", help="do not time kvsched's step phases")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of every engine (0 = torch's default); 1 is steadier on a machine others load",
+    )
     a = p.parse_args(argv)
     prompts, eos = _prompts(a.num_prompts)
     total_prompt = sum(len(x) for x in prompts)
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in a.skip:
             continue
         print(f"running {name} ...", flush=True)
-        results[name] = run_isolated(name, prompts, a.max_tokens, eos, opts[name])
+        results[name] = run_isolated(name, prompts, a.max_tokens, eos, opts[name], threads=a.threads)
     base = results.get("kvsched", {})
     print(
         f"\n{'engine':<10} {'out tok':>8} {'seconds':>8} {'out tok/s':>10} {'kvsched x':>10} "
