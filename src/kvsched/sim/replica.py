@@ -264,15 +264,9 @@ class Replica:
             before = self.num_steps
             finished = run_window(self, batch, self.horizon)
             if finished is not None:
-                if self.on_events is not None:
-                    events = self.kv.drain_events()
-                    if events:
-                        self.on_events(self.index, events)
-                elif self._drain_events and self.num_steps >> 8 != before >> 8:
-                    self.kv.drain_events()  # as the step-by-step loop does every 256 steps
+                self._publish_events(before)
                 if finished:
                     self._done(finished, self.clock)
-                    self._window = [r for r in batch if not r.is_finished] or None
                 return finished
         spec = self.spec
         if spec is not None:
@@ -284,12 +278,7 @@ class Replica:
         if spec is not None:
             self._settle(out)
         now, kv, shape = self.clock, self.kv, self.shape
-        if self.on_events is not None:
-            events = kv.drain_events()
-            if events:
-                self.on_events(self.index, events)
-        elif self._drain_events and self.num_steps % 256 == 0:
-            kv.drain_events()  # nobody subscribes: keep the event list bounded
+        self._publish_events(self.num_steps - 1)
         gen = out.generation_requests
         self.rec.step(
             now,
@@ -305,9 +294,17 @@ class Replica:
             self._window = eligible_batch(self, gen, len(self.active))
         if finished:
             self._done(finished, now)
-            if self._window is not None:
-                self._window = [r for r in self._window if not r.is_finished] or None
         return finished
+
+    def _publish_events(self, before: int) -> None:
+        """After the steps since ``before``: hand the KV events to the router's feed, or, with nobody
+        subscribed, drop them each time the step count passes a multiple of 256 (keeps the list bounded)."""
+        if self.on_events is not None:
+            events = self.kv.drain_events()
+            if events:
+                self.on_events(self.index, events)
+        elif self._drain_events and self.num_steps >> 8 != before >> 8:
+            self.kv.drain_events()
 
     def _done(self, finished: list[Request], now: float) -> None:
         """Record the requests finished in the step (or window) that ended at ``now``; drop them."""
@@ -328,3 +325,5 @@ class Replica:
                 r.priority,
             )  # fmt: skip
         self.active = [r for r in self.active if not r.is_finished]
+        if self._window is not None:  # the batch a window replays loses its finished requests too
+            self._window = [r for r in self._window if not r.is_finished] or None
