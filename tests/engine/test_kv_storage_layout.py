@@ -5,12 +5,13 @@ import random
 
 import pytest
 import torch
+from test_kv_storage import run_context  # checks the manager's invariants after each prefill
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager, Tier
 from kvsched.core.kvcache.invariants import check_invariants
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens, root_key
-from kvsched.core.request import Request, RequestState
+from kvsched.core.request import Request
 from kvsched.engine.kv_storage import TensorKVStorage
 
 LAYERS, HEADS, DIM = 3, 2, 4
@@ -117,16 +118,6 @@ def test_bad_ids_are_refused_before_anything_moves():
 
 
 # -- through the manager, on fragmented pools -------------------------------------------------------
-def run_context(m: KVCacheManager, r: Request) -> None:
-    assert m.prepare_context(r)
-    n = r.context_remaining_length
-    assert m.resize_context(r, n)
-    m.advance(r, n)
-    r.context_current_position += n
-    r.state = RequestState.GENERATION_IN_PROGRESS
-    r.output_token_ids.append(7)
-
-
 def write_kv(s: TensorKVStorage, table: list[int], seed: int) -> list[torch.Tensor]:
     """Random KV in the request's blocks (what its forward would write); returns it per layer."""
     g = torch.Generator().manual_seed(seed)
