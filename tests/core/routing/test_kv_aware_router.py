@@ -12,6 +12,7 @@ from kvsched.core.routing import (
     KVAwareRouter,
     ReplicaLoad,
     Router,
+    least_loaded,
     make_router,
     normalize_router_kind,
     prompt_keys,
@@ -69,6 +70,11 @@ def test_session_table_keeps_the_most_recent_sessions():
 def test_empty_loads_is_a_clear_error(kind):
     with pytest.raises(ConfigError, match="no live replica"):
         make_router(kind, block_size=BS).choose(PROMPT, {})
+
+
+def test_least_loaded_of_no_replica_is_an_error_not_a_sentinel_id():
+    with pytest.raises(ConfigError, match="no live replica"):
+        least_loaded({})
 
 
 def test_round_robin_cycles_over_live_replicas_only():

@@ -33,11 +33,14 @@ def check_loads(loads: Mapping[int, ReplicaLoad]) -> None:
 
 
 def least_loaded(loads: Mapping[int, ReplicaLoad]) -> int:
-    """The replica with the fewest requests; ties go to the lowest replica id (deterministic)."""
+    """The replica with the fewest requests; ties go to the lowest replica id (deterministic).
+    No replica at all is ``check_loads``'s error, not a sentinel id."""
     best = -1
     best_q = 0
     for rid, load in loads.items():
         q = load.num_running + load.num_waiting
         if best < 0 or q < best_q or (q == best_q and rid < best):
             best, best_q = rid, q
+    if best < 0:
+        check_loads(loads)
     return best

@@ -88,8 +88,7 @@ class LeastLoadedRouter(_CacheBlind):
         salt: int | None = None,
         lora_id: int | None = None,
     ) -> int:
-        check_loads(loads)
-        return least_loaded(loads)
+        return least_loaded(loads)  # raises on no live replica
 
 
 class SessionTable:
@@ -142,8 +141,7 @@ class StickyRouter(_CacheBlind):
         salt: int | None = None,
         lora_id: int | None = None,
     ) -> int:
-        check_loads(loads)
-        if session is None:
+        if session is None:  # no live replica: least_loaded raises (a session's replica is then absent too)
             return least_loaded(loads)
         rid = self.sessions.get(session)
         if rid is None or rid not in loads:
