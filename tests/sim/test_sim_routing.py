@@ -138,7 +138,6 @@ def test_cli_router_kv_aware(tmp_path, capsys):
     assert (
         run["router"] == "kv_aware" and "2 x 1 x h200 behind the kv_aware router" in capsys.readouterr().out
     )
-    capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["sim", "--router", "fastest", "--no-progress"])
     assert "router='fastest' is unknown: one of round_robin" in capsys.readouterr().err
