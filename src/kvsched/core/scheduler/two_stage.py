@@ -101,13 +101,13 @@ class TwoStageScheduler(SchedulerBase):
 
     def _blocks_one_step(self, req: Request) -> int:
         drafts = len(req.draft_tokens)
-        if req.state == CONTEXT_INIT and self._whole_context:  # V1: the whole context at its first chunk
-            target = req.context_current_position + req.context_remaining_length + drafts
-        elif req.state == CONTEXT_INIT:
+        if req.state != CONTEXT_INIT:
+            target = req.num_tokens + drafts  # KV holds num_tokens - 1; this step writes 1 + drafts
+        elif self._whole_context:  # V1: the whole context at its first chunk
+            target = req.num_context_tokens + drafts
+        else:
             chunk = min(req.context_remaining_length, self._max_tokens)
             target = req.context_current_position + chunk + drafts
-        else:
-            target = req.num_tokens + drafts  # KV holds num_tokens - 1; this step writes 1 + drafts
         return max(0, self._blocks(target) - self._held_blocks(req))
 
     def _no_evict(self, reqs: Sequence[Request], inflight: AbstractSet[int], static: bool) -> list[Request]:
