@@ -31,6 +31,11 @@ def root_key(lora_id: int | None, salt: int | None) -> bytes:
     return sha256(body).digest()
 
 
+#: ``root_key`` of recent (adapter, salt) scopes, shared by the manager and the router's index:
+#: bounded, since every tenant salt is a scope of its own.
+cached_root_key = functools.lru_cache(maxsize=4096)(root_key)
+
+
 def pack_tokens(tokens: Sequence[int]) -> bytes:
     """Tokens as contiguous 4-byte little-endian ints (one call for a whole prompt; fixes the byte
     order on any machine). A ``Struct`` object packs twice as fast as ``struct.pack(fmt, ...)``

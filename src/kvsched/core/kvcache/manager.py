@@ -3,7 +3,6 @@ for the suspend policy)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +17,7 @@ from kvsched.core.errors import (
     UnsupportedFeatureError,
 )
 from kvsched.core.kvcache.block_store import BlockStore
-from kvsched.core.kvcache.keys import root_key
+from kvsched.core.kvcache.keys import cached_root_key
 from kvsched.core.kvcache.lifecycle import (
     attach_prefix,
     count_reuse,
@@ -32,9 +31,6 @@ from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.storage import KVStorage, MetadataStorage, TieredKVStorage
 from kvsched.core.kvcache.types import DEVICE, KVCacheStats, KVEvent
 from kvsched.core.request import Request
-
-#: Root keys of recent (adapter, salt) scopes: bounded, since every tenant salt is a scope of its own.
-_cached_root_key = functools.lru_cache(maxsize=4096)(root_key)
 
 
 class KVCacheManager:
@@ -261,7 +257,7 @@ class KVCacheManager:
         """Tokens of ``req``'s context (minus its last token) that are cached now; holds nothing."""
         if not self._reuse:
             return 0
-        root = _cached_root_key(req.lora_id, req.cache_salt)
+        root = cached_root_key(req.lora_id, req.cache_salt)
         nfull = (req.num_context_tokens - 1) // self._tpb
         blocks, _ = match_prefix(self._store.index, root, req.token_slice(0, nfull * self._tpb), self._tpb)
         return len(blocks) * self._tpb
@@ -300,7 +296,7 @@ class KVCacheManager:
             )
         root = b""
         if self._reuse:
-            root = _cached_root_key(req.lora_id, req.cache_salt)
+            root = cached_root_key(req.lora_id, req.cache_salt)
         c = RequestCache(rid, req, root, req.priority, last_key=root)
         self._caches[rid] = c
         return c

@@ -10,16 +10,12 @@ walks the prompt's keys per replica until its first miss.
 
 from __future__ import annotations
 
-import functools
 from collections import deque
 from collections.abc import Iterable, Sequence
 
 from kvsched.core.errors import ConfigError
-from kvsched.core.kvcache.keys import chain_keys, pack_tokens, root_key
+from kvsched.core.kvcache.keys import cached_root_key, chain_keys, pack_tokens
 from kvsched.core.kvcache.types import DEVICE, KVEvent
-
-#: Root keys of recent (adapter, salt) scopes, as the manager caches them.
-_root = functools.lru_cache(maxsize=4096)(root_key)
 
 _DEVICE_BIT = 1
 _HOST_BIT = 2
@@ -37,7 +33,7 @@ def prompt_keys(
     if nfull <= 0:
         return []
     packed = pack_tokens(token_ids[: nfull * block_size])
-    return chain_keys(_root(lora_id, salt), packed, block_size * 4)
+    return chain_keys(cached_root_key(lora_id, salt), packed, block_size * 4)
 
 
 class PrefixIndex:
