@@ -1,7 +1,7 @@
 """The front-end's share of the engine's work: tokenizing and checking a request before it is routed.
 
 Tokenizing stays on the front-end (the replicas receive token ids, which the KV-aware router hashes
-too); the checks are the ones ``Engine.add_request`` makes, with the same typed errors and messages, so
+too); the checks are ``Engine.add_request``'s own (``engine/request_checks.py``), with the same typed errors, so
 a bad request is a 400 from the replicated server exactly as from a single engine, before any replica
 sees it.
 """
@@ -12,10 +12,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
+from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import SamplingParams
 from kvsched.engine.engine import check_priority
 from kvsched.engine.logprobs import check_num_logprobs
+from kvsched.engine.request_checks import check_cache_salt, check_prompt
 from kvsched.engine.tokenizer import Tokenizer
 from kvsched.engine.weights.errors import ModelNotFoundError
 from kvsched.engine.weights.gguf_file import GGUFFile
@@ -74,23 +75,14 @@ def check_request(
     params.validate()
     check_num_logprobs(params.logprobs)
     check_priority(priority)
-    if cache_salt is not None and type(cache_salt) is not int:
-        raise InvalidRequestError(f"cache_salt must be an int or None, got {type(cache_salt).__name__}")
+    check_cache_salt(cache_salt)
     if lora is not None and lora not in info.lora_names:
         raise InvalidRequestError(f"unknown LoRA adapter {lora!r}; loaded: {sorted(info.lora_names)}")
-    if not token_ids:
-        raise InvalidRequestError("the prompt is empty")
-    if min(token_ids) < 0 or max(token_ids) >= info.vocab_size:
-        raise InvalidRequestError(f"prompt token ids must be in [0, {info.vocab_size})")
-    total = len(token_ids) + params.max_tokens
-    if total > info.max_model_len:
-        raise InvalidRequestError(
-            f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-            f"max_model_len={info.max_model_len}"
-        )
-    tpb = info.tokens_per_block
-    blocks = -(-(total - 1) // tpb)
-    if blocks > info.num_device_blocks:
-        raise RequestTooLargeError(
-            f"needs {blocks} KV blocks of {tpb} tokens, the device pool has {info.num_device_blocks}"
-        )
+    check_prompt(
+        token_ids,
+        params.max_tokens,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        tokens_per_block=info.tokens_per_block,
+        num_device_blocks=info.num_device_blocks,
+    )
