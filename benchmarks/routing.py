@@ -130,7 +130,7 @@ def micro() -> None:
     t_ll = per_call(lambda i: ll.choose(prompts[i % 64], loads), 2000)
     t_keys = per_call(lambda i: prompt_keys(prompts[i % 64], bs), 200)
     t_kv = per_call(lambda i: router.choose(prompts[i % 64], loads), 200)
-    router.predict_ttl = 0  # the same index, no predictions made (those made expire on the next call)
+    router.predict_ttl = 0  # the same index, no predictions made (those made stay, but match ignores them)
     t_kv0 = per_call(lambda i: router.choose(prompts[i % 64], loads), 200)
     churn = [
         KVEvent("removed" if i % 2 else "stored", filler[i // 2].block_hash, Tier.HOST) for i in range(20_000)
