@@ -17,7 +17,7 @@ from kvsched.sim.synthetic import (
     synthetic_workload,
 )
 from kvsched.sim.trace import default_trace, iter_mooncake, load_mooncake
-from kvsched.sim.workload import time_scaled, workload_summary
+from kvsched.sim.workload import RequestSpec, time_scaled, workload_summary
 
 
 def _write(tmp_path, records):
@@ -183,3 +183,9 @@ def test_long_prompt_workload_has_its_stated_means():
     assert len(small) == 10 and all(s.prompt_len > 100 for s in small)
     with pytest.raises(ConfigError):
         long_prompt_workload(0)
+
+
+def test_prompt_tokens_match_prompt_len_with_an_empty_segment():
+    spec = RequestSpec(1, 0.0, ((0, 0), (5000, 3), (7000, 0)), 2)
+    assert spec.prompt_len == 3
+    assert spec.prompt_tokens() == [5000 + 256, 1, 2]

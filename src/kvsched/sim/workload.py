@@ -95,8 +95,9 @@ class RequestSpec:
         toks: list[int] = []
         append, extend, small = toks.append, toks.extend, SMALL_TOKENS
         for b, n in self.segments:
-            append(b + 256)  # segment_tag(b), inlined: this runs once per 512 tokens of a trace
-            extend(small[1:n])
+            if n:  # an empty segment (a trace's hash id past its input length) has no tag either
+                append(b + 256)  # segment_tag(b), inlined: this runs once per 512 tokens of a trace
+                extend(small[1:n])
         if self.vocab_size is not None:
             v = self.vocab_size
             return [mix_token(t, v) for t in toks]
