@@ -171,13 +171,13 @@ def _paged_attention(
     out = q.new_empty(num_tokens, num_heads * head_dim)
     per_block = cache.view(cache.shape[0], 2, -1)  # gathering whole blocks of K (or V) yields [G, L, Hkv, D]
     k_blocks, v_blocks = per_block[:, 0], per_block[:, 1]
+    prof = plan.profile
     for grp in plan.groups:
         if grp.q_rows is None:
             a, b = grp.q_slice
             out[a:b] = _causal_self(q[a:b], k[a:b], v[a:b]).reshape(b - a, num_heads * head_dim)
             continue
         g, qn = grp.num_seqs, grp.max_q
-        prof = plan.profile
         t0 = perf_counter() if prof is not None else 0.0
         qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
         if grp.k_buf is None:
