@@ -162,7 +162,7 @@ def bench_suspend_resume(storage_factory, label: str, tokens: int = 4096) -> Non
     report(f"suspend+resume of a {tokens}-token request ({label})", sec, "cycle")
 
 
-def bench_copy(args: argparse.Namespace, storage_cls: type | None = None) -> None:
+def bench_copy(args: argparse.Namespace) -> None:
     """GB/s of copy_blocks with consecutive and with scattered ids (a random sample of twice as
     many slots, in random order: a fragmented pool), against one flat ``copy_`` of the same bytes
     between the same two memories, timed in the same run."""
@@ -176,8 +176,9 @@ def bench_copy(args: argparse.Namespace, storage_cls: type | None = None) -> Non
     blocks = args.copy_blocks
     pool = 2 * blocks
     cfg = CacheConfig(tokens_per_block=16, num_device_blocks=pool, num_host_blocks=pool)
-    cls = storage_cls or TensorKVStorage
-    s = cls(cfg, args.layers, args.kv_heads, args.head_dim, dtype=torch.float16, device=args.device)
+    s = TensorKVStorage(
+        cfg, args.layers, args.kv_heads, args.head_dim, dtype=torch.float16, device=args.device
+    )
     nbytes = blocks * s.bytes_per_block
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
