@@ -62,6 +62,21 @@ def build(seed: int) -> Engine:
     return Engine(args, parts=build_engine_parts(args, loaded=(model, TINY, None)))
 
 
+def _sample(ex: Engine, ended: int, t_s: float, in_flight: int) -> dict:
+    """One row of the report: the process's RSS and the KV pool's use now."""
+    s = ex.kv.stats()
+    return {
+        "ended": ended,
+        "t_s": t_s,
+        "rss_mb": rss_mb(),
+        "in_flight": in_flight,
+        "device_used": s.used_device_blocks,
+        "host_used": s.used_host_blocks,
+        "device_cached": s.cached_device_blocks,
+        "kv_requests": s.num_requests,
+    }
+
+
 def soak(
     num_requests: int, concurrency: int, abort_rate: float, seed: int, num_samples: int = 40
 ) -> list[dict]:
@@ -99,27 +114,11 @@ def soak(
             ended += 1
             bar.update(1)
             if ended % every == 0:
-                s = ex.kv.stats()
-                samples.append(
-                    {
-                        "ended": ended,
-                        "t_s": time.monotonic() - start,
-                        "rss_mb": rss_mb(),
-                        "in_flight": len(live),
-                        "device_used": s.used_device_blocks,
-                        "host_used": s.used_host_blocks,
-                        "device_cached": s.cached_device_blocks,
-                        "kv_requests": s.num_requests,
-                    }
-                )
+                samples.append(_sample(ex, ended, time.monotonic() - start, len(live)))
     bar.close()
-    s = ex.kv.stats()
     check_invariants(ex.kv)
-    samples.append(
-        {"ended": ended, "t_s": time.monotonic() - start, "rss_mb": rss_mb(), "in_flight": 0,
-         "device_used": s.used_device_blocks, "host_used": s.used_host_blocks,
-         "device_cached": s.cached_device_blocks, "kv_requests": s.num_requests}
-    )  # fmt: skip
+    samples.append(_sample(ex, ended, time.monotonic() - start, 0))
+    s = ex.kv.stats()
     stats = ex.get_stats()
     print(
         f"steps {stats.num_steps}, finish reasons {stats.finish_reasons}, suspends {s.num_suspends}, "
