@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvsched.serve.app import ServerOptions
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # as serve/guards.py (not imported: it pulls in FastAPI)
@@ -82,42 +86,49 @@ def served_name(model: str | None, override: str | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.name
 
 
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """The server's options from the ``kvsched serve`` flags (here and in ``serve/ray_app.py``)."""
     import os
 
-    import uvicorn
-
-    from kvsched.engine.engine import Engine
-    from kvsched.engine.engine_args import engine_args_from_namespace
-    from kvsched.serve.app import ServerOptions, build_app
+    from kvsched.serve.app import ServerOptions
     from kvsched.serve.auth import resolve_api_key
-    from kvsched.serve.backend import EngineBackend
-    from kvsched.serve.server_thread import DrainingServer
     from kvsched.serve.tenancy import check_header_name
 
-    # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
-    if args.replicas > 1:
-        from kvsched.serve.replicas.flags import check_replica_flags
-
-        check_replica_flags(args)  # before any model loads: no Ray is a one-line error
-    api_key = resolve_api_key(args.api_key, os.environ)
     if args.tenant_salt_header is not None:
-        check_header_name(args.tenant_salt_header)
-    engine_args = engine_args_from_namespace(args)
-    if args.enable_lora_runtime_updates and not engine_args.enable_lora:
-        engine_args = dataclasses.replace(engine_args, enable_lora=True)
-    name = served_name(engine_args.model, args.served_model_name)
-    options = ServerOptions(
+        check_header_name(args.tenant_salt_header)  # before any model loads
+    return ServerOptions(
         max_waiting=args.max_waiting,
         drain_timeout_s=args.drain_timeout,
-        api_key=api_key,
+        api_key=resolve_api_key(args.api_key, os.environ),
         metrics_open=args.metrics_open,
         tenant_salt_header=args.tenant_salt_header,
         max_request_bytes=args.max_request_bytes,
         max_tokens_cap=args.max_tokens_cap or None,
         enable_lora_runtime_updates=args.enable_lora_runtime_updates,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import uvicorn
+
+    from kvsched.engine.engine import Engine
+    from kvsched.engine.engine_args import engine_args_from_namespace
+    from kvsched.serve.app import build_app
+    from kvsched.serve.backend import EngineBackend
+    from kvsched.serve.server_thread import DrainingServer
+
+    # A bad flag or a missing model is a typed error: `kvsched.cli.main` prints it as one line.
+    if args.replicas > 1:
+        from kvsched.serve.replicas.flags import check_replica_flags
+
+        check_replica_flags(args)  # before any model loads: no Ray is a one-line error
+    options = server_options(args)
+    engine_args = engine_args_from_namespace(args)
+    if args.enable_lora_runtime_updates and not engine_args.enable_lora:
+        engine_args = dataclasses.replace(engine_args, enable_lora=True)
+    name = served_name(engine_args.model, args.served_model_name)
     if args.replicas > 1:
         from kvsched.serve.replicas.flags import start_from_flags
 
@@ -125,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     else:  # one engine in this process, as before
         backend, stop = EngineBackend(Engine(engine_args)), None
     app = build_app(backend, name, options)
-    auth = "API key required" if api_key else "no API key"
+    auth = "API key required" if options.api_key else "no API key"
     where = f"{args.replicas} replicas, router {args.router}" if args.replicas > 1 else "one engine"
     print(
         f"kvsched serve: model {name!r} on http://{args.host}:{args.port}/v1 ({where}; {auth})",

@@ -59,32 +59,14 @@ def _asgi_builder(ns: argparse.Namespace) -> Any:
     """A function Serve calls on its replica to make the ASGI app (it starts the engine replicas)."""
 
     def build() -> Any:
-        import os
-
         from kvsched.engine.engine_args import engine_args_from_namespace
-        from kvsched.serve.app import ServerOptions, build_app
-        from kvsched.serve.auth import resolve_api_key
-        from kvsched.serve.cli import served_name
-        from kvsched.serve.replicas.launch import start_replicas
+        from kvsched.serve.app import build_app
+        from kvsched.serve.cli import served_name, server_options
+        from kvsched.serve.replicas.flags import replicas_from_flags
 
+        options = server_options(ns)  # a bad flag fails before any replica starts
         engine_args = engine_args_from_namespace(ns)
-        backend = start_replicas(
-            engine_args,
-            ns.replicas,
-            ns.router,
-            num_cpus=ns.replica_cpus,
-            num_gpus=ns.replica_gpus,
-            timeout_s=ns.replica_start_timeout,
-        )
-        options = ServerOptions(
-            max_waiting=ns.max_waiting,
-            drain_timeout_s=ns.drain_timeout,
-            api_key=resolve_api_key(ns.api_key, os.environ),
-            metrics_open=ns.metrics_open,
-            tenant_salt_header=ns.tenant_salt_header,
-            max_request_bytes=ns.max_request_bytes,
-            max_tokens_cap=ns.max_tokens_cap or None,
-        )
+        backend = replicas_from_flags(ns, engine_args)
         return build_app(backend, served_name(engine_args.model, ns.served_model_name), options)
 
     return build

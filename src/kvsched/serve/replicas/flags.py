@@ -83,22 +83,27 @@ def check_replica_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
 
 
+def replicas_from_flags(args: argparse.Namespace, engine_args: Any) -> Any:
+    """The ``ReplicatedBackend`` the replica flags ask for, on the Ray this process is connected to."""
+    from kvsched.serve.replicas.launch import start_replicas
+
+    return start_replicas(
+        engine_args,
+        args.replicas,
+        args.router,
+        num_cpus=args.replica_cpus,
+        num_gpus=args.replica_gpus,
+        timeout_s=args.replica_start_timeout,
+    )
+
+
 def start_from_flags(args: argparse.Namespace, engine_args: Any) -> tuple[Any, Callable[[], None]]:
     """Connect to (or start) Ray, start the replicas; returns the backend and what stops them."""
     import ray
 
-    from kvsched.serve.replicas.launch import start_replicas
-
     ray.init(address=args.ray_address, include_dashboard=False, configure_logging=False)
     try:
-        backend = start_replicas(
-            engine_args,
-            args.replicas,
-            args.router,
-            num_cpus=args.replica_cpus,
-            num_gpus=args.replica_gpus,
-            timeout_s=args.replica_start_timeout,
-        )
+        backend = replicas_from_flags(args, engine_args)
     except BaseException:
         ray.shutdown()
         raise
