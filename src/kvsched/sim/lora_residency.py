@@ -23,13 +23,15 @@ def lora_step(rep: Replica, out: SchedulerOutput, shape: StepShape) -> None:
     the resident pages exceed the PEFT budget, as the engine's AdapterResidency does."""
     step: dict[int, int] = {}
     tokens = 0
-    ctx = [(r, r.context_chunk_size) for r in out.context_requests if r.lora_id is not None]
-    gen = [(r, 1 + len(r.draft_tokens)) for r in out.generation_requests if r.lora_id is not None]
-    for r, n in ctx + gen:
-        tokens += n
-        lora = r.lora_id
-        if lora is not None and lora not in step:
-            step[lora] = 1 if rep.peft is None else rep.peft.num_pages(r)
+    peft = rep.peft
+    for rs, ctx in ((out.context_requests, True), (out.generation_requests, False)):
+        for r in rs:
+            lora = r.lora_id
+            if lora is None:
+                continue
+            tokens += r.context_chunk_size if ctx else 1 + len(r.draft_tokens)
+            if lora not in step:
+                step[lora] = 1 if peft is None else peft.num_pages(r)
     if not step:
         return
     shape.lora_tokens = tokens
@@ -42,13 +44,13 @@ def lora_step(rep: Replica, out: SchedulerOutput, shape: StepShape) -> None:
             rep.lora_loads += 1
             shape.lora_load_bytes += rep._adapter_bytes
         resident[lora] = pages
-    budget = 0 if rep.peft is None else rep.peft.max_device_pages
-    if budget <= 0:
+    budget = 0 if peft is None else peft.max_device_pages
+    if peft is None or budget <= 0:
         return
     used = sum(resident.values())
     for lora in list(resident):
         if used <= budget:
             break
-        if lora in step or rep.peft is not None and rep.peft.is_pinned(lora):
+        if lora in step or peft.is_pinned(lora):
             continue
         used -= resident.pop(lora)
