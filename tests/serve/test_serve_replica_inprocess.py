@@ -10,8 +10,10 @@ from tiny_engine import ENGINE_KW, TINY, tiny_engine
 
 from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
 from kvsched.core.request import SamplingParams
+from kvsched.serve.metrics import EngineSnapshot
 from kvsched.serve.replicas.frontend import check_request
 from kvsched.serve.replicas.replica import EngineReplica
+from kvsched.serve.replicas.state import ReplicaState, totals
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0)
 
@@ -104,3 +106,17 @@ def test_lora_requests_are_keyed_as_the_router_keys_them(tmp_path) -> None:
     keys = prompt_keys(prompt, info.tokens_per_block, lora_id=info.lora_ids["sql"], salt=7)
     assert len(keys) == 3 and stored[:3] == keys
     assert keys != prompt_keys(prompt, info.tokens_per_block, salt=7)  # the adapter changes the keys
+
+
+def test_totals_average_usage_over_live_replicas_and_count_every_replica() -> None:
+    """Gauges are over the live replicas (a dead one's last figures do not dilute the mean usage);
+    counters add every replica's, so they never go back when one dies."""
+    live = ReplicaState(actor=None, routed=3)
+    live.snapshot = EngineSnapshot(num_running=2, device_kv_usage=0.5, host_kv_usage=0.25, prefix_queries=10)
+    dead = ReplicaState(actor=None, alive=False, routed=4)
+    dead.snapshot = EngineSnapshot(num_running=5, device_kv_usage=0.9, host_kv_usage=0.9, prefix_queries=7)
+    total = totals([live, dead])
+    assert (total.num_running, total.device_kv_usage, total.host_kv_usage) == (2, 0.5, 0.25)
+    assert total.prefix_queries == 17
+    assert [(r.replica, r.alive, r.routed) for r in total.replicas] == [(0, True, 3), (1, False, 4)]
+    assert totals([dead]).device_kv_usage == 0.0

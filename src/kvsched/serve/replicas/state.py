@@ -54,7 +54,7 @@ def totals(replicas: Sequence[ReplicaState]) -> EngineSnapshot:
     when one dies) and each replica's own figures."""
     total = EngineSnapshot()
     per: list[ReplicaSnapshot] = []
-    n = max(1, len(replicas))
+    n = max(1, sum(r.alive for r in replicas))  # the usages are the mean over the live replicas
     for i, r in enumerate(replicas):
         s = r.snapshot
         if r.alive:
