@@ -61,6 +61,11 @@ def _stop_reason(req: Request, token: int) -> str | None:
     return None
 
 
+def token_stop(req: Request, token: int) -> bool:
+    """Does ``token`` end ``req`` by itself (EOS unless ignore_eos, a stop token id), whatever its length?"""
+    return _stop_reason(req, token) == "stop"
+
+
 def _append(req: Request, tokens: Sequence[int]) -> tuple[int, str | None]:
     """Append tokens up to the first stop; return how many were appended and the stop reason."""
     out = req.output_token_ids

@@ -40,7 +40,7 @@ import torch
 from kvsched.core.errors import KVTransferError, SchedulerDeadlockError
 from kvsched.core.request import Request, RequestState
 from kvsched.core.scheduler.output import SchedulerOutput
-from kvsched.core.step import finish_request
+from kvsched.core.step import finish_request, token_stop
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.outputs import StepOutput
 from kvsched.engine.sampler import SampleResult
@@ -71,15 +71,6 @@ class _InFlight:
     unknown: dict[int, tuple[int, int]]
     #: Requests whose first token is this step's: their first-token time is stamped when it is known.
     first: list[Request]
-
-
-def token_stop(req: Request, token: int) -> bool:
-    """Does ``token`` end ``req`` by itself (EOS unless ignored, a stop token id)? As ``apply_step``."""
-    sp = req.sampling_params
-    if token in req.eos_token_ids and (sp is None or not sp.ignore_eos):
-        return True
-    stop_ids = None if sp is None else sp.stop_token_ids
-    return stop_ids is not None and token in stop_ids
 
 
 class OverlapLoop:
