@@ -69,8 +69,7 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
         data = parent + chunk
         parent = recent[data] = sha256(data).digest()
         append(parent)
-    if len(recent) > memo.size:
-        memo.rotate()
+    memo.trim()
     return keys
 
 
@@ -94,6 +93,11 @@ class KeyMemo:
     def rotate(self) -> None:
         self.older = self.recent
         self.recent = {}
+
+    def trim(self) -> None:
+        """Rotate once ``recent`` has outgrown ``size`` (called once per lookup, not per block)."""
+        if len(self.recent) > self.size:
+            self.rotate()
 
     def clear(self) -> None:
         self.recent = {}

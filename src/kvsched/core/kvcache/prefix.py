@@ -43,8 +43,7 @@ def match_prefix(
             break
         blocks.append(block)
         parent = key
-    if len(recent) > memo.size:
-        memo.rotate()
+    memo.trim()
     return blocks, parent
 
 
@@ -92,8 +91,7 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
                 store.publish(block, key, parent if idx else None)
             parent = key
             idx += 1
-        if len(recent) > memo.size:
-            memo.rotate()
+        memo.trim()
     cache.last_key = parent
     cache.committed = end
 
