@@ -100,3 +100,4 @@ def test_suspend_and_resume_are_byte_exact_after_the_pools_grew():
         table = m.block_table(r)[: len(tables[r.request_id])]
         for layer, kv in enumerate(s.device_kv):
             assert torch.equal(kv[table].view(torch.int32), data[r.request_id][layer].view(torch.int32))
+    assert any(m.block_table(r)[: len(tables[r.request_id])] != tables[r.request_id] for r in reqs[1::2])
