@@ -3,9 +3,17 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Sequence
 
 from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
+
+
+def check_priority(priority: object) -> int:
+    """A request priority is an integer of any sign (numpy ints too, not bools); else InvalidRequestError."""
+    if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
+        raise InvalidRequestError(f"priority={priority!r} is invalid: must be an integer")
+    return int(priority)
 
 
 def check_cache_salt(cache_salt: object) -> None:

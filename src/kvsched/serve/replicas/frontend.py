@@ -14,9 +14,8 @@ from typing import Any
 
 from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import SamplingParams
-from kvsched.engine.engine import check_priority
 from kvsched.engine.logprobs import check_num_logprobs
-from kvsched.engine.request_checks import check_cache_salt, check_prompt
+from kvsched.engine.request_checks import check_cache_salt, check_priority, check_prompt
 from kvsched.engine.tokenizer import Tokenizer
 from kvsched.engine.weights.errors import ModelNotFoundError
 from kvsched.engine.weights.gguf_file import GGUFFile
