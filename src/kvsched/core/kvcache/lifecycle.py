@@ -111,26 +111,23 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
 
 
 def suspend_cache(store: BlockStore, c: RequestCache) -> None:
-    """Locks become holds; blocks no active request uses go to the host (one batched copy)."""
+    """Locks become holds; blocks no other active request uses go to the host (one batched copy).
+
+    The copy runs before any count changes, so a failed one leaves the cache active as it was."""
     blocks = c.blocks
+    movable = [p for p in blocks if p.locks == 1]  # locked by this request only
+    n = min(len(movable), store.host.available)
+    if n:
+        try:
+            store.migrate(movable[:n], HOST)
+        except KVTransferError as exc:  # nothing moved, nothing counted: nothing to undo
+            exc.request_id = c.request_id
+            raise
     for p in blocks:
         p.locks -= 1
         p.holds += 1
         if p.locks == 0:
             store.num_locked -= 1
-    movable = [p for p in blocks if p.locks == 0]
-    n = min(len(movable), store.host.available)
-    if n:
-        try:
-            store.migrate(movable[:n], HOST)
-        except KVTransferError as exc:  # nothing moved: the cache stays active as it was
-            for p in blocks:
-                if p.locks == 0:
-                    store.num_locked += 1
-                p.locks += 1
-                p.holds -= 1
-            exc.request_id = c.request_id
-            raise
     for p in movable[n:]:
         store.parked[p] = None  # no host room now: moved later if the device needs the room
     c.active = False
