@@ -36,16 +36,14 @@ def start_replicas(
     actors = [remote.remote(engine_args) for _ in range(num_replicas)]
     try:
         infos = ray.get([a.info.remote() for a in actors], timeout=timeout_s)
-    except ray.exceptions.GetTimeoutError:
+    except Exception as exc:
         for a in actors:
             ray.kill(a)
-        raise ConfigError(
-            f"{num_replicas} replicas did not start within {timeout_s:g} s: does the Ray cluster have "
-            f"{num_replicas} x {num_cpus:g} CPUs (and {num_replicas} x {num_gpus:g} GPUs) free?"
-        ) from None
-    except Exception:
-        for a in actors:
-            ray.kill(a)
+        if isinstance(exc, ray.exceptions.GetTimeoutError):
+            raise ConfigError(
+                f"{num_replicas} replicas did not start within {timeout_s:g} s: does the Ray cluster have "
+                f"{num_replicas} x {num_cpus:g} CPUs (and {num_replicas} x {num_gpus:g} GPUs) free?"
+            ) from None
         raise
     info = infos[0]
     rt = make_router(router, block_size=info.tokens_per_block, **(router_options or {}))
