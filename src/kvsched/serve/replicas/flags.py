@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvsched.core.errors import ConfigError
+from kvsched.serve.cli import _count  # the serve flags' integer type (stdlib imports only)
 
 #: As ``kvsched.core.routing.ROUTER_KINDS`` (not imported here: the parser stays light).
 ROUTER_CHOICES = ("round_robin", "least_loaded", "sticky", "kv_aware")
@@ -22,21 +23,11 @@ def _router(text: str) -> str:
     return name
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def add_replica_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine replicas (Ray; pip install 'kvsched[ray]')")
     g.add_argument(
         "--replicas",
-        type=_positive,
+        type=_count(1),
         default=1,
         metavar="N",
         help="engine replicas, each a Ray actor with its own KV pools (default 1: one engine in this "
