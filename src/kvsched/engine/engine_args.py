@@ -131,21 +131,23 @@ class EngineArgs:
             raise ConfigError(
                 f"speculative={self.speculative!r} is invalid: must be None or one of {', '.join(SPECULATIVE_KINDS)}"
             )
-        k = self.num_speculative_tokens
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ConfigError(f"num_speculative_tokens={k!r} is invalid: must be an integer >= 1")
-        n = self.draft_num_layers
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise ConfigError(f"draft_num_layers={n!r} is invalid: must be an integer >= 1")
+        self._check_int("num_speculative_tokens", optional=False)
+        self._check_int("draft_num_layers")
         if self.speculative != "draft":
             for name in ("draft_model", "draft_num_layers", "draft_kv_bytes"):
                 if getattr(self, name) is not None:
                     raise ConfigError(f"{name} is set but speculative={self.speculative!r} (needs 'draft')")
         if self.draft_model is not None and self.draft_num_layers is not None:
             raise ConfigError("give draft_model or draft_num_layers (a truncated target), not both")
-        b = self.draft_kv_bytes
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
-            raise ConfigError(f"draft_kv_bytes={b!r} is invalid: must be an integer >= 1")
+        self._check_int("draft_kv_bytes")
+
+    def _check_int(self, name: str, low: int = 1, optional: bool = True) -> None:
+        """Field ``name`` is an int (a bool is not) >= ``low``; None passes where ``optional``."""
+        v = getattr(self, name)
+        if v is None and optional:
+            return
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ConfigError(f"{name}={v!r} is invalid: must be an integer >= {low}")
 
     def _validate_lora(self) -> None:
         mods = self.lora_modules
@@ -161,11 +163,8 @@ class EngineArgs:
                     raise ConfigError(f"lora_modules entry {name!r}: {path!r} is invalid: a name and a path")
             if mods and self.speculative is not None:
                 raise ConfigError("lora_modules with speculative decoding is not supported yet")
-        for name in ("max_lora_pages", "lora_page_bytes"):
-            v = getattr(self, name)
-            low = 0 if name == "max_lora_pages" else 1
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
-                raise ConfigError(f"{name}={v!r} is invalid: must be an integer >= {low}")
+        self._check_int("max_lora_pages", low=0)
+        self._check_int("lora_page_bytes")
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:
