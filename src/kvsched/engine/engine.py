@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import numbers
 import os
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -35,7 +34,6 @@ from kvsched.core.errors import (
     InvalidRequestError,
     KVSchedError,
     KVTransferError,
-    RequestTooLargeError,
     SchedulerDeadlockError,
     UnknownRequestError,
     UnsupportedFeatureError,
@@ -53,19 +51,13 @@ from kvsched.engine.metrics import EngineStats
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
 from kvsched.engine.overlap import OverlapLoop
 from kvsched.engine.parts import EngineParts, build_engine_parts
+from kvsched.engine.request_checks import check_cache_salt, check_priority, check_prompt
 from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.speculative.speculator import Speculator
 from kvsched.engine.step_profile import StepProfile
 from kvsched.engine.text_stream import TextStream
 
 log = logging.getLogger("kvsched.engine")
-
-
-def check_priority(priority: object) -> int:
-    """A request priority is an integer of any sign (numpy ints too, not bools); else InvalidRequestError."""
-    if not isinstance(priority, numbers.Integral) or isinstance(priority, bool):
-        raise InvalidRequestError(f"priority={priority!r} is invalid: must be an integer")
-    return int(priority)
 
 
 @dataclass(slots=True)
@@ -170,8 +162,7 @@ class Engine:
         params.validate()
         check_num_logprobs(params.logprobs)
         priority = check_priority(priority)
-        if cache_salt is not None and type(cache_salt) is not int:
-            raise InvalidRequestError(f"cache_salt must be an int or None, got {type(cache_salt).__name__}")
+        check_cache_salt(cache_salt)
         lora_id = self._resolve_lora(lora_id)
         internal = next(self._ids)
         external = internal if request_id is None else request_id
@@ -252,24 +243,15 @@ class Engine:
             ) from exc
 
     def _check_prompt(self, rid: Hashable, token_ids: list[int], params: SamplingParams) -> None:
-        if not token_ids:
-            raise InvalidRequestError(f"request {rid!r}: the prompt is empty")
-        vocab = self.parts.vocab_size
-        if min(token_ids) < 0 or max(token_ids) >= vocab:
-            raise InvalidRequestError(f"request {rid!r}: prompt token ids must be in [0, {vocab})")
-        total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"request {rid!r}: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{total} exceeds max_model_len={self.max_model_len}"
-            )
-        tpb = self.kv.tokens_per_block
-        blocks = -(-(total - 1) // tpb)
-        if blocks > self.kv.num_device_blocks:
-            raise RequestTooLargeError(
-                f"request {rid!r}: needs {blocks} KV blocks of {tpb} tokens, the device pool has "
-                f"{self.kv.num_device_blocks}"
-            )
+        check_prompt(
+            token_ids,
+            params.max_tokens,
+            vocab_size=self.parts.vocab_size,
+            max_model_len=self.max_model_len,
+            tokens_per_block=self.kv.tokens_per_block,
+            num_device_blocks=self.kv.num_device_blocks,
+            request_id=rid,
+        )
 
     def abort_request(self, request_id: Hashable) -> None:
         """Stop a request now and free its KV; its result (finish_reason "abort") stays collectable."""
