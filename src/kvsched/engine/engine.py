@@ -309,13 +309,7 @@ class Engine:
         if self.profile is not None:
             self.profile.after_update(ran=finished is not None)
         if finished is None:
-            if out.paused_requests or out.preempted_requests:
-                self._publish_kv_events()  # suspends moved blocks between tiers
-                return []  # KV was freed this step; the next one can make progress
-            raise SchedulerDeadlockError(
-                f"nothing could be scheduled for {len(self._active)} unfinished requests "
-                f"(free device blocks: {self.kv.num_free_device_blocks})"
-            )
+            return self._idle(out)
         if self.spec is not None:
             return self._speculative_outputs(out, finished)
         assert self._batch is not None  # set by _run_batch, which ran since the scheduler ran something
@@ -347,6 +341,17 @@ class Engine:
         return done
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _idle(self, out: SchedulerOutput | None) -> list[StepOutput]:
+        """A step that ran nothing (also with async scheduling): suspends freed KV, so the next step
+        can progress; with nothing suspended or preempted the scheduler is stuck."""
+        if out is not None and (out.paused_requests or out.preempted_requests):
+            self._publish_kv_events()  # suspends moved blocks between tiers
+            return []
+        raise SchedulerDeadlockError(
+            f"nothing could be scheduled for {len(self._active)} unfinished requests "
+            f"(free device blocks: {self.kv.num_free_device_blocks})"
+        )
+
     def _run_batch(self, out: SchedulerOutput) -> dict[int, list[int]]:
         """The loop's runner: one forward pass and one sampled token per logits row."""
         if self.spec is not None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvsched.core.errors import KVTransferError, SchedulerDeadlockError
+from kvsched.core.errors import KVTransferError
 from kvsched.core.request import Request, RequestState
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request, token_stop
@@ -114,7 +114,7 @@ class OverlapLoop:
             if any(o.finished for o in outputs):  # the ones ended by the last update stay till emitted
                 eng._active = [r for r in eng._active if r.state != _DONE]
             if prev is None and cur is None and not failed:
-                return self._idle(out)
+                return eng._idle(out)  # nothing in flight and nothing scheduled
             if cur is not None:
                 self._apply(cur)
             self._inflight = cur
@@ -140,17 +140,6 @@ class OverlapLoop:
             self.forget(tracked.req)
             log.warning("the engine failed request %s: %s", tracked.external_id, exc, exc_info=exc)
             return None, [eng._fail(tracked, f"the engine failed this request: {exc}")]
-
-    def _idle(self, out: SchedulerOutput | None) -> list[StepOutput]:
-        """Nothing in flight and nothing scheduled: suspends freed KV, or the scheduler is stuck."""
-        eng = self.engine
-        if out is not None and (out.paused_requests or out.preempted_requests):
-            eng._publish_kv_events()
-            return []
-        raise SchedulerDeadlockError(
-            f"nothing could be scheduled for {len(eng._active)} unfinished requests "
-            f"(free device blocks: {eng.kv.num_free_device_blocks})"
-        )
 
     def _submit(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
         """Build step N+1's batch on this thread and hand its forward and sampling to the worker."""
