@@ -20,24 +20,13 @@ over after every step that produced some.
 
 from __future__ import annotations
 
-import itertools
-import logging
 import os
 import time
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
 
 import torch
 
-from kvsched.core.errors import (
-    DuplicateRequestError,
-    InvalidRequestError,
-    KVSchedError,
-    KVTransferError,
-    SchedulerDeadlockError,
-    UnknownRequestError,
-    UnsupportedFeatureError,
-)
+from kvsched.core.errors import SchedulerDeadlockError, UnknownRequestError
 from kvsched.core.kvcache import KVEvent
 from kvsched.core.loop import StepLoop
 from kvsched.core.protocols import Scheduler
@@ -46,34 +35,19 @@ from kvsched.core.scheduler.draft_mirror import BothCaches
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.core.step import finish_request
 from kvsched.engine.engine_args import EngineArgs
-from kvsched.engine.logprobs import RowLogprobs, check_num_logprobs
+from kvsched.engine.intake import Intake
 from kvsched.engine.metrics import EngineStats
-from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, StepOutput
+from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.engine.overlap import OverlapLoop
 from kvsched.engine.parts import EngineParts, build_engine_parts
-from kvsched.engine.request_checks import check_cache_salt, check_priority, check_prompt
+from kvsched.engine.request_book import RequestBook
+from kvsched.engine.request_checks import check_priority
 from kvsched.engine.sampler import Sampler, SampleResult
-from kvsched.engine.speculative.speculator import Speculator
+from kvsched.engine.spec_step import SpeculativeStep, make_speculator
+from kvsched.engine.step_faults import fail_requests, victims_of
 from kvsched.engine.step_profile import StepProfile
-from kvsched.engine.text_stream import TextStream
 
-log = logging.getLogger("kvsched.engine")
-
-
-@dataclass(slots=True)
-class _Tracked:
-    """Engine-side state of one request (the Request itself is shared with scheduler and KV)."""
-
-    req: Request
-    external_id: Hashable
-    prompt: str | None
-    params: SamplingParams
-    metrics: RequestMetrics
-    stream: TextStream
-    generator: torch.Generator | None
-    logprobs: list[float] | None
-    top_logprobs: list[dict[int, float]] | None
-    suspended: bool = False
+__all__ = ["Engine", "check_priority"]  # check_priority: re-exported for callers of this module
 
 
 class Engine:
@@ -99,23 +73,24 @@ class Engine:
         self.max_model_len = self.parts.max_model_len
         self.sampler = Sampler(self.args.seed, self.parts.device)
         self.stats = EngineStats()
-        self._ids = itertools.count()
-        self._tracked: dict[int, _Tracked] = {}
-        self._by_external: dict[Hashable, int] = {}
         self._active: list[Request] = []
-        self._finished: dict[Hashable, RequestOutput] = {}
         #: The rows and samples of the batch the runner just ran, read back by :meth:`step`.
         self._batch: tuple[list[Request], SampleResult, bool] | None = None
         #: What the scheduler chose in the step under way (None before it chose): a fault after it
         #: fails these requests only (:meth:`_contain`).
         self._scheduled: SchedulerOutput | None = None
         #: Speculative decoding (``EngineArgs.speculative``), or None.
-        self.spec = self._make_speculator()
+        self.spec = make_speculator(self.args, self.parts, self.sampler, self._params_of)
         draft_kv = self.parts.draft_kv
         #: What the step update advances and frees: with a draft cache, finishing frees both.
         self._step_kv = self.kv if draft_kv is None else BothCaches(self.kv, draft_kv)
-        #: request id -> output length before this step (speculative steps append several tokens).
-        self._before: dict[int, int] = {}
+        #: The requests (engine/request_book.py): emits their tokens, fails and retires them.
+        self.book = RequestBook(self._step_kv, self.stats, self.parts.peft_cache)
+        self._tracked = self.book.tracked
+        self._by_external = self.book.by_external
+        self._finished = self.book.finished
+        self._intake = Intake(self.parts, self.book)
+        self._spec_step = None if self.spec is None else SpeculativeStep(self.spec, self.book, self.kv)
         self.loop = StepLoop(
             self.parts.scheduler,
             self._step_kv,
@@ -158,60 +133,11 @@ class Engine:
         ``lora_id``: a loaded LoRA adapter, by id or by name (``EngineArgs.lora_modules``); its cached
         blocks are shared only with requests of the same adapter.
         """
-        params = sampling_params or SamplingParams()
-        params.validate()
-        check_num_logprobs(params.logprobs)
-        priority = check_priority(priority)
-        check_cache_salt(cache_salt)
-        lora_id = self._resolve_lora(lora_id)
-        internal = next(self._ids)
-        external = internal if request_id is None else request_id
-        while request_id is None and (external in self._by_external or external in self._finished):
-            external = internal = next(self._ids)  # a caller-chosen id took this number
-        if external in self._by_external or external in self._finished:
-            raise DuplicateRequestError(f"request id {external!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
-        token_ids = self._encode(external, prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_prompt(external, token_ids, params)
-        eos = () if params.ignore_eos else self.parts.eos_token_ids
-        req = Request(
-            internal,
-            token_ids,
-            params.max_tokens,
-            lora_id=lora_id,
-            sampling_params=params,
-            eos_token_ids=eos,
-            arrival_time=arrival_time,
-            priority=priority,
-            cache_salt=cache_salt,
+        tracked = self._intake.admit(
+            prompt, sampling_params, request_id, lora_id, arrival_time, priority, cache_salt
         )
-        gen = None if params.seed is None else Sampler.make_generator(params.seed, self.parts.device)
-        self._tracked[internal] = _Tracked(
-            req=req,
-            external_id=external,
-            prompt=text,
-            params=params,
-            metrics=RequestMetrics(arrival_time=req.arrival_time),
-            stream=TextStream(self.parts.tokenizer, token_ids, params.stop),
-            generator=gen,
-            logprobs=[] if params.logprobs is not None else None,
-            top_logprobs=[] if params.logprobs is not None else None,
-        )
-        self._by_external[external] = internal
-        self._active.append(req)
-        return external
-
-    def _resolve_lora(self, lora: int | str | None) -> int | None:
-        """A request's adapter (id or name) -> its id, checked against the loaded adapters and the budget."""
-        if lora is None:
-            return None
-        registry, peft = self.parts.lora, self.parts.peft_cache
-        if registry is None or peft is None:
-            raise UnsupportedFeatureError(f"lora_id={lora!r}: this engine has no LoRA adapters loaded")
-        lora_id = registry.resolve(lora)
-        assert lora_id is not None
-        registry.check_fits(lora_id, peft.max_device_pages)
-        return lora_id
+        self._active.append(tracked.req)
+        return tracked.external_id
 
     @property
     def lora_names(self) -> dict[str, int]:
@@ -231,28 +157,6 @@ class Engine:
 
         return unload_lora_adapter(self.parts, name, self._active)
 
-    def _encode(self, rid: Hashable, prompt: str) -> list[int]:
-        """Tokenize a text prompt; a tokenizer that raises is this request's InvalidRequestError."""
-        try:
-            return self.parts.encode(prompt)
-        except KVSchedError:
-            raise
-        except Exception as exc:
-            raise InvalidRequestError(
-                f"request {rid!r}: the tokenizer failed on the prompt: {type(exc).__name__}: {exc}"
-            ) from exc
-
-    def _check_prompt(self, rid: Hashable, token_ids: list[int], params: SamplingParams) -> None:
-        check_prompt(
-            token_ids,
-            params.max_tokens,
-            vocab_size=self.parts.vocab_size,
-            max_model_len=self.max_model_len,
-            tokens_per_block=self.kv.tokens_per_block,
-            num_device_blocks=self.kv.num_device_blocks,
-            request_id=rid,
-        )
-
     def abort_request(self, request_id: Hashable) -> None:
         """Stop a request now and free its KV; its result (finish_reason "abort") stays collectable."""
         internal = self._by_external.get(request_id)
@@ -262,7 +166,7 @@ class Engine:
         if self._overlap is not None:
             self._overlap.forget(tracked.req)  # its token in flight is dropped
         finish_request(tracked.req, "abort", self._step_kv, now=time.monotonic())
-        self._retire(tracked)
+        self.book.retire(tracked)
         self._active = [r for r in self._active if r.request_id != internal]
 
     def has_unfinished_requests(self) -> bool:
@@ -310,23 +214,25 @@ class Engine:
             self.profile.after_update(ran=finished is not None)
         if finished is None:
             return self._idle(out)
-        if self.spec is not None:
-            return self._speculative_outputs(out, finished)
+        if self._spec_step is not None:
+            outputs = self._spec_step.outputs(out, self.loop.now)
+            self._end_step(finished, outputs)
+            return outputs
         assert self._batch is not None  # set by _run_batch, which ran since the scheduler ran something
         rows, result, want_lp = self._batch
         self._batch = None
         now = self.loop.now
         self.stats.record_step(out, len(result.token_ids), self.kv)
         outputs = []
+        emit, tracked_of = self.book.emit, self._tracked
         for i, (req, tok) in enumerate(zip(rows, result.token_ids)):
-            tracked = self._tracked[req.request_id]
             top = result.top_logprobs[i] if want_lp and result.top_logprobs is not None else None
-            outputs.append(self._emit(tracked, tok, result.logprobs[i] if want_lp else None, now, top))
+            outputs.append(
+                emit(tracked_of[req.request_id], tok, result.logprobs[i] if want_lp else None, now, top)
+            )
         if self.profile is not None:
             self.profile.lap("detokenize")
-        if finished or any(o.finished for o in outputs):
-            self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
-        self._publish_kv_events()
+        self._end_step(finished, outputs)
         if self.profile is not None:
             self.profile.end()
         return outputs
@@ -341,6 +247,12 @@ class Engine:
         return done
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _end_step(self, finished: list[Request], outputs: list[StepOutput]) -> None:
+        """After a step's outputs: drop the finished from the active list, publish the KV events."""
+        if finished or any(o.finished for o in outputs):
+            self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
+        self._publish_kv_events()
+
     def _idle(self, out: SchedulerOutput | None) -> list[StepOutput]:
         """A step that ran nothing (also with async scheduling): suspends freed KV, so the next step
         can progress; with nothing suspended or preempted the scheduler is stuck."""
@@ -354,8 +266,8 @@ class Engine:
 
     def _run_batch(self, out: SchedulerOutput) -> dict[int, list[int]]:
         """The loop's runner: one forward pass and one sampled token per logits row."""
-        if self.spec is not None:
-            return self._run_speculative(out)
+        if self._spec_step is not None:
+            return self._spec_step.run(out)
         rows, logits = self.parts.runner.run(out, self.kv)  # profiled: laps batch_build and forward
         sample_rows = [self._tracked[r.request_id] for r in rows]
         want_lp = any(t.logprobs is not None for t in sample_rows)
@@ -367,149 +279,22 @@ class Engine:
         self._batch = (rows, result, want_lp)
         return {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
 
-    # -- speculative decoding (engine/speculative/) ----------------------------------------------
-    def _make_speculator(self) -> Speculator | None:
-        args = self.args
-        if args.speculative is None:
-            return None
-        from kvsched.engine.speculative import DraftModelProposer, NgramProposer, Proposer
-
-        proposer: Proposer
-        if args.speculative == "ngram":
-            proposer = NgramProposer()
-        else:
-            parts = self.parts
-            assert parts.draft_model is not None and parts.draft_storage is not None
-            assert parts.draft_kv is not None
-            proposer = DraftModelProposer(parts.draft_model, parts.draft_storage, parts.draft_kv)
-        return Speculator(
-            proposer, args.num_speculative_tokens, self.parts.runner, self.kv, self.sampler, self._params_of
-        )
-
     def _params_of(self, req: Request) -> tuple[SamplingParams, torch.Generator | None]:
         t = self._tracked[req.request_id]
         return t.params, t.generator
 
-    def _run_speculative(self, out: SchedulerOutput) -> dict[int, list[int]]:
-        """The loop's runner with speculation: propose, verify in one target forward."""
-        assert self.spec is not None
-        tracked = self._tracked
-        self._before = {
-            r.request_id: len(r.output_token_ids)
-            for rs in (out.context_requests, out.generation_requests)
-            for r in rs
-        }
-        return self.spec.run(out, lambda r: tracked[r.request_id].params.logprobs)
-
-    def _speculative_outputs(self, out: SchedulerOutput, finished: list[Request]) -> list[StepOutput]:
-        """Rewind both caches to the accepted tokens, then emit each request's new tokens."""
-        spec = self.spec
-        assert spec is not None
-        spec.settle(out)
-        now = self.loop.now
-        proposed = spec.counts.proposed
-        outputs = []
-        produced = 0
-        for req in itertools.chain(out.context_requests, out.generation_requests):
-            before = self._before.get(req.request_id)
-            if before is None or len(req.output_token_ids) == before:
-                continue  # a context chunk that is not the last
-            tracked = self._tracked[req.request_id]
-            new = req.output_token_ids[before:]
-            produced += len(new)
-            k = proposed.get(req.request_id, 0)
-            if k:
-                m = tracked.metrics
-                m.num_speculative_steps += 1
-                m.num_draft_tokens += k
-                m.num_accepted_draft_tokens += len(new) - 1
-                self.stats.record_speculation(k, len(new) - 1)
-            outputs.append(self._emit_many(tracked, before, new, spec.logprobs.get(req.request_id), now))
-        self.stats.record_step(out, produced, self.kv)
-        if finished or any(o.finished for o in outputs):
-            self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
-        self._publish_kv_events()
-        return outputs
-
-    def _emit_many(
-        self, tracked: _Tracked, before: int, tokens: list[int], lps: RowLogprobs | None, now: float
-    ) -> StepOutput:
-        """Emit several tokens of one step, token by token through the text stream: a stop string
-        inside them ends the output there (the tokens after it are dropped, as without speculation)."""
-        req = tracked.req
-        delta_all, emitted = "", 0
-        for j, tok in enumerate(tokens):
-            last = j == len(tokens) - 1
-            emitted += 1
-            delta, stopped = tracked.stream.push([tok], final=req.is_finished and last)
-            delta_all += delta
-            if stopped:
-                if not req.is_finished:
-                    finish_request(req, "stop", self._step_kv, now=now)
-                req.finish_reason = "stop"
-                del req.output_token_ids[before + emitted :]
-                break
-        kept = tokens[:emitted]
-        sampled = top = None
-        if lps is not None:
-            sampled, top = lps.sampled[:emitted], lps.top[:emitted]
-            if tracked.logprobs is not None:
-                tracked.logprobs.extend(sampled)
-            if tracked.top_logprobs is not None:
-                tracked.top_logprobs.extend(top)
-        if req.is_finished:
-            self._retire(tracked)
-        return StepOutput(
-            request_id=tracked.external_id,
-            new_token_ids=kept,
-            text_delta=delta_all,
-            finished=req.is_finished,
-            finish_reason=req.finish_reason,
-            logprobs=sampled,
-            top_logprobs=top,
-        )
-
-    # -- faults --------------------------------------------------------------------------------------
     def _contain(self, exc: Exception) -> list[StepOutput]:
-        """A fault inside a step fails the requests it touched, not the engine; anything else re-raises.
-
-        A failed KV copy (:class:`KVTransferError`: nothing moved, no slot lost) fails the request whose
-        suspend or resume needed it. An exception once the step was scheduled (forward pass, sampler,
-        step update) fails that step's requests. Their KV is freed; the rest are served from the next step.
-        """
+        """A fault inside a step fails the requests it touched, not the engine; anything else re-raises
+        (engine/step_faults.py says which). Their KV is freed; the rest are served from the next step."""
         self._batch = None
         scheduled, self._scheduled = self._scheduled, None
-        if isinstance(exc, KVTransferError) and exc.request_id in self._tracked:
-            victims = [self._tracked[exc.request_id]]
-            message = f"the engine failed this request: {exc}"
-        elif scheduled is not None:
-            reqs = itertools.chain(scheduled.context_requests, scheduled.generation_requests)
-            victims = [self._tracked[r.request_id] for r in reqs if r.request_id in self._tracked]
-            message = f"the engine failed this request: its step raised {type(exc).__name__}: {exc}"
-        else:
+        hit = victims_of(exc, scheduled, self.book)
+        if hit is None:
             raise exc
-        log.warning("%s (%d request(s) failed)", message, len(victims), exc_info=exc)
-        outputs = [self._fail(t, message) for t in victims]
+        outputs = fail_requests(self.book, hit[0], hit[1], exc)
         self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
         self._publish_kv_events()
         return outputs
-
-    def _fail(self, tracked: _Tracked, message: str) -> StepOutput:
-        """End one request with finish_reason "error" and free its KV; ``message`` says why."""
-        req = tracked.req
-        if req.is_finished:  # finished by the step update before the fault: its KV is already freed
-            req.finish_reason = "error"
-        else:
-            finish_request(req, "error", self._step_kv, now=time.monotonic())
-        self._retire(tracked, error=message)
-        return StepOutput(
-            request_id=tracked.external_id,
-            new_token_ids=[],
-            text_delta="",
-            finished=True,
-            finish_reason="error",
-            error=message,
-        )
 
     def _publish_kv_events(self) -> None:
         if self.on_kv_events is not None:
@@ -524,86 +309,4 @@ class Engine:
         now = time.monotonic()
         self._scheduled = out
         self.stats.record_schedule(out)
-        for req in out.paused_requests:
-            tracked = self._tracked[req.request_id]
-            tracked.metrics.num_suspends += 1
-            tracked.suspended = True
-        for req in out.preempted_requests:
-            self._tracked[req.request_id].metrics.num_preemptions += 1
-        for req in itertools.chain(out.context_requests, out.generation_requests):
-            m = self._tracked[req.request_id]
-            if m.suspended:
-                m.suspended = False
-                m.metrics.num_resumes += 1
-            if m.metrics.first_scheduled_time is None:
-                m.metrics.first_scheduled_time = now
-            if req.num_reused_tokens > m.metrics.num_reused_tokens:
-                m.metrics.num_reused_tokens = req.num_reused_tokens
-
-    def _emit(
-        self,
-        tracked: _Tracked,
-        token: int,
-        logprob: float | None,
-        now: float,
-        top: dict[int, float] | None = None,
-    ) -> StepOutput:
-        req = tracked.req
-        if tracked.logprobs is not None and logprob is not None:
-            tracked.logprobs.append(logprob)
-        if tracked.top_logprobs is not None and top is not None:
-            tracked.top_logprobs.append(top)
-        try:
-            delta, stopped = tracked.stream.push([token], final=req.is_finished)
-        except Exception as exc:  # a detokenizer fault fails this request alone
-            return self._fail(
-                tracked,
-                f"the engine failed this request: detokenizing its output raised {type(exc).__name__}: {exc}",
-            )
-        if stopped:  # a stop string: the text stream is its one owner
-            if req.is_finished:
-                req.finish_reason = "stop"  # it ends the text, so it names the reason (as in vLLM)
-            else:
-                finish_request(req, "stop", self._step_kv, now=now)
-        if req.is_finished:
-            self._retire(tracked)
-        return StepOutput(
-            request_id=tracked.external_id,
-            new_token_ids=[token],
-            text_delta=delta,
-            finished=req.is_finished,
-            finish_reason=req.finish_reason,
-            logprobs=None if logprob is None else [logprob],
-            top_logprobs=None if top is None or tracked.top_logprobs is None else [top],
-        )
-
-    def _retire(self, tracked: _Tracked, error: str | None = None) -> None:
-        req = tracked.req
-        if self.parts.peft_cache is not None:
-            self.parts.peft_cache.release(req)  # a finished request no longer pins its adapter
-        m = tracked.metrics
-        m.read_times(req)  # first/last token and finish: recorded once, by apply_step / finish_request
-        m.num_preemptions = max(m.num_preemptions, req.num_preemptions)
-        m.num_recomputed_tokens = req.num_recomputed_tokens
-        self.stats.record_finish(req)
-        del self._tracked[req.request_id]
-        del self._by_external[tracked.external_id]
-        self._finished[tracked.external_id] = RequestOutput(
-            request_id=tracked.external_id,
-            prompt=tracked.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=0,
-                    text=tracked.stream.text,
-                    token_ids=list(req.output_token_ids),
-                    finish_reason=req.finish_reason,
-                    logprobs=tracked.logprobs,
-                    top_logprobs=tracked.top_logprobs,
-                )
-            ],
-            finished=True,
-            metrics=m,
-            num_cached_tokens=m.num_reused_tokens,
-            error=error,
-        )
+        self.book.note_schedule(out, now)

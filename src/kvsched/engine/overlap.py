@@ -44,6 +44,7 @@ from kvsched.core.step import finish_request, token_stop
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.outputs import StepOutput
 from kvsched.engine.sampler import SampleResult
+from kvsched.engine.step_faults import fail_requests, step_failed_message
 
 if TYPE_CHECKING:
     from kvsched.engine.engine import Engine
@@ -139,7 +140,7 @@ class OverlapLoop:
             eng._scheduled = None
             self.forget(tracked.req)
             log.warning("the engine failed request %s: %s", tracked.external_id, exc, exc_info=exc)
-            return None, [eng._fail(tracked, f"the engine failed this request: {exc}")]
+            return None, [eng.book.fail(tracked, f"the engine failed this request: {exc}")]
 
     def _submit(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
         """Build step N+1's batch on this thread and hand its forward and sampling to the worker."""
@@ -230,7 +231,7 @@ class OverlapLoop:
                 r.metrics["first_token"] = now
         outputs = []
         want_lp, tops = prev.want_logprobs, result.top_logprobs
-        emit, tracked_of, kv = eng._emit, eng._tracked, eng._step_kv
+        emit, tracked_of, kv = eng.book.emit, eng._tracked, eng._step_kv
         produced = 0
         for j, (req, tok) in enumerate(zip(prev.rows, result.token_ids)):
             hit = prev.unknown.get(req.request_id)
@@ -295,9 +296,7 @@ class OverlapLoop:
         failed = [eng._tracked[rid] for rid in victims if rid in eng._tracked]
         if not failed:
             raise exc
-        message = f"the engine failed this request: its step raised {type(exc).__name__}: {exc}"
-        log.warning("%s (%d request(s) failed)", message, len(failed), exc_info=exc)
-        outputs = [eng._fail(t, message) for t in failed]
+        outputs = fail_requests(eng.book, failed, step_failed_message(exc), exc)
         eng._active = [r for r in eng._active if r.state != _DONE]
         eng._publish_kv_events()
         return outputs
