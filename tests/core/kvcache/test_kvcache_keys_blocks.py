@@ -39,6 +39,44 @@ def test_pool_alloc_low_ids_first_and_lru_priority_order():
     # lowest priority first, then oldest first within a priority
     assert pool.pop_victims(2) == [blocks[2], blocks[1]]
     assert pool.pop_victims(1) == [blocks[3]]
+    assert pool.num_cached == 0 and not pool.buckets and pool.entries == 0
+
+
+def test_a_block_taken_back_and_released_again_is_evicted_at_its_new_place():
+    """Lazy deletion (blocks.py): the stale entry left by ``remove_cached`` is skipped, the block's
+    fresh entry counts, as an ordered dict's delete-and-reinsert would order it."""
+    pool = TierPool(0, 8)
+    a, b, c = (Block(0, s) for s in range(3))
+    pool.push_many([a, b, c])
+    pool.remove_cached(a)  # a hit: a is held for a while ...
+    pool.push_cached(a)  # ... then released again: now the newest
+    assert pool.num_cached == 3 and pool.entries == 4
+    assert pool.cached_blocks() == [b, c, a]
+    assert pool.pop_victims(2) == [b, c]
+    assert pool.pop_victims(1) == [a] and pool.entries == 0 and not pool.buckets
+
+
+def test_stale_entries_stay_bounded_by_compaction():
+    pool = TierPool(1, 4)
+    hot, cold = Block(1, 0), Block(1, 1)
+    pool.push_many([cold, hot])
+    for _ in range(5000):  # a hot prefix hit and released again and again, never evicted
+        pool.remove_cached(hot)
+        pool.push_cached(hot)
+    assert pool.num_cached == 2 and pool.entries <= 2 * 2 + 1024 + 1
+    assert pool.cached_blocks() == [cold, hot]
+    assert pool.pop_victims(2) == [cold, hot]
+
+
+def test_a_block_cached_again_under_another_priority_is_not_evicted_twice():
+    """Its old entry (priority 0) is still queued when it comes back under priority -1."""
+    pool = TierPool(0, 4)
+    a, b = Block(0, 0), Block(0, 1)
+    pool.push_many([a, b])
+    pool.remove_cached(a)
+    a.priority = -1
+    pool.push_cached(a)
+    assert pool.pop_victims(2) == [a, b]  # not [a, a]
     assert pool.num_cached == 0 and not pool.buckets
 
 

@@ -130,3 +130,47 @@ def test_a_failed_suspend_restores_blocks_shared_with_another_active_request():
     m.suspend_request(a)  # the shared blocks are a's alone now: all of a moves
     assert m.stats().used_host_blocks == 4
     check_invariants(m)
+
+
+class RaisingStorage:
+    """Metadata-only storage whose copies raise ``error`` (an instance) while it is set."""
+
+    bytes_per_block = 10
+
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def copy_blocks(self, src_tier, src, dst_tier, dst) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _two_cached_device_blocks(st: RaisingStorage):
+    m = make(tpb=4, device=4, host=4, storage=st, reuse=True)
+    a = req(1, list(range(8)) + [99], max_new=1)
+    run_context(m, a)
+    m.free_request(a)
+    return m
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), MemoryError(), RuntimeError("CUDA error")])
+def test_an_offload_that_fails_at_run_time_drops_the_cached_blocks(error):
+    st = RaisingStorage()
+    m = _two_cached_device_blocks(st)
+    st.error = error
+    run_context(m, req(2, 16, max_new=1))  # every device block: the two cached ones must go
+    s = m.stats()
+    assert (s.dropped_device_blocks, s.offload_blocks, s.cached_host_blocks) == (2, 0, 0)
+    check_invariants(m)
+
+
+@pytest.mark.parametrize("error", [ValueError("2 sources but 3 destinations"), IndexError("slot 9")])
+def test_an_offload_that_fails_on_a_bug_raises_instead_of_dropping(error):
+    """A length mismatch or a slot outside the pool is a bug in the caller, not a failed copy: it
+    propagates (before, every exception was swallowed and the blocks silently dropped)."""
+    st = RaisingStorage()
+    m = _two_cached_device_blocks(st)
+    st.error = error
+    with pytest.raises(type(error), match=str(error.args[0])):
+        run_context(m, req(2, 16, max_new=1))
+    assert m.stats().dropped_device_blocks == 0

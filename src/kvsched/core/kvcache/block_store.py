@@ -8,11 +8,11 @@ total per tier) has one owner. Making room on the device evicts cached blocks le
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 
 from kvsched.core.errors import KVTransferError
 from kvsched.core.kvcache.blocks import Block, TierPool
-from kvsched.core.kvcache.storage import KVStorage
+from kvsched.core.kvcache.storage import COPY_ERRORS, KVStorage
 from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats, KVEvent, Tier
 
 MAX_EVENTS = 65536
@@ -60,26 +60,31 @@ class BlockStore:
         return self.device if tier == DEVICE else self.host
 
     # -- references ----------------------------------------------------------------------------
-    def hold_many(self, blocks: list[Block]) -> int:
-        """``hold`` for a matched prefix (inlined: it runs per block of a long prompt); returns how
-        many of the blocks are on the host tier."""
-        pools = (self.device, self.host)
-        on_host = 0
-        for p in blocks:
-            tier = p.tier
-            if tier:
+    def hold_prefix(self, keys: list[bytes]) -> tuple[list[Block], int]:
+        """Hold the blocks of the longest run of ``keys`` that is published; returns them and how
+        many are on the host tier. One pass: look up, take out of the LRU (lazily, see
+        ``blocks.TierPool``), hold; it runs per block of a long prompt."""
+        get = self.index.get
+        blocks: list[Block] = []
+        append = blocks.append
+        on_host = cached_device = cached_host = 0
+        for key in keys:
+            p = get(key)
+            if p is None:
+                break
+            if p.tier:
                 on_host += 1
-            prio = p.bucket
-            if prio is not None:  # TierPool.remove_cached, inlined (a call per block cost ~25 %)
-                pool = pools[tier]
-                bucket = pool.buckets[prio]
-                del bucket[p]
-                if not bucket:
-                    del pool.buckets[prio]
+                if p.bucket is not None:
+                    p.bucket = None
+                    cached_host += 1
+            elif p.bucket is not None:
                 p.bucket = None
-                pool.num_cached -= 1
+                cached_device += 1
             p.holds += 1
-        return on_host
+            append(p)
+        self.device.num_cached -= cached_device
+        self.host.num_cached -= cached_host
+        return blocks, on_host
 
     def release_many(self, blocks: list[Block], locked: bool, priority: int) -> None:
         """``release`` each block, last block first (so a request's tail is evicted before its head).
@@ -132,15 +137,15 @@ class BlockStore:
         self.counters.allocated_blocks += n
         slots = self.device.alloc(n)
         spare = self.spare
-        k = len(spare) - n
-        if k < 0:
-            return [Block(DEVICE, slot, 1) for slot in slots]
+        k = max(len(spare) - n, 0)
         blocks = spare[k:]
         del spare[k:]
         for p, slot in zip(blocks, slots):
             p.tier = DEVICE
             p.slot = slot
             p.locks = 1  # priority is set when the block is released into the LRU
+        if len(blocks) < n:  # too few spares: build the rest
+            blocks += [Block(DEVICE, slot, 1) for slot in slots[len(blocks) :]]
         return blocks
 
     # -- publishing ----------------------------------------------------------------------------
@@ -211,11 +216,10 @@ class BlockStore:
         slots = []
         for block in blocks:
             key = block.key
-            if key is not None:
-                if index.get(key) is block:
-                    del index[key]
-                    if events:
-                        self._event("removed", key, tier)
+            if key is not None:  # a block carries a key only while it owns the index entry
+                del index[key]
+                if events:
+                    self._event("removed", key, tier)
                 block.key = None
             slots.append(block.slot)
         self.pool(tier).free.extend(slots)
@@ -226,8 +230,11 @@ class BlockStore:
             self.counters.dropped_host_blocks += len(blocks)
 
     def _offload(self, blocks: list[Block]) -> None:
-        """Cached device blocks (none held, none parked) to the host LRU: ``migrate`` + ``push_many``
-        in one pass over the blocks (this runs for every block a long prompt evicts)."""
+        """Cached device blocks (none held, none parked) to the host LRU with one batched copy.
+
+        A copy that fails at run time (``COPY_ERRORS``) drops the blocks instead: only cached copies
+        were moving, and the room is made all the same. Anything else (a bad slot, a length
+        mismatch) is a bug and propagates."""
         n = len(blocks)
         host = self.host
         if not self.reserve(HOST, n):
@@ -236,27 +243,15 @@ class BlockStore:
         src_slots = [p.slot for p in blocks]
         try:
             self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
-        except Exception:
-            # Only cached copies were moving: drop them instead (the room is made all the same).
+        except COPY_ERRORS:
             host.free.extend(dst_slots)
             self._drop_many(blocks, DEVICE)
             return
         self.device.free.extend(src_slots)
-        buckets = host.buckets
-        prio: int | None = None
-        bucket: OrderedDict[Block, None] | None = None
         for block, slot in zip(blocks, dst_slots):
             block.tier = HOST
             block.slot = slot
-            p = block.priority
-            if p != prio:
-                prio = p
-                bucket = buckets.get(p)
-                if bucket is None:
-                    bucket = buckets[p] = OrderedDict()
-            bucket[block] = None  # type: ignore[index]
-            block.bucket = p
-        host.num_cached += n
+        host.push_many(blocks)
         if self.events_on:
             for block in blocks:
                 self._event("removed", block.key, DEVICE)  # type: ignore[arg-type]

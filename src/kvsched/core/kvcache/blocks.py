@@ -1,15 +1,25 @@
-"""Physical KV blocks and the per-tier pool: an O(1) free list plus priority-bucketed LRU lists.
+"""Physical KV blocks and the per-tier pool: an O(1) free list plus priority-bucketed LRU queues.
 
 Ownership is explicit: ``locks`` counts active requests using the block (it is then pinned on the
 device tier), ``holds`` counts suspended requests keeping it. A block referenced by nobody either
 carries a reuse key and waits in its tier's LRU ("cached"), or its slot goes straight back to the
 free list.
+
+The LRU of one priority is a FIFO queue with lazy deletion (the scheme of a timer wheel's cancelled
+entries): taking a cached block back for reuse only clears its ``bucket``, and its stale entry is
+skipped when eviction reaches it. Every entry carries the stamp the block had when it was queued, so a
+block released again (a fresh entry at the tail) is evicted at its new place, as an ordered dict's
+delete-and-reinsert would. A deque append / popleft is cheaper than an ``OrderedDict`` insert / pop and
+touches memory in order, which matters when millions of blocks pass through a pool (the simulator).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import deque
 from dataclasses import dataclass
+
+# Stale entries allowed beyond the live ones before a pool's queues are rebuilt (amortised O(1)).
+_COMPACT_SLACK = 1024
 
 
 @dataclass(slots=True, eq=False)
@@ -23,22 +33,44 @@ class Block:
     key: bytes | None = None
     # Retention priority used when the block becomes cached (higher survives longer).
     priority: int = 0
-    # LRU bucket the block sits in while cached, else None.
+    # LRU bucket (priority) the block sits in while cached, else None.
     bucket: int | None = None
+    # Stamp of the block's latest LRU entry; an entry with another stamp is stale.
+    stamp: int = -1
+
+
+class LruQueue:
+    """Cached blocks of one priority, oldest first, with the stamp each was queued with."""
+
+    __slots__ = ("blocks", "stamps")
+
+    def __init__(self) -> None:
+        self.blocks: deque[Block] = deque()
+        self.stamps: deque[int] = deque()
+
+    def live(self) -> list[Block]:
+        """The blocks whose entry is current, oldest first (O(entries): checks and compaction)."""
+        return [p for p, s in zip(self.blocks, self.stamps) if p.stamp == s and p.bucket is not None]
 
 
 class TierPool:
-    """Slots of one tier: free slots (a stack) and cached blocks (LRU lists keyed by priority)."""
+    """Slots of one tier: free slots (a stack) and cached blocks (LRU queues keyed by priority).
 
-    __slots__ = ("tier", "size", "free", "buckets", "num_cached")
+    ``num_cached`` counts live entries, ``entries`` all queued ones (live + stale). Stamps step by 2
+    from the tier's id, so the two pools of a store never hand out the same stamp.
+    """
+
+    __slots__ = ("tier", "size", "free", "buckets", "num_cached", "entries", "stamp")
 
     def __init__(self, tier: int, size: int) -> None:
         self.tier = tier
         self.size = size
         # Popped from the end, so low slot ids are handed out first.
         self.free: list[int] = list(range(size - 1, -1, -1))
-        self.buckets: dict[int, OrderedDict[Block, None]] = {}
+        self.buckets: dict[int, LruQueue] = {}
         self.num_cached = 0
+        self.entries = 0
+        self.stamp = tier
 
     @property
     def available(self) -> int:
@@ -55,58 +87,82 @@ class TierPool:
 
     def push_cached(self, block: Block) -> None:
         """Make ``block`` the most recently used cached block of its priority."""
-        bucket = self.buckets.get(block.priority)
-        if bucket is None:
-            bucket = self.buckets[block.priority] = OrderedDict()
-        bucket[block] = None
-        block.bucket = block.priority
-        self.num_cached += 1
+        self.push_many([block])
 
     def push_many(self, blocks: list[Block]) -> None:
         """``push_cached`` for a batch (in order); one bucket lookup per run of equal priorities."""
         buckets = self.buckets
+        stamp = self.stamp
         prio: int | None = None
-        bucket: OrderedDict[Block, None] | None = None
+        add_block = add_stamp = None
         for block in blocks:
             p = block.priority
             if p != prio:
                 prio = p
-                bucket = buckets.get(p)
-                if bucket is None:
-                    bucket = buckets[p] = OrderedDict()
-            bucket[block] = None  # type: ignore[index]
+                queue = buckets.get(p)
+                if queue is None:
+                    queue = buckets[p] = LruQueue()
+                add_block, add_stamp = queue.blocks.append, queue.stamps.append
+            stamp += 2
+            block.stamp = stamp
             block.bucket = p
-        self.num_cached += len(blocks)
+            add_block(block)  # type: ignore[misc]
+            add_stamp(stamp)  # type: ignore[misc]
+        self.stamp = stamp
+        n = len(blocks)
+        self.num_cached += n
+        self.entries += n
+        if self.entries > 2 * self.num_cached + _COMPACT_SLACK:
+            self.compact()
 
     def remove_cached(self, block: Block) -> None:
-        """Take ``block`` out of the LRU (it is being reused or moved)."""
-        bucket = self.buckets[block.bucket]  # type: ignore[index]
-        del bucket[block]
-        if not bucket:
-            del self.buckets[block.bucket]  # type: ignore[arg-type]
+        """Take ``block`` out of the LRU (it is being reused or moved); its entry goes stale."""
         block.bucket = None
         self.num_cached -= 1
 
     def pop_victims(self, n: int) -> list[Block]:
-        """Remove and return ``n`` cached blocks: lowest priority first, oldest first within it."""
+        """Remove and return ``n`` cached blocks (``n <= num_cached``): lowest priority first,
+        oldest first within it; stale entries met on the way are dropped."""
         out: list[Block] = []
+        append = out.append
         buckets = self.buckets
         left = n
         while left:
             prio = min(buckets)
-            bucket = buckets[prio]
-            take = min(left, len(bucket))
-            popitem = bucket.popitem
-            got = [popitem(False)[0] for _ in range(take)]
-            for block in got:
-                block.bucket = None
-            out += got
-            left -= take
-            if not bucket:
+            queue = buckets[prio]
+            blocks = queue.blocks
+            before = len(blocks)
+            pop_block, pop_stamp = blocks.popleft, queue.stamps.popleft
+            for _ in range(before):
+                p = pop_block()
+                if p.stamp == pop_stamp() and p.bucket is not None:
+                    p.bucket = None
+                    append(p)
+                    left -= 1
+                    if not left:
+                        break
+            self.entries -= before - len(blocks)
+            if not blocks:
                 del buckets[prio]
         self.num_cached -= n
+        if not self.num_cached:  # only stale entries can be left: forget them
+            buckets.clear()
+            self.entries = 0
         return out
+
+    def compact(self) -> None:
+        """Drop every stale entry (kept order); O(entries), run when they outnumber live ones."""
+        buckets = self.buckets
+        for prio in list(buckets):
+            queue = buckets[prio]
+            live = queue.live()
+            if live:
+                queue.blocks = deque(live)
+                queue.stamps = deque([p.stamp for p in live])
+            else:
+                del buckets[prio]
+        self.entries = self.num_cached
 
     def cached_blocks(self) -> list[Block]:
         """Every cached block (for checks and stats; not a hot path)."""
-        return [p for bucket in self.buckets.values() for p in bucket]
+        return [p for queue in self.buckets.values() for p in queue.live()]

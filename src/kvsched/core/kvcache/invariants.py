@@ -71,3 +71,5 @@ def check_invariants(manager: KVCacheManager) -> None:
         assert all(0 <= s < pool.size for s in slots)
     for key, p in store.index.items():
         assert p.key == key and id(p) in blocks, f"index entry for a dead block {p}"
+    for p in blocks.values():  # the other way round: a key is carried only by its index entry's block
+        assert p.key is None or store.index.get(p.key) is p, f"block keyed but not indexed {p}"

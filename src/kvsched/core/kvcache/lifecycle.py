@@ -34,14 +34,7 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, re
             nfull = (req.num_context_tokens - 1) // tpb
             packed = pack_tokens(req.token_slice(0, nfull * tpb))
             keys = c.keys = chain_keys(c.root, packed, tpb * 4)
-        get = store.index.get
-        blocks = []
-        for key in keys:
-            block = get(key)
-            if block is None:
-                break
-            blocks.append(block)
-        on_host = store.hold_many(blocks)
+        blocks, on_host = store.hold_prefix(keys)
         reused = len(blocks) * tpb
         c.blocks = blocks
         c.last_key = keys[len(blocks) - 1] if blocks else c.root
@@ -95,13 +88,15 @@ def resume_cache(store: BlockStore, c: RequestCache, max_util: float) -> bool:
             exc.request_id = c.request_id
             raise
     parked = store.parked
+    newly_locked = 0
     for p in blocks:
-        if p.locks == 0:
-            store.num_locked += 1
-            if p in parked:
+        if not p.locks:
+            newly_locked += 1
+            if parked and p in parked:
                 del parked[p]
         p.locks += 1
         p.holds -= 1
+    store.num_locked += newly_locked
     c.table = [p.slot for p in blocks]
     c.active = True
     if c.was_suspended:

@@ -65,15 +65,14 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
     keys = cache.keys
     if keys is not None and idx < len(keys):
         # Blocks of the looked-up context: their keys were hashed at lookup.
-        index = store.index
+        claim = store.index.setdefault  # one probe: publish unless another block holds the key
         events = store.events_on
         stop = min(last, len(keys))
         for b in range(idx, stop):
             key = keys[b]
             block = blocks[b]
-            if block.key is None and key not in index:
+            if block.key is None and claim(key, block) is block:
                 block.key = key
-                index[key] = block
                 if events:
                     store._event("stored", key, block.tier, parent if b else None)
             parent = key

@@ -8,6 +8,12 @@ from typing import Protocol, runtime_checkable
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache.types import Tier
 
+#: What a backend's ``copy_blocks`` raises when a copy fails at run time: torch reports device
+#: faults and out-of-memory as ``RuntimeError`` (``torch.OutOfMemoryError`` is one), an I/O-backed
+#: tier ``OSError``, an allocation ``MemoryError``. A ``ValueError`` / ``IndexError`` / ``TypeError``
+#: (mismatched lengths, a slot outside the pool) is a caller bug, not a failed copy.
+COPY_ERRORS: tuple[type[Exception], ...] = (RuntimeError, OSError, MemoryError)
+
 
 @runtime_checkable
 class KVStorage(Protocol):
