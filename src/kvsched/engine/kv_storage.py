@@ -21,7 +21,7 @@ contiguous copy per host block. (SGLang's HiCache offers the same page-first hos
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -94,6 +94,10 @@ class TensorKVStorage:
         self._staging: torch.Tensor | None = None
         self._staging_free: torch.cuda.Event | None = None
         self._stream: torch.cuda.Stream | None = None
+        #: Called with no arguments at the start of every :meth:`copy_blocks`, before any block moves:
+        #: async scheduling (engine/overlap.py) waits there for the forward in flight, which may still
+        #: read or write the blocks being copied. None: no call.
+        self.before_copy: Callable[[], None] | None = None
 
     @property
     def bytes_per_block(self) -> int:
@@ -106,6 +110,8 @@ class TensorKVStorage:
 
     def copy_blocks(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None:
         """Copy blocks ``src[i]`` of ``src_tier`` to ``dst[i]`` of ``dst_tier``, all layers."""
+        if self.before_copy is not None:
+            self.before_copy()
         n = len(src)
         if n != len(dst):
             raise ValueError(f"copy_blocks: {n} sources but {len(dst)} destinations")

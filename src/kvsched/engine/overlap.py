@@ -90,16 +90,9 @@ class OverlapLoop:
         self._worker = ThreadPoolExecutor(
             1, thread_name_prefix="kvsched-forward", initializer=torch.set_num_threads, initargs=(threads,)
         )
-        storage = engine.parts.storage
-        copy = storage.copy_blocks
-
-        def fenced_copy(*args: object) -> None:
-            self.fence()
-            copy(*args)  # type: ignore[arg-type]
-
-        # The KV manager calls its storage's copy_blocks for every block move; the storage object is
-        # the engine's own (parts.storage), so the fence goes on that instance.
-        setattr(storage, "copy_blocks", fenced_copy)  # noqa: B010
+        # The KV manager moves every block through its storage's copy_blocks, which calls this hook
+        # first: a copy waits for the forward in flight.
+        engine.parts.storage.before_copy = self.fence
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
