@@ -19,8 +19,8 @@ __all__ = ["lora_step"]
 
 def lora_step(rep: Replica, out: SchedulerOutput, shape: StepShape) -> None:
     """The step's adapter tokens and distinct adapters; an adapter not resident is loaded (its bytes
-    copied host -> device), evicting least-recently-used adapters no scheduled request pins while
-    the resident pages exceed the PEFT budget, as the engine's AdapterResidency does."""
+    copied host -> device), then least-recently-used adapters no scheduled request pins are evicted
+    while the resident pages exceed the PEFT budget: the engine's policy (core/lora_residency.py)."""
     step: dict[int, int] = {}
     tokens = 0
     peft = rep.peft
@@ -36,21 +36,11 @@ def lora_step(rep: Replica, out: SchedulerOutput, shape: StepShape) -> None:
         return
     shape.lora_tokens = tokens
     shape.lora_adapters = len(step)
-    resident = rep.resident
+    lru = rep.resident
     for lora, pages in step.items():
-        if lora in resident:
-            del resident[lora]  # re-inserted below: most recently used last
-        else:
+        if not lru.touch(lora):
             rep.lora_loads += 1
             shape.lora_load_bytes += rep._adapter_bytes
-        resident[lora] = pages
-    budget = 0 if peft is None else peft.max_device_pages
-    if peft is None or budget <= 0:
-        return
-    used = sum(resident.values())
-    for lora in list(resident):
-        if used <= budget:
-            break
-        if lora in step or peft.is_pinned(lora):
-            continue
-        used -= resident.pop(lora)
+            lru.add(lora, pages)
+    if peft is not None and peft.max_device_pages > 0:
+        lru.evict(peft.max_device_pages, 0, step, peft.is_pinned)

@@ -17,6 +17,7 @@ from typing import Any
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager, KVEvent
 from kvsched.core.loop import StepLoop
+from kvsched.core.lora_residency import AdapterLRU
 from kvsched.core.peft import PeftCache
 from kvsched.core.protocols import Scheduler
 from kvsched.core.request import Request
@@ -112,7 +113,7 @@ class Replica:
         self.cost = cost_model
         # LoRA residency on the device, least recently used first: adapter id -> its pages
         self._adapter_bytes = float(getattr(cost_model, "lora_adapter_bytes", 0.0))
-        self.resident: dict[int, int] = {}
+        self.resident = AdapterLRU()
         self._has_lora = False
         self.lora_loads = 0  # adapters copied host -> device (each time one becomes resident)
         self.specs = specs

@@ -8,21 +8,22 @@ adapters within ``max_device_pages``, so the resident pages never exceed it eith
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
 
 from kvsched.core.errors import KVSchedError
+from kvsched.core.lora_residency import AdapterLRU
 from kvsched.core.peft import PeftCache
 from kvsched.engine.lora.layers import LoraLinear
 from kvsched.engine.lora.registry import LoraRegistry
 
 
 class AdapterResidency:
-    """The device-resident adapters (LRU order) and the layers their deltas are installed in."""
+    """The device-resident adapters (LRU order, core/lora_residency.py) and the layers their deltas
+    are installed in."""
 
-    __slots__ = ("registry", "peft", "device", "layers", "resident", "num_loads", "num_evictions")
+    __slots__ = ("registry", "peft", "device", "layers", "lru", "num_loads", "num_evictions")
 
     def __init__(
         self,
@@ -36,40 +37,43 @@ class AdapterResidency:
         self.device = device
         #: (layer, module) -> its wrapper, for every module some adapter targets.
         self.layers = layers
-        #: adapter id -> pages, least recently used first.
-        self.resident: OrderedDict[int, int] = OrderedDict()
+        #: The resident adapters and their pages, least recently used first (the simulator's policy too).
+        self.lru = AdapterLRU()
         self.num_loads = 0
         self.num_evictions = 0
 
     @property
+    def resident(self) -> dict[int, int]:
+        """adapter id -> pages, least recently used first."""
+        return self.lru.resident
+
+    @property
     def resident_pages(self) -> int:
-        return sum(self.resident.values())
+        return self.lru.pages
 
     def prepare(self, lora_ids: Iterable[int | None]) -> None:
         """Make the step's adapters resident (copy-in, LRU eviction of unpinned ones)."""
         needed = {i for i in lora_ids if i is not None}
+        lru = self.lru
         for lora_id in needed:
-            if lora_id in self.resident:
-                self.resident.move_to_end(lora_id)
-        for lora_id in sorted(needed - self.resident.keys()):
+            lru.touch(lora_id)
+        for lora_id in sorted(needed - lru.resident.keys()):
             pages = self.registry.pages(lora_id)
             self._make_room(pages, needed)
             self._load(lora_id)
-            self.resident[lora_id] = pages
+            lru.add(lora_id, pages)
 
     def forget(self, lora_id: int) -> None:
         """Drop an adapter being unloaded from the device (if resident)."""
-        if lora_id in self.resident:
-            self._evict(lora_id)
+        if lora_id in self.lru:
+            self.lru.remove(lora_id)
+            self._drop(lora_id)
 
     def _make_room(self, pages: int, needed: set[int]) -> None:
         budget = self.peft.max_device_pages
-        for victim in list(self.resident):
-            if self.resident_pages + pages <= budget:
-                return
-            if victim not in needed and not self.peft.is_pinned(victim):
-                self._evict(victim)
-        if self.resident_pages + pages > budget:
+        for victim in self.lru.evict(budget, pages, needed, self.peft.is_pinned):
+            self._drop(victim)
+        if self.lru.pages + pages > budget:
             raise KVSchedError(
                 f"LoRA adapters of this step need more than max_device_pages={budget} "
                 f"(resident: {dict(self.resident)}, adding {pages})"
@@ -83,8 +87,8 @@ class AdapterResidency:
             )
         self.num_loads += 1
 
-    def _evict(self, lora_id: int) -> None:
+    def _drop(self, lora_id: int) -> None:
+        """Remove an evicted adapter's deltas from the layers."""
         for key in self.registry.adapters[lora_id].weights:
             self.layers[key].deltas.pop(lora_id, None)
-        del self.resident[lora_id]
         self.num_evictions += 1
