@@ -17,7 +17,6 @@ from kvsched.sim.replica import Replica
 from kvsched.sim.workload import RequestSpec
 
 _CONTEXT = RequestState.CONTEXT_INIT
-_SESSION_KINDS = ("sticky", "kv_aware")
 
 
 class SimRouter:
@@ -32,7 +31,7 @@ class SimRouter:
         self.replicas: Sequence[Replica] = ()
         self._loads: dict[int, ReplicaLoad] = {}
         self._root: dict[int, int] = {}  # request id -> its conversation's first request id
-        self._sessions = self.kind in _SESSION_KINDS
+        self._sessions = self.router.wants_sessions  # only then is each turn's conversation looked up
 
     def attach(self, replicas: Sequence[Replica]) -> None:
         """Route over ``replicas``; an event-fed router receives each one's KV events after its steps."""

@@ -41,6 +41,7 @@ class KVAwareRouter:
     """The cost above over a ``PrefixIndex`` fed by the replicas' KV events (``on_events``)."""
 
     wants_events = True
+    wants_sessions = True  # a known session stays on its replica (see the order of decisions above)
 
     __slots__ = (
         "block_size",

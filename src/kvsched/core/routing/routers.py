@@ -18,9 +18,12 @@ from kvsched.core.routing.load import ReplicaLoad, check_loads, least_loaded
 @runtime_checkable
 class Router(Protocol):
     """Picks a replica per request. ``wants_events``: feed it the replicas' KV events (``on_events``);
-    callers skip building tokens and draining events for routers that do not."""
+    callers skip building tokens and draining events for routers that do not. ``wants_sessions``: it
+    reads ``choose``'s ``session`` (a conversation's turns); callers that must work out a request's
+    session (the simulator walks each turn back to its conversation) skip that for routers that do not."""
 
     wants_events: bool
+    wants_sessions: bool
 
     def choose(
         self,
@@ -41,6 +44,7 @@ class _CacheBlind:
     """Shared no-ops of routers that ignore the KV cache."""
 
     wants_events = False
+    wants_sessions = False
 
     def on_events(self, replica: int, events: Iterable[KVEvent]) -> None:
         return None
@@ -126,6 +130,8 @@ class SessionTable:
 class StickyRouter(_CacheBlind):
     """A session's later requests go where its first went (its prefix is cached there); a first
     request, or one whose replica is gone, goes least-loaded."""
+
+    wants_sessions = True
 
     __slots__ = ("sessions",)
 
