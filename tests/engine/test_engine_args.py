@@ -66,6 +66,19 @@ def test_bad_values_name_the_field(kwargs, match):
         EngineArgs(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["num_speculative_tokens", "lora_page_bytes"])
+@pytest.mark.parametrize("value", [None, True, "64", 0, 1.5])
+def test_required_integer_fields_refuse_none_and_non_integers(name, value):
+    with pytest.raises(ConfigError, match=rf"^{name}={value!r} is invalid: must be an integer >= 1$"):
+        EngineArgs(**{name: value})
+
+
+def test_optional_integer_fields_take_none():
+    args = EngineArgs(max_lora_pages=None, draft_num_layers=None, draft_kv_bytes=None)
+    assert args.max_lora_pages is args.draft_num_layers is args.draft_kv_bytes is None
+    assert EngineArgs(lora_page_bytes=1).lora_page_bytes == 1
+
+
 def test_budget_below_one_block_is_an_error():
     with pytest.raises(ConfigError, match="smaller than one KV block"):
         EngineArgs(device_kv_bytes=10).cache_config(bytes_per_block=100)
