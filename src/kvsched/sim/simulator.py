@@ -21,6 +21,7 @@ from kvsched.core.errors import ConfigError, SchedulerDeadlockError
 from kvsched.core.routing import ROUTER_KINDS
 from kvsched.sim.cost import CostModel
 from kvsched.sim.metrics import SLO, MetricsRecorder
+from kvsched.sim.prompt_keys import SegmentKeys
 from kvsched.sim.replica import Replica, StepDecision, decision_of, make_request
 from kvsched.sim.routing import SimRouter
 from kvsched.sim.speculation import SimSpeculation
@@ -101,6 +102,12 @@ class Simulator:
                     lora_pages, speculation=speculation, **scheduler_kwargs)
             for i in range(num_replicas)
         ]  # fmt: skip
+        if cache_config.enable_block_reuse:  # trace blocks keyed once per segment (sim/prompt_keys.py)
+            keys = SegmentKeys(self.specs, cache_config.tokens_per_block)
+            for rep in self.replicas:
+                rep.kv.set_prompt_keys(keys)
+                if rep.draft is not None:
+                    rep.draft.kv.set_prompt_keys(keys)
         self.routing.attach(self.replicas)
         self.kv = self.replicas[0].kv
         self.scheduler = self.replicas[0].scheduler

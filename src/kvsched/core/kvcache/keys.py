@@ -73,6 +73,17 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
     return keys
 
 
+def hash_chain(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
+    """``chain_keys`` without the memo: every block hashed, nothing remembered (for a caller that
+    caches whole runs of keys itself, as the simulator's per-segment keys)."""
+    keys: list[bytes] = []
+    append = keys.append
+    for chunk in split_blocks(packed, block_bytes):
+        parent = sha256(parent + chunk).digest()
+        append(parent)
+    return keys
+
+
 class KeyMemo:
     """Recently hashed ``parent || packed tokens -> key`` pairs, two generations of ``size``.
 

@@ -12,19 +12,29 @@ instead (the prefix stays cached) and its lookup is redone by the next ``prepare
 
 from __future__ import annotations
 
-from kvsched.core.errors import KVTransferError
+from collections.abc import Callable
+
+from kvsched.core.errors import ConfigError, KVTransferError
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.types import DEVICE, HOST
 from kvsched.core.request import Request
 
+#: ``(request, root key, number of whole blocks) -> their chained keys``, or None: hash the tokens.
+#: For a caller that knows how its prompts are built (the simulator keys a trace prompt per trace
+#: block); it must return exactly what ``keys.chain_keys`` returns for those tokens.
+PromptKeys = Callable[[Request, bytes, int], "list[bytes] | None"]
 
-def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, reuse: bool) -> int:
+
+def attach_prefix(
+    store: BlockStore, c: RequestCache, req: Request, tpb: int, reuse: bool, source: PromptKeys | None = None
+) -> int:
     """Look the context minus its last token up; hold the matched blocks; set the positions.
 
-    The keys are hashed on the first lookup only; a repeated one is dict probes. Returns how many
-    matched blocks are on the host tier (for ``count_reuse``).
+    The keys are computed on the first lookup only (by ``source`` if it knows them, else hashed);
+    a repeated one is dict probes. Returns how many matched blocks are on the host tier (for
+    ``count_reuse``).
     """
     c.pending = False
     reused = on_host = 0
@@ -32,8 +42,16 @@ def attach_prefix(store: BlockStore, c: RequestCache, req: Request, tpb: int, re
         keys = c.keys
         if keys is None:
             nfull = (req.num_context_tokens - 1) // tpb
-            packed = pack_tokens(req.token_slice(0, nfull * tpb))
-            keys = c.keys = chain_keys(c.root, packed, tpb * 4)
+            if source is not None:
+                keys = source(req, c.root, nfull)
+                if keys is not None and len(keys) != nfull:
+                    raise ConfigError(
+                        f"request {req.request_id}: the prompt-keys source returned {len(keys)} keys "
+                        f"for {nfull} whole blocks"
+                    )
+            if keys is None:
+                keys = chain_keys(c.root, pack_tokens(req.token_slice(0, nfull * tpb)), tpb * 4)
+            c.keys = keys
         blocks, on_host = store.hold_prefix(keys)
         reused = len(blocks) * tpb
         c.blocks = blocks

@@ -19,6 +19,7 @@ from kvsched.core.errors import (
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import cached_root_key
 from kvsched.core.kvcache.lifecycle import (
+    PromptKeys,
     attach_prefix,
     count_reuse,
     discard_cache,
@@ -36,7 +37,7 @@ from kvsched.core.request import Request
 class KVCacheManager:
     """Paged KV cache with a device and a host tier, prefix reuse and suspend/resume."""
 
-    __slots__ = ("_config", "_tpb", "_reuse", "_store", "_caches", "_max_util")
+    __slots__ = ("_config", "_tpb", "_reuse", "_store", "_caches", "_max_util", "_prompt_keys")
 
     def __init__(self, config: CacheConfig, storage: KVStorage | None = None) -> None:
         if not isinstance(config, CacheConfig):
@@ -60,6 +61,12 @@ class KVCacheManager:
         )
         self._caches: dict[int, RequestCache] = {}
         self._max_util = config.max_util_for_resume
+        self._prompt_keys: PromptKeys | None = None
+
+    def set_prompt_keys(self, source: PromptKeys | None) -> None:
+        """Take prompts' block keys from ``source`` when it knows them (None: hash the tokens);
+        see ``lifecycle.PromptKeys``. The simulator's is ``sim/prompt_keys.py``."""
+        self._prompt_keys = source
 
     # -- scheduling API (KVCacheManagerV2's, TensorRT-LLM PR #11939) -----------------------------
     def prepare_context(self, req: Request) -> bool:
@@ -70,7 +77,7 @@ class KVCacheManager:
         elif c.req is not req:
             raise DuplicateRequestError(f"request id {req.request_id} already has a KV cache")
         if c.pending:
-            on_host = attach_prefix(self._store, c, req, self._tpb, self._reuse)
+            on_host = attach_prefix(self._store, c, req, self._tpb, self._reuse, self._prompt_keys)
             if resume_cache(self._store, c, self._max_util):
                 if self._reuse:
                     count_reuse(self._store, c, req, self._tpb, on_host)
