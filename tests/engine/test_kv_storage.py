@@ -3,11 +3,10 @@
 import pytest
 import torch
 
+from kvc_helpers import req, run_context  # run_context checks the manager's invariants after prefill
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache import KVCacheManager, Tier
-from kvsched.core.kvcache.invariants import check_invariants
-from kvsched.core.request import Request, RequestState
 from kvsched.engine.kv_storage import TensorKVStorage
 
 
@@ -16,22 +15,6 @@ def storage(device_blocks=4, host_blocks=4, tpb=2, layers=2, device="cpu", dtype
     return cfg, TensorKVStorage(
         cfg, num_layers=layers, num_kv_heads=3, head_dim=4, dtype=dtype, device=device
     )
-
-
-def req(rid: int, num_tokens: int, max_new: int) -> Request:
-    return Request(rid, list(range(100 + rid * 1000, 100 + rid * 1000 + num_tokens)), max_new)
-
-
-def run_context(m: KVCacheManager, r: Request) -> None:
-    """Prefill the whole context in one chunk and switch to generation."""
-    assert m.prepare_context(r)
-    n = r.context_remaining_length
-    assert m.resize_context(r, n)
-    m.advance(r, n)
-    r.context_current_position += n
-    r.state = RequestState.GENERATION_IN_PROGRESS
-    r.output_token_ids.append(7)
-    check_invariants(m)
 
 
 def test_layout_and_bytes_per_block():

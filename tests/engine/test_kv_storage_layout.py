@@ -5,8 +5,8 @@ import random
 
 import pytest
 import torch
-from test_kv_storage import run_context  # checks the manager's invariants after each prefill
 
+from kvc_helpers import run_context  # checks the manager's invariants after each prefill
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager, Tier
 from kvsched.core.kvcache.invariants import check_invariants

@@ -1,4 +1,6 @@
-"""Shared builders for the KV-cache tests."""
+"""Shared builders for the KV-cache tests of core (tests/core/kvcache) and engine (the tensor storage).
+
+Imported by name: tests/ is on sys.path (pytest puts the folder of tests/conftest.py there)."""
 
 from __future__ import annotations
 
