@@ -25,14 +25,20 @@ def req(rid: int, tokens, max_new: int = 4, **kw) -> Request:
     return Request(rid, tokens, max_new, **kw)
 
 
-def run_context(m: KVCacheManager, r: Request) -> None:
-    """Prefill the whole (remaining) context in one chunk and switch to generation."""
+def prefill(m: KVCacheManager, r: Request) -> Request:
+    """Prefill the whole (remaining) context in one chunk and switch to generation; returns ``r``."""
     assert m.prepare_context(r)
     n = r.context_remaining_length
     assert m.resize_context(r, n)
     m.advance(r, n)
     r.context_current_position += n
     r.state = RequestState.GENERATION_IN_PROGRESS
+    return r
+
+
+def run_context(m: KVCacheManager, r: Request) -> None:
+    """:func:`prefill`, then the first output token, and the manager's invariants checked."""
+    prefill(m, r)
     r.output_token_ids.append(7)
     check_invariants(m)
 

@@ -2,11 +2,12 @@
 
 import pytest
 
+from kvc_helpers import prefill
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
 from kvsched.core.kvcache import KVCacheManager
 from kvsched.core.kvcache.types import KVEvent, Tier
-from kvsched.core.request import Request, RequestState
+from kvsched.core.request import Request
 from kvsched.core.routing import (
     ROUTER_KINDS,
     KVAwareRouter,
@@ -171,14 +172,7 @@ def test_a_burst_sharing_a_prefix_follows_the_first_request_until_the_prediction
 
 
 def _prefill(m, rid, tokens, **kw):
-    req = Request(rid, tokens, 2, **kw)
-    assert m.prepare_context(req)
-    n = req.context_remaining_length
-    assert m.resize_context(req, n)
-    m.advance(req, n)
-    req.context_current_position += n
-    req.state = RequestState.GENERATION_IN_PROGRESS
-    return req
+    return prefill(m, Request(rid, tokens, 2, **kw))
 
 
 @pytest.mark.parametrize("salt, lora_id", [(None, None), (5, None), (None, 3), (9, 2)])
