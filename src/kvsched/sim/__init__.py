@@ -4,6 +4,7 @@ Pieces (each module has one job):
   hardware.py   GPU presets (peaks x efficiency factors, sources) and user JSON files
   models.py     model presets from HF-style configs (bytes, FLOPs, KV bytes per token), user config.json
   cost.py       StepShape (a batch as sums), RooflineCostModel, LinearCostModel (fitted to measurements)
+  calibration.py  GemmProfile (an engine's forward per row count) and fit_copy_cost: LinearCostModel's inputs
   lora.py       LoraSpec: an adapter's FLOPs per token and bytes (reads per step, host->device loads)
   workload.py   RequestSpec (token segments, so prefix sharing is exact), time scaling
   trace.py      Mooncake JSONL replay (512-token hash blocks expanded to token ids); the shipped trace

@@ -2,7 +2,8 @@
 
 `StepShape` is the batch reduced to a few sums (built in O(batch) by the replica); a cost model maps it
 to seconds. `RooflineCostModel` is analytic (public peaks x efficiency factors); `LinearCostModel` is a
-least-squares fit to measured step times (used to calibrate against a real engine).
+least-squares fit to measured step times (used to calibrate against a real engine; the measured
+inputs of that fit, a GEMM profile and the copy cost, are `sim/calibration.py`'s).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Protocol
 import numpy as np
 
 from kvsched.core.errors import ConfigError
+from kvsched.sim.calibration import GemmProfile, nnls_relative
+from kvsched.sim.calibration import fit_copy_cost as fit_copy_cost  # re-exported: its old home
 from kvsched.sim.hardware import GpuSpec
 from kvsched.sim.lora import LoraSpec
 from kvsched.sim.models import ModelSpec
@@ -83,6 +86,7 @@ class StepShape:
 
 
 FEATURE_NAMES = ("step", "token", "attn_pair", "kv_token", "seq", "logit")
+GEMM_FEATURE = "gemm"  # LinearCostModel's extra feature with a GemmProfile: its seconds for the step
 
 
 class CostModel(Protocol):
@@ -225,6 +229,9 @@ class RooflineCostModel:
 class LinearCostModel:
     """t = c . features(shape) + copy time; coefficients fitted to measured step times.
 
+    With ``gemm`` (a `GemmProfile`: the engine's dense layers timed per row count) the features end with
+    one more, ``GEMM_FEATURE``: the profile's seconds for the step's tokens and logits, so a CPU BLAS's
+    non-linear cost in the batch size (`sim/calibration.py`) is the engine's, not a line through it.
     Copy time = ``copy_calls x copy_overhead`` + bytes / ``host_link_bandwidth``, the bytes of both
     directions added unless ``duplex`` (a GPU's PCIe/NVLink-C2C link has lanes each way; a CPU engine's
     host<->device copies are memcpys one after the other). With ``overlap_copies`` the copies run beside
@@ -236,15 +243,25 @@ class LinearCostModel:
     overlap_copies: bool = True
     copy_overhead: float = 0.0  # s per block-copy call (launch, index handling)
     duplex: bool = True
+    gemm: GemmProfile | None = None
 
     def __post_init__(self) -> None:
-        if len(self.coefficients) != len(FEATURE_NAMES):
-            raise ConfigError(f"LinearCostModel needs {len(FEATURE_NAMES)} coefficients {FEATURE_NAMES}")
+        names = self.feature_names
+        if len(self.coefficients) != len(names):
+            raise ConfigError(f"LinearCostModel needs {len(names)} coefficients {names}")
         if not self.host_link_bandwidth > 0 or self.copy_overhead < 0:
             raise ConfigError(
                 f"host_link_bandwidth={self.host_link_bandwidth} must be > 0 and "
                 f"copy_overhead={self.copy_overhead} >= 0"
             )
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return FEATURE_NAMES if self.gemm is None else (*FEATURE_NAMES, GEMM_FEATURE)
+
+    def features(self, shape: StepShape) -> list[float]:
+        """The regressors of ``shape``: `StepShape.features`, then the GEMM profile's seconds if any."""
+        return _features(shape, self.gemm)
 
     def copy_time(self, shape: StepShape) -> float:
         """Seconds of the step's host<->device block copies (0 when nothing moves)."""
@@ -253,7 +270,11 @@ class LinearCostModel:
         return shape.copy_calls * self.copy_overhead + moved / self.host_link_bandwidth
 
     def step_time(self, shape: StepShape) -> float:
-        compute = sum(c * f for c, f in zip(self.coefficients, shape.features())) if shape.num_tokens else 0.0
+        compute = 0.0
+        if shape.num_tokens:
+            compute = sum(c * f for c, f in zip(self.coefficients, shape.features()))
+            if self.gemm is not None:
+                compute += self.coefficients[-1] * self.gemm.seconds(shape.num_tokens, shape.num_logits)
         compute += shape.lora_load_bytes / self.host_link_bandwidth  # the forward waits for its adapters
         if not (shape.copy_calls or shape.h2d_bytes or shape.d2h_bytes):
             return compute
@@ -261,42 +282,25 @@ class LinearCostModel:
         return max(compute, copy) if self.overlap_copies else compute + copy
 
     @classmethod
-    def fit(cls, shapes: Sequence[StepShape], times: Sequence[float], **kwargs: object) -> LinearCostModel:
-        """Non-negative least squares on relative error (each row weighted by 1/t), so short steps count."""
-        if len(shapes) != len(times) or len(shapes) < len(FEATURE_NAMES):
-            raise ConfigError(f"fit needs >= {len(FEATURE_NAMES)} (shape, time) pairs of equal count")
-        x = np.array([s.features() for s in shapes], dtype=np.float64)
-        y = np.asarray(times, dtype=np.float64)
-        w = 1.0 / np.maximum(y, 1e-9)
-        x, y = x * w[:, None], y * w
-        scale = np.maximum(np.abs(x).max(axis=0), 1e-30)
-        active = list(range(x.shape[1]))
-        coef = np.zeros(x.shape[1])
-        while active:  # drop negative coefficients one at a time (a small active-set NNLS)
-            sol, *_ = np.linalg.lstsq(x[:, active] / scale[active], y, rcond=None)
-            sol = sol / scale[active]
-            if (sol >= 0).all():
-                coef[:] = 0.0
-                coef[active] = sol
-                break
-            active.pop(int(np.argmin(sol)))
-        return cls(tuple(float(c) for c in coef), **kwargs)  # type: ignore[arg-type]
+    def fit(
+        cls,
+        shapes: Sequence[StepShape],
+        times: Sequence[float],
+        gemm: GemmProfile | None = None,
+        **kwargs: object,
+    ) -> LinearCostModel:
+        """Non-negative least squares on relative error (each row weighted by 1/t), so short steps count;
+        ``gemm`` adds the profile's feature (its coefficient ~1 when the profile matches the engine)."""
+        count = len(FEATURE_NAMES) + (gemm is not None)
+        if len(shapes) != len(times) or len(shapes) < count:
+            raise ConfigError(f"fit needs >= {count} (shape, time) pairs of equal count")
+        x = np.array([_features(s, gemm) for s in shapes], dtype=np.float64)
+        coef = nnls_relative(x, np.asarray(times, dtype=np.float64))
+        return cls(tuple(float(c) for c in coef), gemm=gemm, **kwargs)  # type: ignore[arg-type]
 
 
-def fit_copy_cost(sizes: Sequence[float], times: Sequence[float]) -> tuple[float, float]:
-    """(seconds per call, bytes per second) of ``t = overhead + bytes / bandwidth`` fitted to timed
-    block-copy calls, least squares on relative error; a negative overhead is clamped to 0 and the
-    bandwidth refitted through the origin."""
-    if len(sizes) != len(times) or len(sizes) < 2:
-        raise ConfigError("fit_copy_cost needs >= 2 (bytes, seconds) pairs of equal count")
-    b = np.asarray(sizes, dtype=np.float64)
-    t = np.asarray(times, dtype=np.float64)
-    if (b <= 0).any() or (t <= 0).any():
-        raise ConfigError("fit_copy_cost: every call must move > 0 bytes in > 0 seconds")
-    w = 1.0 / t
-    x = np.stack([np.ones_like(b), b], axis=1) * w[:, None]
-    (overhead, per_byte), *_ = np.linalg.lstsq(x, t * w, rcond=None)
-    if overhead < 0 or per_byte <= 0:
-        overhead = 0.0
-        per_byte = float(np.sum(b * w * w * t) / np.sum((b * w) ** 2))
-    return float(overhead), float(1.0 / per_byte)
+def _features(shape: StepShape, gemm: GemmProfile | None) -> list[float]:
+    f = shape.features()
+    if gemm is not None:
+        f.append(gemm.seconds(shape.num_tokens, shape.num_logits))
+    return f
