@@ -24,8 +24,6 @@ import os
 import time
 from collections.abc import Callable, Hashable, Sequence
 
-import torch
-
 from kvsched.core.errors import SchedulerDeadlockError, UnknownRequestError
 from kvsched.core.kvcache import KVEvent
 from kvsched.core.loop import StepLoop
@@ -79,16 +77,14 @@ class Engine:
         #: What the scheduler chose in the step under way (None before it chose): a fault after it
         #: fails these requests only (:meth:`_contain`).
         self._scheduled: SchedulerOutput | None = None
-        #: Speculative decoding (``EngineArgs.speculative``), or None.
-        self.spec = make_speculator(self.args, self.parts, self.sampler, self._params_of)
         draft_kv = self.parts.draft_kv
         #: What the step update advances and frees: with a draft cache, finishing frees both.
         self._step_kv = self.kv if draft_kv is None else BothCaches(self.kv, draft_kv)
         #: The requests (engine/request_book.py): emits their tokens, fails and retires them.
         self.book = RequestBook(self._step_kv, self.stats, self.parts.peft_cache)
         self._tracked = self.book.tracked
-        self._by_external = self.book.by_external
-        self._finished = self.book.finished
+        #: Speculative decoding (``EngineArgs.speculative``), or None.
+        self.spec = make_speculator(self.args, self.parts, self.sampler, self.book.params_of)
         self._intake = Intake(self.parts, self.book)
         self._spec_step = None if self.spec is None else SpeculativeStep(self.spec, self.book, self.kv)
         self.loop = StepLoop(
@@ -159,7 +155,7 @@ class Engine:
 
     def abort_request(self, request_id: Hashable) -> None:
         """Stop a request now and free its KV; its result (finish_reason "abort") stays collectable."""
-        internal = self._by_external.get(request_id)
+        internal = self.book.by_external.get(request_id)
         if internal is None:
             raise UnknownRequestError(f"unknown request id {request_id!r} (never added, or finished)")
         tracked = self._tracked[internal]
@@ -189,7 +185,7 @@ class Engine:
     def pop_output(self, request_id: Hashable) -> RequestOutput:
         """The result of a finished request (each can be taken once)."""
         try:
-            return self._finished.pop(request_id)
+            return self.book.finished.pop(request_id)
         except KeyError:
             raise UnknownRequestError(f"no finished request with id {request_id!r}") from None
 
@@ -278,10 +274,6 @@ class Engine:
             self.profile.lap("sampling")
         self._batch = (rows, result, want_lp)
         return {r.request_id: [tok] for r, tok in zip(rows, result.token_ids)}
-
-    def _params_of(self, req: Request) -> tuple[SamplingParams, torch.Generator | None]:
-        t = self._tracked[req.request_id]
-        return t.params, t.generator
 
     def _contain(self, exc: Exception) -> list[StepOutput]:
         """A fault inside a step fails the requests it touched, not the engine; anything else re-raises

@@ -61,6 +61,11 @@ class RequestBook:
         self.stats = stats
         self.peft_cache = peft_cache
 
+    def params_of(self, req: Request) -> tuple[SamplingParams, torch.Generator | None]:
+        """A request's sampling parameters and seeded generator (the speculator samples with them)."""
+        t = self.tracked[req.request_id]
+        return t.params, t.generator
+
     def note_schedule(self, out: SchedulerOutput, now: float) -> None:
         """Suspend / resume / preemption counts and the first scheduled time of a step's requests."""
         tracked = self.tracked
