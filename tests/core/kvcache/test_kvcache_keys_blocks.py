@@ -1,7 +1,6 @@
 from hashlib import sha256
 
 from kvc_helpers import make, req
-
 from kvsched.core.kvcache.blocks import Block, TierPool
 from kvsched.core.kvcache.keys import block_key, chain_keys, pack_tokens, root_key
 

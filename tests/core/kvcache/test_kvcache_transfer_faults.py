@@ -4,8 +4,8 @@ and the copy, nothing leaks, and the same call succeeds once copies work again."
 from __future__ import annotations
 
 import pytest
-from kvc_helpers import make, req, run_context
 
+from kvc_helpers import make, req, run_context
 from kvsched.core.errors import KVTransferError
 from kvsched.core.kvcache.invariants import check_invariants
 
