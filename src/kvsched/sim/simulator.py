@@ -8,11 +8,13 @@ what an engine loop over the same scheduler would do (see tests/sim/test_simulat
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -121,6 +123,10 @@ class Simulator:
         self._cpu = 0.0
 
     def run(self) -> SimResult:
+        with _cyclic_gc_paused():
+            return self._run()
+
+    def _run(self) -> SimResult:
         specs, reps = self.specs, self.replicas
         children: dict[int, list[RequestSpec]] = {}
         heap: list[tuple[float, int]] = []
@@ -267,3 +273,21 @@ def _progress(total: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, unit="req", mininterval=0.5)
+
+
+@contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for a run, then restore it as it was.
+
+    A run allocates millions of long-lived objects (blocks, requests, metrics samples) and almost no
+    reference cycles (about 300 cyclic objects after a 2,000-request trace run): the collector's full
+    passes over that heap cost about 9 % of the run's CPU time and free nothing. Reference counting
+    frees everything else as usual; the few cycles go at the collector's next pass after the run.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -114,14 +114,13 @@ class BlockStore:
                 if parked and p in parked:
                     del parked[p]
             if p.key is not None:
-                p.priority = priority
                 cached[p.tier].append(p)
             else:
                 freed[p.tier].append(p)
         self.num_locked -= released
         for pool, more, gone in ((self.device, cached[0], freed[0]), (self.host, cached[1], freed[1])):
             if more:
-                pool.push_many(more)
+                pool.push_run(more, priority)
             if gone:
                 pool.free.extend([p.slot for p in gone])
                 self._recycle(gone)

@@ -115,6 +115,27 @@ class TierPool:
         if self.entries > 2 * self.num_cached + _COMPACT_SLACK:
             self.compact()
 
+    def push_run(self, blocks: list[Block], priority: int) -> None:
+        """``push_many`` for blocks that all take ``priority`` (a request's released blocks): set
+        here, and queued with one ``extend`` per deque."""
+        queue = self.buckets.get(priority)
+        if queue is None:
+            queue = self.buckets[priority] = LruQueue()
+        n = len(blocks)
+        first = self.stamp + 2
+        stamps = range(first, first + 2 * n, 2)
+        for block, stamp in zip(blocks, stamps):
+            block.priority = priority
+            block.stamp = stamp
+            block.bucket = priority
+        queue.blocks.extend(blocks)
+        queue.stamps.extend(stamps)
+        self.stamp = first + 2 * (n - 1)
+        self.num_cached += n
+        self.entries += n
+        if self.entries > 2 * self.num_cached + _COMPACT_SLACK:
+            self.compact()
+
     def remove_cached(self, block: Block) -> None:
         """Take ``block`` out of the LRU (it is being reused or moved); its entry goes stale."""
         block.bucket = None

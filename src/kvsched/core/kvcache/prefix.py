@@ -65,13 +65,15 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
     keys = cache.keys
     if keys is not None and idx < len(keys):
         # Blocks of the looked-up context: their keys were hashed at lookup.
-        claim = store.index.setdefault  # one probe: publish unless another block holds the key
+        # One probe each: publish unless another block holds the key. Blocks past ``committed`` were
+        # never published (their key is None), so it need not be read.
+        claim = store.index.setdefault
         events = store.events_on
         stop = min(last, len(keys))
         for b in range(idx, stop):
             key = keys[b]
             block = blocks[b]
-            if block.key is None and claim(key, block) is block:
+            if claim(key, block) is block:
                 block.key = key
                 if events:
                     store._event("stored", key, block.tier, parent if b else None)
