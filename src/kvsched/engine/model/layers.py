@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvsched.engine.model.packed import linear, packed
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32 (as HF does), scaled by a learned weight."""
@@ -50,6 +52,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = packed(self, "_kvsched_packed_gate_up", (self.gate_proj, self.up_proj))
+        if fused is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:  # one matmul over gate|up
+            gate, up = fused(x).split(self.intermediate, dim=1)
+        return linear(self.down_proj, nn.functional.silu(gate) * up)

@@ -1,6 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) running one flattened mixed batch over a paged cache.
 
 Module names mirror HF's (``model.layers.N.self_attn.q_proj`` ...) so checkpoints map one to one.
+On CPU fp32 the projections run on oneDNN-prepacked weights, q|k|v and gate|up as one matmul each
+(``packed.py``: 1.5x the matmul throughput of ``F.linear`` at decode batch sizes); LoRA-wrapped or
+quantized projections keep their own modules' forward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import nn
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.model.attention import AttentionPlan, paged_attention
 from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from kvsched.engine.model.packed import linear, packed
 from kvsched.engine.model_config import ModelConfig
 
 if TYPE_CHECKING:
@@ -30,6 +34,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_sizes = (q_out, kv_out, kv_out)
         self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
@@ -44,10 +49,15 @@ class LlamaAttention(nn.Module):
         plan: AttentionPlan,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        return self.o_proj(paged_attention(q, k, v, cache, plan))
+        fused = packed(self, "_kvsched_packed_qkv", (self.q_proj, self.k_proj, self.v_proj))
+        if fused is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one matmul over q|k|v, split into views
+            q, k, v = fused(x).split(self.qkv_sizes, dim=1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        return linear(self.o_proj, paged_attention(q, k, v, cache, plan))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -117,4 +127,4 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(m.layers, caches):
             x = layer(x, cos, sin, cache, plan)
         x = m.norm(x.index_select(0, batch.logits_indices))
-        return self.lm_head(x).float()
+        return linear(self.lm_head, x).float()
