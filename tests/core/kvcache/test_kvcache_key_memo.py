@@ -5,10 +5,12 @@ import os
 from hashlib import sha256
 
 import pytest
-from kvc_helpers import decode, make, req, run_context
 
+from kvc_helpers import decode, make, req, run_context
 from kvsched.core.kvcache import keys, prefix
 from kvsched.core.kvcache.keys import KeyMemo, block_key, chain_keys, pack_tokens, root_key, split_blocks
+
+GROUP = keys.GROUP
 
 ROOT = "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d"
 
@@ -75,6 +77,37 @@ def test_a_remembered_prefix_is_not_hashed_again(monkeypatch):
     assert longer[:4] == first and len(calls) == 5  # only the new block is hashed
 
 
+def test_whole_groups_are_one_probe_and_a_longer_prompt_hashes_only_its_new_blocks(fresh_memo, monkeypatch):
+    hashed = []
+
+    def counting(data):
+        hashed.append(data)
+        return sha256(data)
+
+    parent = root_key(None, None)
+    monkeypatch.setattr(keys, "sha256", counting)
+    packed = os.urandom(16 * (2 * GROUP + 8))  # two whole groups, then 8 blocks
+    first = chain_keys(parent, packed, 16)
+    assert len(hashed) == 2 * GROUP + 8
+    assert (len(fresh_memo.groups), len(fresh_memo.recent)) == (2, 8)  # groups, then the tail singly
+    assert chain_keys(parent, packed, 16) == first and len(hashed) == 2 * GROUP + 8
+    longer = packed + os.urandom(16 * 10)
+    assert chain_keys(parent, longer, 16)[: len(first)] == first
+    assert len(hashed) == 2 * GROUP + 8 + 10  # the third group's first 8 blocks were remembered singly
+    assert len(fresh_memo.groups) == 3
+
+
+def test_groups_of_different_block_sizes_never_meet(fresh_memo):
+    """16 blocks of 16 bytes and one block of 256 bytes hold the same data: a group entry must not
+    answer the single block (nor the reverse)."""
+    parent = root_key(None, 1)
+    packed = os.urandom(16 * GROUP)
+    small = chain_keys(parent, packed, 16)
+    (big,) = chain_keys(parent, packed, 16 * GROUP)
+    assert big == sha256(parent + packed).digest() and small[-1] != big
+    assert chain_keys(parent, packed, 16) == small and chain_keys(parent, packed, 16 * GROUP) == [big]
+
+
 def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
     memo = KeyMemo(8)
     monkeypatch.setattr(keys, "MEMO", memo)
@@ -101,7 +134,8 @@ def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
     assert (len(memo.recent), len(memo.older), len(hashed)) == (6, 9, 14)
     packed = os.urandom(16 * 20)
     keys_once = chain_keys(parent, packed, 16)
-    assert (len(memo.recent), len(memo.older), len(memo)) == (0, 26, 26)
+    # 20 blocks: one group of GROUP = 16 and 4 single blocks; 10 singles + 16 > 8: rotated
+    assert (len(memo.recent), len(memo.older), len(memo.older_groups), len(memo)) == (0, 10, 1, 26)
     chain_keys(parent, os.urandom(16 * 9), 16)
     assert chain_keys(parent, first, 16) == first_keys and len(hashed) == 14 + 20 + 9 + 6
     memo.clear()

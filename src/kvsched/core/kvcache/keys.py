@@ -6,9 +6,10 @@ The encoding is part of the contract with routers (KV events): never change it.
 
 Hashing is most of a prefix lookup's cost (about 0.3 us per block in hashlib), and a lookup that
 hits re-hashes blocks that were hashed before. ``KeyMemo`` remembers recent ``(parent || tokens) ->
-key`` pairs, so a repeated prefix is found by content with one dict probe per block, the way a radix
-tree (SGLang's RadixAttention) walks edges by token content. A memo entry is a pure function's
-value: it is never stale, only bounded.
+keys`` pairs, so a repeated prefix is found by content with dict probes, the way a radix tree
+(SGLang's RadixAttention) walks edges by token content: one probe per aligned group of ``GROUP``
+blocks of a looked-up prompt, one per block for a prompt's trailing blocks and for blocks published
+as they are generated. A memo entry is a pure function's value: it is never stale, only bounded.
 """
 
 from __future__ import annotations
@@ -43,34 +44,78 @@ def pack_tokens(tokens: Sequence[int]) -> bytes:
     return struct.Struct(f"<{len(tokens)}i").pack(*tokens)
 
 
+#: Blocks per memo group: a looked-up prompt's whole, aligned runs of this many blocks are remembered
+#: as one entry (one probe and one insert per run instead of one per block).
+GROUP = 16
+
+
 def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
-    """Keys of every whole block in ``packed`` (a trailing partial block is ignored)."""
+    """Keys of every whole block in ``packed`` (a trailing partial block is ignored).
+
+    Remembered groups first (a probe each), then remembered single blocks (generated blocks, an
+    earlier prompt's tail); after the first block the memo does not know, the rest of the chain is
+    new as well (its parent key is): hashed, then remembered as groups, the tail block by block.
+    """
     memo = MEMO
-    recent, older = memo.recent, memo.older
-    get_recent, get_older = recent.get, older.get
-    chunks = split_blocks(packed, block_bytes)
+    groups, older_groups = memo.groups, memo.older_groups
+    root = parent
+    n = len(packed) // block_bytes
+    span = GROUP * block_bytes
+    full = n // GROUP
     keys: list[bytes] = []
+    g = 0
+    while g < full:
+        data = parent + packed[g * span : (g + 1) * span]
+        run = groups.get(data)
+        if run is None:
+            run = older_groups.get(data)
+            if run is None:
+                break
+            groups[data] = run  # still in use: survives the next rotation
+        keys += run
+        parent = run[-1]
+        g += 1
+    start = g * GROUP
+    chunks = split_blocks(packed[start * block_bytes :] if start else packed, block_bytes)
+    recent, older = memo.recent, memo.older
     append = keys.append
-    # Remembered blocks first: one concatenation and a dict probe each. After the first block the
-    # memo does not know, the rest of the chain is new as well (its parent key is): hash and remember.
     i = 0
     for chunk in chunks:
         data = parent + chunk
-        key = get_recent(data)
+        key = recent.get(data)
         if key is None:
-            key = get_older(data)
+            key = older.get(data)
             if key is None:
                 break
-            recent[data] = key  # still in use: survives the next rotation
+            recent[data] = key
         append(key)
         parent = key
         i += 1
-    for chunk in chunks[i:]:
-        data = parent + chunk
-        parent = recent[data] = sha256(data).digest()
+    for chunk in chunks[i:] if i else chunks:
+        parent = sha256(parent + chunk).digest()
         append(parent)
+    if g < full or start + i < n:
+        _remember(memo, root, packed, keys, block_bytes, g, start + i)
     memo.trim()
     return keys
+
+
+def _remember(
+    memo: KeyMemo, root: bytes, packed: bytes, keys: list[bytes], block_bytes: int, g: int, new: int
+) -> None:
+    """Remember a chain's whole groups from group ``g`` on, and its hashed blocks (from block
+    ``new``) past its last whole group one by one."""
+    groups, recent = memo.groups, memo.recent
+    span = GROUP * block_bytes
+    n = len(keys)
+    full = n // GROUP
+    for gi in range(g, full):
+        b = gi * GROUP
+        groups[(keys[b - 1] if b else root) + packed[gi * span : gi * span + span]] = tuple(
+            keys[b : b + GROUP]
+        )
+    for j in range(max(full * GROUP, new), n):
+        recent[(keys[j - 1] if j else root) + packed[j * block_bytes : (j + 1) * block_bytes]] = keys[j]
 
 
 def hash_chain(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
@@ -87,35 +132,46 @@ def hash_chain(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
 class KeyMemo:
     """Recently hashed ``parent || packed tokens -> key`` pairs, two generations of ``size``.
 
-    Lookups read both; new and re-used pairs go to ``recent``; when it outgrows ``size`` it becomes
-    ``older`` and the previous ``older`` is dropped (an approximate LRU at one dict swap per
-    ``size`` insertions). At most ``2 * size`` entries plus one call's blocks: with 16-token blocks
-    and ``size = 65536`` about 2M tokens of prefixes, ~30 MB. Safe to share between threads (the
-    values never change; a swap at worst forgets entries).
+    Lookups read both; new and re-used pairs go to ``recent``; when it remembers more than ``size``
+    blocks it becomes ``older`` and the previous ``older`` is dropped (an approximate LRU at one
+    dict swap per ``size`` blocks). At most ``2 * size`` blocks plus one call's: with 16-token
+    blocks and ``size = 65536`` about 2M tokens of prefixes, ~30 MB. Safe to share between threads
+    (the values never change; a swap at worst forgets entries).
     """
 
-    __slots__ = ("size", "recent", "older")
+    __slots__ = ("size", "recent", "older", "groups", "older_groups")
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.recent: dict[bytes, bytes] = {}
         self.older: dict[bytes, bytes] = {}
+        # ``parent || GROUP blocks of tokens -> their GROUP keys``: the length of the data fixes the
+        # block size, so groups of different block sizes never meet (a block's key does not depend
+        # on the block size: single blocks share one dict).
+        self.groups: dict[bytes, tuple[bytes, ...]] = {}
+        self.older_groups: dict[bytes, tuple[bytes, ...]] = {}
 
     def rotate(self) -> None:
         self.older = self.recent
         self.recent = {}
+        self.older_groups = self.groups
+        self.groups = {}
 
     def trim(self) -> None:
-        """Rotate once ``recent`` has outgrown ``size`` (called once per lookup, not per block)."""
-        if len(self.recent) > self.size:
+        """Rotate once the recent generation remembers more than ``size`` blocks (called once per
+        lookup, not per block)."""
+        if len(self.recent) + GROUP * len(self.groups) > self.size:
             self.rotate()
 
     def clear(self) -> None:
         self.recent = {}
         self.older = {}
+        self.groups = {}
+        self.older_groups = {}
 
     def __len__(self) -> int:
-        return len(self.recent) + len(self.older)
+        """Remembered blocks, both generations."""
+        return len(self.recent) + len(self.older) + GROUP * (len(self.groups) + len(self.older_groups))
 
 
 MEMO = KeyMemo(1 << 16)
