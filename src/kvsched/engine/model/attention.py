@@ -43,6 +43,9 @@ class _Group:
     #: ``index_select(out=)`` into kept memory runs about 2.4x faster than allocating (measured, CPU).
     k_buf: torch.Tensor | None = None
     v_buf: torch.Tensor | None = None
+    #: Set when the group's query rows are one contiguous range [a, b) of the flat batch in order (a
+    #: decode group usually is): q is sliced and the output written back by slice, no index ops.
+    q_range: tuple[int, int] | None = None
 
 
 @dataclass(slots=True)
@@ -101,6 +104,7 @@ def _plan_group(
     window: int | None,
     device: torch.device,
 ) -> _Group:
+    members = sorted(members)  # batch order (any order within a group is equally valid)
     g = len(members)
     max_q = max(q_lens[s] for s in members)
     width = -(-max(kv_lens[s] for s in members) // tpb)
@@ -124,6 +128,10 @@ def _plan_group(
     def to(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
+    q_range = None
+    first = int(starts[members[0]])
+    if max_q == 1 and bool((starts[idx] == first + np.arange(g)).all()):
+        q_range = (first, first + g)
     return _Group(
         q_rows=to(q_rows.reshape(-1)),
         q_slice=(0, 0),
@@ -133,6 +141,7 @@ def _plan_group(
         mask=to(mask[:, None]),
         out_src=to(out_src),
         out_dst=to(out_dst),
+        q_range=q_range,
     )
 
 
@@ -179,7 +188,11 @@ def _paged_attention(
             continue
         g, qn = grp.num_seqs, grp.max_q
         t0 = perf_counter() if prof is not None else 0.0
-        qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
+        rng = grp.q_range
+        if rng is None:
+            qg = q.index_select(0, grp.q_rows).view(g, qn, num_heads, head_dim)
+        else:
+            qg = q[rng[0] : rng[1]].view(g, qn, num_heads, head_dim)
         if grp.k_buf is None:
             shape = (grp.blocks.shape[0], k_blocks.shape[1])
             grp.k_buf = k_blocks.new_empty(shape)
@@ -202,7 +215,11 @@ def _paged_attention(
             enable_gqa=kv_heads != num_heads,
         ).transpose(1, 2)
         og = og.reshape(g * qn, num_heads * head_dim)
-        if g * qn == grp.out_src.shape[0]:
+        if rng is not None:
+            if rng[1] - rng[0] == num_tokens:  # the whole batch (a pure decode step)
+                return og
+            out[rng[0] : rng[1]] = og
+        elif g * qn == grp.out_src.shape[0]:
             out.index_copy_(0, grp.out_dst, og)
         else:
             out.index_copy_(0, grp.out_dst, og.index_select(0, grp.out_src))

@@ -19,8 +19,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # HF's ops in HF's order (bit-identical); in-place where the intermediate is ours alone.
+        scale = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        x = x * scale
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        return x.mul_(self.weight) if x.dtype == self.weight.dtype else self.weight * x
 
 
 class RotaryEmbedding(nn.Module):
@@ -42,6 +46,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` with its first half negated, for ``apply_rotary_signed`` (computed once per forward)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` bit for bit with one op less per call: HF's ``(-x2) * sin`` equals
+    ``x2 * (-sin)`` exactly (IEEE products only XOR the signs), so the negation moves into the table.
+    x: [T, H, D], any row stride (q and k heads of the fused projection are rotated in one call)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), dim=-1) * sin_signed
 
 
 class SwiGLU(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.model.attention import AttentionPlan, paged_attention
-from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary
+from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_signed, signed_sin
 from kvsched.engine.model.packed import linear, packed
 from kvsched.engine.model_config import ModelConfig
 
@@ -48,15 +48,19 @@ class LlamaAttention(nn.Module):
         cache: torch.Tensor,
         plan: AttentionPlan,
     ) -> torch.Tensor:
-        t = x.shape[0]
+        """``sin`` is ``signed_sin`` of the rotary table (see ``apply_rotary_signed``)."""
+        t, nh, hd = x.shape[0], self.num_heads, self.head_dim
         fused = packed(self, "_kvsched_packed_qkv", (self.q_proj, self.k_proj, self.v_proj))
         if fused is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:  # one matmul over q|k|v, split into views
-            q, k, v = fused(x).split(self.qkv_sizes, dim=1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+            q = apply_rotary_signed(self.q_proj(x).view(t, nh, hd), cos, sin)
+            k = apply_rotary_signed(self.k_proj(x).view(t, self.num_kv_heads, hd), cos, sin)
+            v = self.v_proj(x).view(t, self.num_kv_heads, hd)
+        else:  # one matmul over q|k|v; RoPE once over the q and k heads together
+            qkv = fused(x)
+            qk_out = self.qkv_sizes[0] + self.qkv_sizes[1]
+            qk = apply_rotary_signed(qkv[:, :qk_out].view(t, -1, hd), cos, sin)
+            q, k = qk[:, :nh], qk[:, nh:]
+            v = qkv[:, qk_out:].view(t, self.num_kv_heads, hd)
         return linear(self.o_proj, paged_attention(q, k, v, cache, plan))
 
 
@@ -124,6 +128,7 @@ class LlamaForCausalLM(nn.Module):
         m = self.model
         x = m.embed_tokens(batch.input_ids)
         cos, sin = m.rotary(batch.positions, x.dtype)
+        sin = signed_sin(sin)
         for layer, cache in zip(m.layers, caches):
             x = layer(x, cos, sin, cache, plan)
         x = m.norm(x.index_select(0, batch.logits_indices))
