@@ -1,8 +1,9 @@
 """Fast paths: events off, lookup keys hashed once per request, reuse counted once per admission."""
 
-from kvc_helpers import decode, make, req, run_context
+import pytest
 
 import kvsched.core.kvcache.lifecycle as lifecycle
+from kvc_helpers import decode, make, req, run_context
 from kvsched.core.kvcache.invariants import check_invariants
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens, root_key
 
@@ -100,3 +101,57 @@ def test_recycled_block_objects_start_clean():
     m.free_request(b)
     assert m.stats().cached_device_blocks == 4
     check_invariants(m)
+
+
+def _mixed(m, fills):
+    """Prefix hits of every kind: cached device blocks, blocks an active request locks, blocks
+    suspended requests park on the device or keep on the host, cached host blocks; a snapshot of
+    tables, counters and positions after each."""
+    shared = list(range(12))
+    snaps = []
+
+    def snap(*rs):
+        check_invariants(m)
+        tables = [m.block_table(r) if m.is_request_active(r.request_id) else None for r in rs]
+        snaps.append((tables, m.stats(), [r.context_current_position for r in rs]))
+
+    a = req(1, shared + [50], max_new=4)
+    run_context(m, a)
+    m.free_request(a)  # 3 cached device blocks
+    b = req(2, shared + [60], max_new=4)
+    run_context(m, b)  # hits the cached ones
+    c = req(3, shared + [70], max_new=4)
+    run_context(m, c)  # hits blocks b locks
+    snap(b, c)
+    m.suspend_request(b)  # its own block to the host
+    m.suspend_request(c)  # the shared ones are c's alone now: one more to the host, the rest parked
+    d = req(4, shared + [80, 81, 82, 83, 84], max_new=2)
+    run_context(m, d)  # blocks parked (or on the host) from the first: held, then resumed
+    snap(b, c, d)
+    for r in (b, c, d):
+        m.free_request(r)
+    for i in range(fills):  # other prompts push the cached prefix's tail down to the host tier
+        r = req(10 + i, [200 + 20 * i + k for k in range(9)], max_new=1)
+        run_context(m, r)
+        m.free_request(r)
+    e = req(5, shared + [90], max_new=2)
+    run_context(m, e)  # head on the device, tail on the host: locked, then held, then resumed
+    snap(e)
+    return snaps
+
+
+@pytest.mark.parametrize("host", [1, 2])  # 1: the suspended ones park everything; 2: some go down
+def test_locking_in_the_lookup_pass_ends_where_hold_then_resume_ends(monkeypatch, host):
+    """With no usage cap a fresh cache's prefix is locked in the lookup's pass (lock_prefix); it
+    must leave every count, table and LRU order exactly as holding then resuming does."""
+    fast = _mixed(make(tpb=4, device=6, host=host, reuse=True), 2)
+    real = lifecycle.attach_prefix
+
+    def hold_only(*args):
+        return real(*args[:6], False)
+
+    monkeypatch.setattr("kvsched.core.kvcache.manager.attach_prefix", hold_only)
+    slow = _mixed(make(tpb=4, device=6, host=host, reuse=True), 2)
+    assert fast == slow
+    s = fast[-1][1]
+    assert s.reuse_hit_blocks_host > 0 and s.reuse_hit_blocks_device > 0 and s.num_suspends == 2

@@ -60,32 +60,6 @@ class BlockStore:
         return self.device if tier == DEVICE else self.host
 
     # -- references ----------------------------------------------------------------------------
-    def hold_prefix(self, keys: list[bytes]) -> tuple[list[Block], int]:
-        """Hold the blocks of the longest run of ``keys`` that is published; returns them and how
-        many are on the host tier. One pass: look up, take out of the LRU (lazily, see
-        ``blocks.TierPool``), hold; it runs per block of a long prompt."""
-        get = self.index.get
-        blocks: list[Block] = []
-        append = blocks.append
-        on_host = cached_device = cached_host = 0
-        for key in keys:
-            p = get(key)
-            if p is None:
-                break
-            if p.tier:
-                on_host += 1
-                if p.bucket is not None:
-                    p.bucket = None
-                    cached_host += 1
-            elif p.bucket is not None:
-                p.bucket = None
-                cached_device += 1
-            p.holds += 1
-            append(p)
-        self.device.num_cached -= cached_device
-        self.host.num_cached -= cached_host
-        return blocks, on_host
-
     def release_many(self, blocks: list[Block], locked: bool, priority: int) -> None:
         """``release`` each block, last block first (so a request's tail is evicted before its head).
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from kvsched.core.errors import ConfigError, KVTransferError
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.keys import chain_keys, pack_tokens
+from kvsched.core.kvcache.prefix import hold_prefix, lock_prefix
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.kvcache.types import DEVICE, HOST
 from kvsched.core.request import Request
@@ -28,16 +29,25 @@ PromptKeys = Callable[[Request, bytes, int], "list[bytes] | None"]
 
 
 def attach_prefix(
-    store: BlockStore, c: RequestCache, req: Request, tpb: int, reuse: bool, source: PromptKeys | None = None
+    store: BlockStore,
+    c: RequestCache,
+    req: Request,
+    tpb: int,
+    reuse: bool,
+    source: PromptKeys | None = None,
+    lock: bool = False,
 ) -> int:
-    """Look the context minus its last token up; hold the matched blocks; set the positions.
+    """Look the context minus its last token up; hold (or lock) the matched blocks; set the positions.
 
     The keys are computed on the first lookup only (by ``source`` if it knows them, else hashed);
-    a repeated one is dict probes. Returns how many matched blocks are on the host tier (for
-    ``count_reuse``).
+    a repeated one is dict probes. With ``lock`` (the caller's resume has no usage cap), blocks
+    that need no copy are locked in the same pass and the cache is active on return, as
+    ``resume_cache`` would leave it (``prefix.lock_prefix``). Returns how many matched blocks
+    are on the host tier (for ``count_reuse``).
     """
     c.pending = False
     reused = on_host = 0
+    locked = lock
     if reuse:
         keys = c.keys
         if keys is None:
@@ -52,10 +62,16 @@ def attach_prefix(
             if keys is None:
                 keys = chain_keys(c.root, pack_tokens(req.token_slice(0, nfull * tpb)), tpb * 4)
             c.keys = keys
-        blocks, on_host = store.hold_prefix(keys)
+        if lock:
+            blocks, on_host, locked = lock_prefix(store, keys)
+        else:
+            blocks, on_host = hold_prefix(store, keys)
         reused = len(blocks) * tpb
         c.blocks = blocks
         c.last_key = keys[len(blocks) - 1] if blocks else c.root
+    if locked:
+        c.table = [p.slot for p in c.blocks]
+        c.active = True
     c.capacity = c.history = c.committed = c.num_reused = c.alloc_tokens = reused
     req.context_current_position = reused
     req.num_reused_tokens = reused

@@ -77,8 +77,9 @@ class KVCacheManager:
         elif c.req is not req:
             raise DuplicateRequestError(f"request id {req.request_id} already has a KV cache")
         if c.pending:
-            on_host = attach_prefix(self._store, c, req, self._tpb, self._reuse, self._prompt_keys)
-            if resume_cache(self._store, c, self._max_util):
+            store, no_cap = self._store, self._max_util >= 1.0  # no cap: locked in the lookup's pass
+            on_host = attach_prefix(store, c, req, self._tpb, self._reuse, self._prompt_keys, no_cap)
+            if c.active or resume_cache(store, c, self._max_util):
                 if self._reuse:
                     count_reuse(self._store, c, req, self._tpb, on_host)
                 return True

@@ -1,4 +1,5 @@
-"""Prefix reuse: match a prompt against published blocks, and publish a request's newly full blocks.
+"""Prefix reuse: match a prompt against published blocks, take (hold or lock) the matched ones, and
+publish a request's newly full blocks.
 
 Only whole blocks are keyed and shared, so a reused block is never written again (no copy-on-write).
 When a request completes a block whose key another block already holds (two requests computed the
@@ -45,6 +46,67 @@ def match_prefix(
         parent = key
     memo.trim()
     return blocks, parent
+
+
+def hold_prefix(store: BlockStore, keys: list[bytes]) -> tuple[list[Block], int]:
+    """Hold the blocks of the longest run of ``keys`` that is published; returns them and how
+    many are on the host tier. One pass: look up, take out of the LRU (lazily, see
+    ``blocks.TierPool``), hold; it runs per block of a long prompt."""
+    get = store.index.get
+    blocks: list[Block] = []
+    append = blocks.append
+    on_host = cached_device = cached_host = 0
+    for key in keys:
+        p = get(key)
+        if p is None:
+            break
+        if p.tier:
+            on_host += 1
+            if p.bucket is not None:
+                p.bucket = None
+                cached_host += 1
+        elif p.bucket is not None:
+            p.bucket = None
+            cached_device += 1
+        p.holds += 1
+        append(p)
+    store.device.num_cached -= cached_device
+    store.host.num_cached -= cached_host
+    return blocks, on_host
+
+
+def lock_prefix(store: BlockStore, keys: list[bytes]) -> tuple[list[Block], int, bool]:
+    """``hold_prefix`` and ``lifecycle.resume_cache``'s locking in one pass, for a fresh cache
+    whose resume cannot be refused (no usage cap): device blocks no suspended request parks
+    are locked at once; returns (blocks, 0, True). At the first other block (on the host, or
+    parked) the ones locked so far turn into holds and the rest is held as ``hold_prefix``
+    holds it: (blocks, on_host, False), and ``resume_cache`` does the rest as usual."""
+    get = store.index.get
+    parked = store.parked
+    blocks: list[Block] = []
+    append = blocks.append
+    newly_locked = cached = 0
+    for key in keys:
+        p = get(key)
+        if p is None:
+            break
+        if p.tier or (parked and p in parked):
+            for q in blocks:
+                q.locks -= 1
+                q.holds += 1
+            store.device.num_cached -= cached
+            rest, on_host = hold_prefix(store, keys[len(blocks) :])
+            return blocks + rest, on_host, False
+        if p.bucket is not None:
+            p.bucket = None
+            cached += 1
+        if not p.locks:
+            newly_locked += 1
+        p.locks += 1
+        append(p)
+    store.device.num_cached -= cached
+    store.num_locked += newly_locked
+    return blocks, 0, True
 
 
 def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_per_block: int) -> None:
