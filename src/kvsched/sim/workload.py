@@ -12,6 +12,7 @@ conversation's next turn, whose prompt holds the answer as a segment, reuses the
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -93,11 +94,11 @@ class RequestSpec:
 
     def prompt_tokens(self) -> list[int]:
         toks: list[int] = []
-        append, extend, small = toks.append, toks.extend, SMALL_TOKENS
+        append, extend, run = toks.append, toks.extend, _small_run
         for b, n in self.segments:
             if n:  # an empty segment (a trace's hash id past its input length) has no tag either
                 append(b + 256)  # segment_tag(b), inlined: this runs once per 512 tokens of a trace
-                extend(small[1:n])
+                extend(run(n))
         if self.vocab_size is not None:
             v = self.vocab_size
             return [mix_token(t, v) for t in toks]
@@ -116,6 +117,13 @@ class RequestSpec:
     @property
     def total_tokens(self) -> int:
         return self.prompt_len + self.output_len
+
+
+@functools.lru_cache(maxsize=256)
+def _small_run(n: int) -> list[int]:
+    """``SMALL_TOKENS[1:n]``, the tokens after a segment's tag, shared per length (a trace's 512-token
+    blocks all use one: extending from it copies once instead of slicing first). Never mutated."""
+    return SMALL_TOKENS[1:n]
 
 
 def time_scaled(specs: Iterable[RequestSpec], time_scale: float) -> list[RequestSpec]:
