@@ -11,10 +11,10 @@
    own deployment on workload P and predicts workload C: every host<->device block copy is timed,
    `fit_copy_cost` fits seconds per call + bytes/s to P's calls, and the compute coefficients are fitted
    to P's steps less their fitted copy time; copies run before the forward, one direction after the
-   other, as on a CPU. A pool that holds ~3 requests makes decodes of batch 1-4, where MKL's sgemm is
-   not linear in the rows (M = 3 costs more than M = 4): the GEMM profile (the engine's own dense layers
-   timed at each row count, `kvsched.engine.gemm_timing`, once per repetition, median) is one more
-   regressor (`LinearCostModel(gemm=...)`). Printed: steps, suspends and resumes of both sides, decode
+   other, as on a CPU. A pool that holds ~3 requests makes decodes of batch 1-4, where a CPU GEMM is
+   not linear in the rows (MKL: M = 3 cost more than M = 4; oneDNN prepacked: M = 2 more than 1 or 3):
+   the GEMM profile (the engine's own forward timed at each row count, `kvsched.engine.gemm_timing`,
+   once per repetition, median) is one more regressor (`LinearCostModel(gemm=...)`). Printed: steps, suspends and resumes of both sides, decode
    step time per batch size next to the profile's, and C's errors: fit on A without a copy term, fit on
    P without the profile, and fit on P with it; B is predicted from A with and without the profile.
 

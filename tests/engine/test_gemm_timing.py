@@ -1,6 +1,6 @@
-"""measure_gemm_profile times the engine's own forward: M one-token sequences without logits (body) and
-with M logits (head = the difference), a warm-up pair and ``reps`` timed pairs per row count, into a
-private KV pool (the engine's blocks are never written)."""
+"""measure_gemm_profile times the engine's own forward: one sequence of M tokens without logits (body)
+and with M logits (head = the difference), a warm-up pair and ``reps`` timed pairs per row count, into
+a private KV pool (the engine's blocks are never written)."""
 
 from __future__ import annotations
 

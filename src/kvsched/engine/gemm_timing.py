@@ -2,9 +2,11 @@
 
 Why: on a CPU the dense layers' time is the BLAS kernel's, which is not linear in the number of rows
 (see `kvsched.sim.calibration`). The profile runs the engine's very forward (same weights, dtype,
-quantization, packing, thread count: whatever path the engine takes) over M one-token sequences whose
-KV is one token long, so attention is next to nothing and what is timed is the per-row part of a step:
-``body(M)`` = the forward with no logits, ``head(M)`` = the forward with M logits less ``body(M)``.
+quantization, packing, thread count: whatever path the engine takes) over one sequence of M tokens
+from position 0, whose causal attention is small next to its linears up to a chunk of a few hundred
+tokens, so what is timed is the per-row part of a step: ``body(M)`` = the forward with no logits,
+``head(M)`` = the forward with logits for all M rows less ``body(M)``. One sequence, not M of one token
+each: per-sequence costs (a decode's KV gather) are the cost model's other features, not the profile's.
 It writes only into a private KV pool, never into the engine's.
 """
 
@@ -27,7 +29,6 @@ from kvsched.sim.calibration import GemmProfile
 #: Row counts timed by default: every decode batch up to 16, then the prefill-chunk range up to 256.
 DEFAULT_ROWS = (*range(1, 17), 24, 32, 48, 64, 128, 256)
 _TPB = 16
-_BLOCKS = 16  # sequences share these blocks round-robin: one slot each is written, the same work
 
 
 @torch.inference_mode()
@@ -42,16 +43,14 @@ def measure_gemm_profile(
     lm: Any = model
     cfg = lm.config
     embed = lm.model.embed_tokens.weight  # the KV and activations are in its dtype (fp32 when quantized)
-    cache = CacheConfig(tokens_per_block=_TPB, num_device_blocks=_BLOCKS, num_host_blocks=0)
+    blocks = -(-max(rows) // _TPB)
+    cache = CacheConfig(tokens_per_block=_TPB, num_device_blocks=blocks, num_host_blocks=0)
     kv = TensorKVStorage(cache, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, embed.dtype, embed.device)
+    table = list(range(blocks))
     out: dict[str, tuple[list[float], list[float]]] = {"cpu": ([], []), "wall": ([], [])}
     for m in rows:
-        batches = [
-            ForwardBatch.build(
-                [([i % cfg.vocab_size], 0, [i % _BLOCKS], logits) for i in range(m)], _TPB, embed.device
-            )
-            for logits in (0, 1)
-        ]
+        tokens = [i % cfg.vocab_size for i in range(m)]
+        batches = [ForwardBatch.build([(tokens, 0, table, logits)], _TPB, embed.device) for logits in (0, m)]
         samples: dict[str, tuple[list[float], list[float]]] = {"cpu": ([], []), "wall": ([], [])}
         for rep in range(reps + 1):
             cpu0, wall0 = _timed(model, batches[0], kv)

@@ -1,11 +1,11 @@
 """Measured engine costs that calibrate `LinearCostModel`: per-row forward time, block copies.
 
-Why a GEMM profile: a CPU BLAS picks its kernel by the number of rows M of ``x @ W.T``. With MKL's
-sgemm (torch's CPU build) the decoder's linears and the LM head cost more at M = 2 and 3 than at
-M = 4 (SmolLM2-135M, one thread, the model's linears alone: ~38, 57, 65, 50 ms at M = 1..4), so a
-decode step is not linear in its batch size where batches are small (a device pool that holds ~3
-requests). A line fitted to larger batches then under-predicts every small-batch step. `GemmProfile`
-holds the engine's own forward timed at each M with next to no attention
+Why a GEMM profile: a CPU BLAS picks its kernel by the number of rows M of ``x @ W.T``, so a decode
+step is not linear in its batch size where batches are small (a device pool that holds ~3 requests).
+Measured on SmolLM2-135M, one thread: with MKL's sgemm the model's linears took ~38, 57, 65, 50 ms at
+M = 1..4 (batch 3 slower than batch 4); with oneDNN-prepacked weights (engine/model/packed.py) whole
+decode steps take ~55, 67, 54, 53 ms (batch 2 the slow one). A line fitted to the calibration steps
+misses every such step. `GemmProfile` holds the engine's own forward timed at each M
 (``kvsched.engine.gemm_timing``), and `LinearCostModel` uses its seconds as one more regressor, so the
 fit keeps the kernel's shape instead of averaging it away.
 """
