@@ -123,7 +123,9 @@ class TierPool:
             queue = self.buckets[priority] = LruQueue()
         n = len(blocks)
         first = self.stamp + 2
-        stamps = range(first, first + 2 * n, 2)
+        # One int object per stamp, shared by the block and its entry (one allocation, one memory
+        # line read when the entry is checked).
+        stamps = list(range(first, first + 2 * n, 2))
         for block, stamp in zip(blocks, stamps):
             block.priority = priority
             block.stamp = stamp
