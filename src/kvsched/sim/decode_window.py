@@ -20,6 +20,7 @@ windows on and off, for every scheduler, with and without memory pressure.
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from kvsched.core.request import Request
@@ -77,6 +78,7 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
     used_dev = rep._num_device - kv.num_free_device_blocks
     used_host = rep._num_host - kv.num_free_host_blocks
     itl = rep.rec.itl
+    gap = array("d", (0.0,))  # a step's one gap, repeated for the batch in C (array * n)
     decisions = rep.decisions
     decision = _decision(batch, rep.index) if decisions is not None else None
     times: list[float] = []
@@ -103,7 +105,8 @@ def run_window(rep: Replica, batch: list[Request], horizon: float) -> list[Reque
             shape.copy_calls = 0
         prev, now = now, now + dt
         if steps:
-            itl.extend([now - prev] * n)
+            gap[0] = now - prev
+            itl.extend(gap * n)
         else:
             itl.extend([now - last_tok[rid] for rid in rids])
         if decision is not None:
