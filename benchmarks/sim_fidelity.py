@@ -23,9 +23,15 @@ Each workload runs `--reps` times, interleaved; the schedule is deterministic (c
 timed `reps` times and the per-step median is both the fit's target and the engine's measured latency:
 one run's step times vary by ~10 % on a shared CPU, which alone moved the prediction errors by 5-10 %.
 The engine side (timed steps and copies) is `sim_fidelity_engine.py`.
-Run: `python benchmarks/sim_fidelity.py [--threads N] [--reps R]` (about 2 minutes per repetition).
-Two clocks: wall time, and process CPU time (with one torch thread, CPU time is the work done and does
-not count time spent waiting for a core another process holds; on a shared machine it is the fair one).
+Run: `python benchmarks/sim_fidelity.py [--threads N] [--reps R] [--no-prepack]` (about 2 minutes per
+repetition). Two clocks: wall time, and process CPU time (with one torch thread, CPU time is the work
+done and does not count time spent waiting for a core another process holds; on a shared machine it is
+the fair one).
+
+Measured, CPU clock, --reps 4, 2-core machine loaded by other jobs (C's errors of mean TTFT / mean TPOT /
+total): MKL sgemm (--no-prepack) fit on P without the profile -7.7 / -7.2 / -6.7 %, with it +0.7 / +0.4 /
++0.8 % (P's mean |error| per step 17.2 -> 1.2 %); oneDNN prepacked (default) -5.4 / -3.1 / -4.1 % and
+-2.0 / -1.6 / -1.4 % (6.2 -> 1.3 %). B from A stays within 5 % either way (+0.7..+4.4 %).
 """
 
 from __future__ import annotations
@@ -132,7 +138,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each workload (interleaved)")
     ap.add_argument("--save", default="", help="pickle the engine runs here (for offline analysis)")
+    ap.add_argument(
+        "--no-prepack",
+        action="store_true",
+        help="plain nn.Linear (MKL sgemm) instead of oneDNN-prepacked weights",
+    )
     a = ap.parse_args()
+    if a.no_prepack:  # the other CPU GEMM path, whose cost in the rows has another shape
+        from kvsched.engine.model.packed import set_prepacking
+
+        set_prepacking(False)
     calib = _workload(24, LengthDist("uniform", 16, 300), LengthDist("uniform", 8, 64), 11)
     target = _workload(16, LengthDist("lognormal", 150, 0.4), LengthDist("fixed", 32), 12)
     # under pressure: a calibration P and the predicted C, each ~5x the 40-block device pool
