@@ -34,11 +34,11 @@ def test_fused_matches_separate_linears(prepacking_on, rows, bias):
     owner = nn.Module()
     mods = (_lin(64, 48, bias, 1), _lin(64, 16, bias, 2), _lin(64, 16, False, 3))
     x = torch.randn(rows, 64)
+    ref = torch.cat([F.linear(x, m.weight, m.bias) for m in mods], dim=1)
     p = pk.packed(owner, "slot", mods)
     assert p is not None
     out = p(x)
     assert out.shape == (rows, 80)
-    ref = torch.cat([F.linear(x, m.weight, m.bias) for m in mods], dim=1)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     assert pk.packed(owner, "slot", mods) is p  # cached, not packed again
 
@@ -46,12 +46,31 @@ def test_fused_matches_separate_linears(prepacking_on, rows, bias):
 def test_changed_weight_is_repacked(prepacking_on):
     mod = _lin(32, 24, False, 4)
     x = torch.randn(5, 32)
-    before = pk.linear(mod, x)
+    before = pk.linear(mod, "slot", mod, x, release=False)  # kept (a tied head): it can still be written
     with torch.no_grad():
         mod.weight.mul_(-2.0)  # in place: the version counter moves
-    torch.testing.assert_close(pk.linear(mod, x), -2.0 * before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pk.linear(mod, "slot", mod, x, release=False), -2.0 * before, atol=1e-5, rtol=1e-5
+    )
     mod.weight = nn.Parameter(torch.zeros(24, 32), requires_grad=False)  # replaced outright
-    assert torch.count_nonzero(pk.linear(mod, x)) == 0
+    assert torch.count_nonzero(pk.linear(mod, "slot", mod, x)) == 0
+
+
+def test_released_weights_come_back_exactly(prepacking_on):
+    mods = (_lin(64, 48, True, 7), _lin(64, 16, False, 8))
+    saved = [m.weight.clone() for m in mods]
+    owner = nn.Module()
+    assert pk.packed(owner, "slot", mods) is not None
+    for m, w in zip(mods, saved):
+        assert m.weight.shape == w.shape and m.weight.untyped_storage().nbytes() == 4  # storage freed
+        assert torch.isnan(m.weight).all()  # a stray read is loud
+        with pytest.raises(RuntimeError):
+            m.weight.add_(1.0)  # so is a write
+    pk.set_prepacking(False)
+    assert pk.packed(owner, "slot", mods) is None
+    assert "slot" not in owner.__dict__
+    for m, w in zip(mods, saved):
+        assert torch.equal(m.weight, w)  # to_dense undoes the reorder bit for bit
 
 
 class _Wrapped(nn.Module):
@@ -68,13 +87,14 @@ class _Wrapped(nn.Module):
 
 def test_wrapped_module_falls_back_and_drops_stale_copy(prepacking_on):
     base = _lin(16, 8, False, 5)
+    x = torch.randn(3, 16)
+    ref = base(x)
     owner = nn.Module()
     assert pk.packed(owner, "slot", (base,)) is not None
-    wrapped = _Wrapped(base)
+    wrapped = _Wrapped(base)  # as install_lora after a forward: the wrapper's base had been packed
     assert pk.packed(owner, "slot", (wrapped,)) is None
-    assert "slot" not in owner.__dict__  # the packed copy of the plain module is released
-    x = torch.randn(3, 16)
-    torch.testing.assert_close(pk.linear(wrapped, x), base(x) + 1.0)
+    assert "slot" not in owner.__dict__  # the packed copy is dropped, the base has its weight back
+    assert torch.equal(wrapped(x), ref + 1.0)
 
 
 def test_weight_that_needs_grad_is_not_packed(prepacking_on):

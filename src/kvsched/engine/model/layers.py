@@ -78,4 +78,4 @@ class SwiGLU(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:  # one matmul over gate|up
             gate, up = fused(x).split(self.intermediate, dim=1)
-        return linear(self.down_proj, nn.functional.silu(gate) * up)
+        return linear(self, "_kvsched_packed_down", self.down_proj, nn.functional.silu(gate) * up)

@@ -61,7 +61,7 @@ class LlamaAttention(nn.Module):
             qk = apply_rotary_signed(qkv[:, :qk_out].view(t, -1, hd), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qk_out:].view(t, self.num_kv_heads, hd)
-        return linear(self.o_proj, paged_attention(q, k, v, cache, plan))
+        return linear(self, "_kvsched_packed_o", self.o_proj, paged_attention(q, k, v, cache, plan))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -132,4 +132,6 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(m.layers, caches):
             x = layer(x, cos, sin, cache, plan)
         x = m.norm(x.index_select(0, batch.logits_indices))
-        return linear(self.lm_head, x).float()
+        # The head keeps its weight: a tied one is the embedding's, and a draft model (speculative
+        # decoding's truncated copy) shares the head module under another owner.
+        return linear(self.lm_head, "_kvsched_packed", self.lm_head, x, release=False).float()

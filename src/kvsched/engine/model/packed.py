@@ -9,11 +9,14 @@ the 30 layers' projections at M = 32 in 76 ms instead of 118 ms (90 vs 58 GF/s),
 ``F.linear`` in the last bits (|diff| ~ 5e-6 on unit-scale logits; another summation order), which the
 HF greedy-equality tests cover.
 
-The packed copy is a second copy of the weights (the model's ``nn.Linear`` weights stay, for
-checkpoint names, LoRA and quantization): for SmolLM2 +540 MB, peak RSS still below HF transformers'.
-Projections that share an input are packed as one weight (q|k|v, gate|up): one call instead of three.
-A module that is not a plain fp32 CPU ``nn.Linear`` (LoRA-wrapped, int8/int4) is never packed; the
-caller falls back to calling the modules. A weight changed in place or replaced is re-packed.
+The packed weight replaces the modules' own copy instead of doubling it (+540 MB for SmolLM2 with both,
+which put peak RSS above HF's): a decoder projection's ``weight`` keeps its Parameter, name and shape
+but its storage is released (a one-element NaN expanded to the shape: a stray read gives NaN, a write
+fails loudly), and is restored exactly (``to_dense`` undoes the reorder bit for bit) before anything
+else runs the modules: prepacking switched off, a module replaced (LoRA wrapper, int8/int4) or its
+weight replaced. A tied LM head keeps its weight (the embedding reads it). Projections that share an
+input are packed as one weight (q|k|v, gate|up): one call instead of three. A module that is not a
+plain fp32 CPU ``nn.Linear`` is never packed; the caller falls back to calling the modules.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class PackedLinear:
     bias: torch.Tensor | None
     #: (module, its weight, that weight's version) at packing: any change means re-pack.
     sources: tuple[tuple[nn.Module, torch.Tensor, int], ...]
+    #: The modules' own weight storage was released (restore it before they run again).
+    released: bool = False
 
     def matches(self, mods: tuple[nn.Module, ...]) -> bool:
         if len(mods) != len(self.sources):
@@ -61,6 +66,19 @@ class PackedLinear:
             if w is not weight or _version(w) != version:
                 return False
         return True
+
+    def restore(self) -> None:
+        """Give the source modules their weights back (exact), if they were released."""
+        if not self.released:
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            dense = self.weight.to_dense()
+            start = 0
+            for _, w, _ in self.sources:
+                rows = w.shape[0]
+                w.data = dense[start : start + rows].clone()
+                start += rows
+        self.released = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -77,7 +95,7 @@ def _packable(mods: tuple[nn.Module, ...]) -> bool:
     return True
 
 
-def _pack(mods: tuple[nn.Module, ...]) -> PackedLinear:
+def _pack(mods: tuple[nn.Module, ...], release: bool) -> PackedLinear:
     weights = [_weight(m) for m in mods]
     with torch.no_grad():
         w = weights[0].detach() if len(mods) == 1 else torch.cat([t.detach() for t in weights])
@@ -88,7 +106,12 @@ def _pack(mods: tuple[nn.Module, ...]) -> PackedLinear:
             bias = torch.cat(
                 [b.detach() if b is not None else t.new_zeros(t.shape[0]) for b, t in zip(biases, weights)]
             )
-    return PackedLinear(packed, bias, tuple((m, t, _version(t)) for m, t in zip(mods, weights)))
+    if release:
+        with torch.inference_mode(False), torch.no_grad():
+            for t in weights:
+                t.data = torch.full((1, 1), float("nan"), dtype=t.dtype).expand(t.shape)
+    sources = tuple((m, t, _version(t)) for m, t in zip(mods, weights))
+    return PackedLinear(packed, bias, sources, released=release)
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
@@ -103,26 +126,33 @@ def _version(w: torch.Tensor) -> int:
     return -1 if w.is_inference() else w._version
 
 
-def packed(owner: nn.Module, slot: str, mods: tuple[nn.Module, ...]) -> PackedLinear | None:
+def packed(
+    owner: nn.Module, slot: str, mods: tuple[nn.Module, ...], release: bool = True
+) -> PackedLinear | None:
     """The packed weight of ``mods`` cached on ``owner`` under ``slot`` (packed on first use, re-packed
-    after a change), or None when prepacking is off or a module is not a plain fp32 CPU ``nn.Linear``."""
-    if not _enabled:
-        return None
+    after a change), or None when prepacking is off or a module is not a plain fp32 CPU ``nn.Linear``;
+    then the modules have their own weights back. ``release``: free the modules' own weight storage
+    (False for a weight something else also reads, as a tied LM head)."""
     cached: PackedLinear | None = owner.__dict__.get(slot)
-    if cached is not None and cached.matches(mods):
-        return cached
-    if not _packable(mods):
-        owner.__dict__.pop(slot, None)  # a wrapped/quantized module: drop the stale copy's memory
+    if cached is not None:
+        if _enabled and cached.matches(mods):
+            return cached
+        cached.restore()  # before anything runs the modules (or re-packs them) again
+        del owner.__dict__[slot]
+    if not _enabled or not _packable(mods):
         return None
-    cached = _pack(mods)
+    cached = _pack(mods, release)
     owner.__dict__[slot] = cached
     return cached
 
 
-def linear(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``mod(x)`` through its packed weight when it has one (cached on the module itself, so a module
-    shared by two models - the draft's truncated copy - is packed once)."""
-    p = packed(mod, "_kvsched_packed", (mod,))
+def linear(
+    owner: nn.Module, slot: str, mod: nn.Module, x: torch.Tensor, release: bool = True
+) -> torch.Tensor:
+    """``mod(x)`` through its packed weight when it has one. The cache lives on ``owner`` (the module
+    holding ``mod`` as an attribute), not on ``mod``: when ``mod`` is swapped for a wrapper, the next
+    call still finds the old cache and gives the wrapped module its weight back."""
+    p = packed(owner, slot, (mod,), release)
     if p is None:
         out: torch.Tensor = mod(x)
         return out
