@@ -45,7 +45,7 @@ def _timed(fn, reps: int) -> tuple[float, float]:
 
 #: aten ops by kind; anything else (norms, rotary, SiLU, copies, allocation) is "other".
 _KINDS = {
-    "matmul": ("aten::mm", "aten::addmm"),
+    "matmul": ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"),  # the last: prepacked weights
     "attention": (
         "aten::bmm",
         "aten::baddbmm",
