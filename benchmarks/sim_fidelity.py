@@ -31,7 +31,8 @@ the fair one).
 Measured, CPU clock, --reps 4, 2-core machine loaded by other jobs (C's errors of mean TTFT / mean TPOT /
 total): MKL sgemm (--no-prepack) fit on P without the profile -7.7 / -7.2 / -6.7 %, with it +0.7 / +0.4 /
 +0.8 % (P's mean |error| per step 17.2 -> 1.2 %); oneDNN prepacked (default) -5.4 / -3.1 / -4.1 % and
--2.0 / -1.6 / -1.4 % (6.2 -> 1.3 %). B from A stays within 5 % either way (+0.7..+4.4 %).
+-2.0 / -1.6 / -1.4 % (6.2 -> 1.3 %); another prepacked run (--reps 3): -2.3 / -0.4 / -1.5 % and
++1.4 / +1.3 / +1.5 %. B from A stays within 5 % either way (+0.7..+4.3 %).
 """
 
 from __future__ import annotations
