@@ -67,10 +67,10 @@ def test_released_weights_come_back_exactly(prepacking_on):
         with pytest.raises(RuntimeError):
             m.weight.add_(1.0)  # so is a write
     pk.set_prepacking(False)
+    for m, w in zip(mods, saved):
+        assert torch.equal(m.weight, w)  # at once, and to_dense undoes the reorder bit for bit
     assert pk.packed(owner, "slot", mods) is None
     assert "slot" not in owner.__dict__
-    for m, w in zip(mods, saved):
-        assert torch.equal(m.weight, w)  # to_dense undoes the reorder bit for bit
 
 
 class _Wrapped(nn.Module):

@@ -21,6 +21,7 @@ plain fp32 CPU ``nn.Linear`` is never packed; the caller falls back to calling t
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,11 @@ def set_prepacking(enabled: bool) -> bool:
     global _enabled
     previous = _enabled
     _enabled = bool(enabled) and torch.backends.mkldnn.is_available()
+    if not _enabled:  # every module has its own weight again at once, not only at its next call
+        for owner in list(_owners):
+            for value in list(owner.__dict__.values()):
+                if isinstance(value, PackedLinear):
+                    value.restore()
     return previous
 
 
@@ -114,6 +120,10 @@ def _pack(mods: tuple[nn.Module, ...], release: bool) -> PackedLinear:
     return PackedLinear(packed, bias, sources, released=release)
 
 
+#: Modules holding packed weights (``set_prepacking(False)`` restores every released one at once).
+_owners: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 def _weight(mod: nn.Module) -> torch.Tensor:
     w = mod.weight
     assert isinstance(w, torch.Tensor)
@@ -143,6 +153,7 @@ def packed(
         return None
     cached = _pack(mods, release)
     owner.__dict__[slot] = cached
+    _owners.add(owner)
     return cached
 
 
