@@ -33,6 +33,7 @@ from torch import nn
 
 from kvsched.core.errors import ConfigError
 from kvsched.engine.engine_args import QUANTIZATION_KINDS
+from kvsched.engine.model.packed import restore_weights
 
 #: Projections of a decoder layer that are quantized (HF names; attention, then MLP).
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -162,6 +163,7 @@ def quantize_model(model: nn.Module, quantization: str | None) -> int:
             f"quantization={quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATION_KINDS)}"
         )
     make = Int8Linear.from_linear if quantization == "int8" else Int4Linear
+    restore_weights(model)  # a forward may have packed the projections and released their weights
     count = 0
     for layer in model.model.layers:  # type: ignore[union-attr]
         for parent, names in ((layer.self_attn, ATTENTION_PROJECTIONS), (layer.mlp, MLP_PROJECTIONS)):

@@ -129,3 +129,40 @@ def test_model_logits_and_greedy_tokens_agree_with_and_without_packing(tiny_llam
     assert "_kvsched_packed_qkv" in model.model.layers[0].self_attn.__dict__  # the fast path really ran
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+
+
+def test_quantizing_after_a_forward_reads_the_real_weights(tiny_llama, prepacking_on):
+    """A forward releases the projections' weights into packed copies; quantize_model must quantize the
+    real weights (restore_weights), not the NaN placeholders."""
+    from kvsched.engine.quant import quantize_model
+
+    _, folder = tiny_llama
+    toks = torch.randint(0, 97, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    batch = ForwardBatch.build([SeqInput(toks, 0, list(range(6)), len(toks))], 4)
+
+    def logits(after_forward: bool) -> torch.Tensor:
+        model, config, _ = load_model(str(folder))
+        if after_forward:
+            model(batch, FakeKVStorage(config.num_layers, 16, 4, config.num_kv_heads, config.head_dim))
+            assert "_kvsched_packed_qkv" in model.model.layers[0].self_attn.__dict__
+        assert quantize_model(model, "int8") > 0
+        assert not any("_kvsched_packed" in k for m in model.modules() for k in m.__dict__)
+        kv = FakeKVStorage(config.num_layers, 16, 4, config.num_kv_heads, config.head_dim)
+        return model(batch, kv)
+
+    late, early = logits(True), logits(False)
+    assert torch.isfinite(late).all()
+    assert torch.equal(late, early)
+
+
+def test_restore_weights_gives_every_projection_back(tiny_llama, prepacking_on):
+    _, folder = tiny_llama
+    model, config, _ = load_model(str(folder))
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = ForwardBatch.build([SeqInput(list(range(1, 9)), 0, [0, 1], 8)], 4)
+    model(batch, FakeKVStorage(config.num_layers, 16, 4, config.num_kv_heads, config.head_dim))
+    assert torch.isnan(model.model.layers[0].self_attn.q_proj.weight).all()  # released by the forward
+    assert pk.restore_weights(model) >= 2 * config.num_layers  # q|k|v and gate|up at least, per layer
+    for n, p in model.named_parameters():
+        assert torch.equal(p, saved[n]), n
+    assert pk.restore_weights(model) == 0

@@ -51,6 +51,19 @@ def prepacking_enabled() -> bool:
     return _enabled
 
 
+def restore_weights(model: nn.Module) -> int:
+    """Give every module under ``model`` its own weights back and drop their packed copies; returns how
+    many packed weights were dropped. Code that reads or replaces projections directly (quantization,
+    LoRA wrapping) calls it first: a released weight reads as NaN. The next forward packs again."""
+    dropped = 0
+    for mod in model.modules():
+        slots = [k for k, v in mod.__dict__.items() if isinstance(v, PackedLinear)]
+        for slot in slots:
+            mod.__dict__.pop(slot).restore()
+            dropped += 1
+    return dropped
+
+
 @dataclass(slots=True)
 class PackedLinear:
     """One oneDNN weight packed from the rows of one or more ``nn.Linear`` (concatenated in order)."""
