@@ -5,8 +5,8 @@ name the problem."""
 from __future__ import annotations
 
 import pytest
-from kvc_helpers import decode, req, run_context
 
+from kvc_helpers import decode, req, run_context
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import (
     ConfigError,

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from kvc_helpers import decode, make, req, run_context
 
+from kvc_helpers import decode, make, req, run_context
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import (
     ConfigError,

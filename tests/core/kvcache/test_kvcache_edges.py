@@ -4,8 +4,8 @@ the first missing block, resume exactly at the usage limit, and the host/drop sp
 from __future__ import annotations
 
 import pytest
-from kvc_helpers import make, req, run_context
 
+from kvc_helpers import make, req, run_context
 from kvsched.core.errors import UnknownRequestError
 from kvsched.core.kvcache.invariants import check_invariants
 

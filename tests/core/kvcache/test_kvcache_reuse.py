@@ -1,7 +1,6 @@
 """Prefix reuse: matching, sharing, eviction order, the host tier, events, stats."""
 
 from kvc_helpers import decode, make, req, run_context
-
 from kvsched.core.kvcache import Tier
 from kvsched.core.kvcache.invariants import check_invariants
 from kvsched.core.kvcache.types import KVEvent

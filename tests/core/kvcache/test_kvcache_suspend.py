@@ -1,7 +1,6 @@
 """Suspend / resume: data movement, shared blocks, clean failures, fresh first chunks."""
 
 from kvc_helpers import decode, make, req, run_context
-
 from kvsched.core.kvcache import MetadataStorage
 from kvsched.core.kvcache.invariants import check_invariants
 
