@@ -99,49 +99,47 @@ def _exp_rate(sms: int, boost_ghz: float) -> float:
     return sms * 16 * boost_ghz * GIGA
 
 
+_A100 = GpuSpec(
+    "a100",
+    sfu_exp_rate=_exp_rate(108, 1.41),
+    bf16_flops=312 * TERA,
+    fp8_flops=312 * TERA,  # no FP8 tensor cores: FP8 weights run at BF16 speed
+    hbm_bandwidth=2.039 * TERA,
+    hbm_bytes=80 * GIGA,
+    host_link_bandwidth=_PCIE4,
+    gpu_link_bandwidth=300 * GIGA,
+    source="NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, 2,039 GB/s, NVLink 3 600 GB/s bidir, PCIe Gen4",
+)
+
+_H100 = GpuSpec(
+    "h100",
+    sfu_exp_rate=_exp_rate(132, 1.98),
+    bf16_flops=989 * TERA,
+    fp8_flops=1979 * TERA,
+    hbm_bandwidth=3.35 * TERA,
+    hbm_bytes=80 * GIGA,
+    host_link_bandwidth=_PCIE5,
+    gpu_link_bandwidth=450 * GIGA,
+    source="glennklockwood.com/garden/processors/h100 (H100 SXM): BF16 989.4, FP8 1978.9 dense, 3.35 TB/s, NVLink 4, PCIe Gen5",
+)
+
 GPU_PRESETS: dict[str, GpuSpec] = {
-    "a100": GpuSpec(
-        "a100",
-        sfu_exp_rate=_exp_rate(108, 1.41),
-        bf16_flops=312 * TERA,
-        fp8_flops=312 * TERA,  # no FP8 tensor cores: FP8 weights run at BF16 speed
-        hbm_bandwidth=2.039 * TERA,
-        hbm_bytes=80 * GIGA,
-        host_link_bandwidth=_PCIE4,
-        gpu_link_bandwidth=300 * GIGA,
-        source="NVIDIA A100 datasheet (SXM4 80GB): 312 TFLOPS BF16 dense, 2,039 GB/s, NVLink 3 600 GB/s bidir, PCIe Gen4",
-    ),
-    "a100-40gb": GpuSpec(
-        "a100-40gb",
-        sfu_exp_rate=_exp_rate(108, 1.41),
-        bf16_flops=312 * TERA,
-        fp8_flops=312 * TERA,
+    "a100": _A100,
+    # The same chip with 40 GB of HBM2: only the memory differs.
+    "a100-40gb": replace(
+        _A100,
+        name="a100-40gb",
         hbm_bandwidth=1.555 * TERA,
         hbm_bytes=40 * GIGA,
-        host_link_bandwidth=_PCIE4,
-        gpu_link_bandwidth=300 * GIGA,
         source="NVIDIA A100 datasheet (SXM4 40GB): 312 TFLOPS BF16 dense, 1,555 GB/s HBM2, NVLink 3, PCIe Gen4",
     ),
-    "h100": GpuSpec(
-        "h100",
-        sfu_exp_rate=_exp_rate(132, 1.98),
-        bf16_flops=989 * TERA,
-        fp8_flops=1979 * TERA,
-        hbm_bandwidth=3.35 * TERA,
-        hbm_bytes=80 * GIGA,
-        host_link_bandwidth=_PCIE5,
-        gpu_link_bandwidth=450 * GIGA,
-        source="glennklockwood.com/garden/processors/h100 (H100 SXM): BF16 989.4, FP8 1978.9 dense, 3.35 TB/s, NVLink 4, PCIe Gen5",
-    ),
-    "h200": GpuSpec(
-        "h200",
-        sfu_exp_rate=_exp_rate(132, 1.98),
-        bf16_flops=989 * TERA,
-        fp8_flops=1979 * TERA,
+    "h100": _H100,
+    # The same die as the H100 with more and faster HBM (141 GB HBM3e).
+    "h200": replace(
+        _H100,
+        name="h200",
         hbm_bandwidth=4.8 * TERA,
         hbm_bytes=141 * GIGA,
-        host_link_bandwidth=_PCIE5,
-        gpu_link_bandwidth=450 * GIGA,
         source="MLCommons v4.1 H200-SXM-141GBx8 + NVIDIA H200 spec page (via morphllm.com): 141 GB, 4.8 TB/s, same die as H100",
     ),
     "b200": GpuSpec(
