@@ -29,7 +29,6 @@ A fault in a step fails every request of the steps in flight.
 from __future__ import annotations
 
 import itertools
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -44,14 +43,12 @@ from kvsched.core.step import finish_request, token_stop
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.outputs import StepOutput
 from kvsched.engine.sampler import SampleResult
-from kvsched.engine.step_faults import fail_requests, step_failed_message
+from kvsched.engine.step_faults import fail_requests, step_failed_message, victims_of
 
 if TYPE_CHECKING:
     from kvsched.engine.engine import Engine
 
 __all__ = ["PLACEHOLDER", "OverlapLoop", "token_stop"]
-
-log = logging.getLogger("kvsched.engine")
 
 #: The token a step's update appends before the real one is known; never a valid id, so a forward
 #: that was not given the real token fails loudly (embedding index) instead of computing garbage.
@@ -127,13 +124,13 @@ class OverlapLoop:
         try:
             return eng.loop.schedule(eng._active), []
         except KVTransferError as exc:
-            tracked = None if exc.request_id is None else eng._tracked.get(exc.request_id)
-            if tracked is None:
+            hit = victims_of(exc, None, eng.book)  # the request being moved, as in the synchronous loop
+            if hit is None:
                 raise
             eng._scheduled = None
-            self.forget(tracked.req)
-            log.warning("the engine failed request %s: %s", tracked.external_id, exc, exc_info=exc)
-            return None, [eng.book.fail(tracked, f"the engine failed this request: {exc}")]
+            for tracked in hit[0]:
+                self.forget(tracked.req)
+            return None, fail_requests(eng.book, hit[0], hit[1], exc)
 
     def _submit(self, out: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
         """Build step N+1's batch on this thread and hand its forward and sampling to the worker."""
