@@ -40,6 +40,18 @@ def pinned_chains() -> None:
     assert block_key(r, [9, 8, 7]).hex() == "dfb83f5601b867f907f439334adaa9b8712d0bc3bbe052599a9f40f558ca5226"
 
 
+def _count_sha256(monkeypatch, module) -> list[bytes]:
+    """Patch ``module.sha256`` to record every input it hashes; returns that record."""
+    hashed: list[bytes] = []
+
+    def counting(data):
+        hashed.append(data)
+        return sha256(data)
+
+    monkeypatch.setattr(module, "sha256", counting)
+    return hashed
+
+
 def test_key_values_are_pinned_cold_and_from_the_memo(fresh_memo):
     pinned_chains()
     assert len(fresh_memo) == 2 + 8
@@ -61,14 +73,8 @@ def test_chain_keys_equal_the_definition_for_every_split(fresh_memo):
 
 
 def test_a_remembered_prefix_is_not_hashed_again(monkeypatch):
-    calls = []
-
-    def counting(data):
-        calls.append(data)
-        return sha256(data)
-
     root = root_key(None, None)
-    monkeypatch.setattr(keys, "sha256", counting)
+    calls = _count_sha256(monkeypatch, keys)
     packed = pack_tokens(list(range(64)))
     first = chain_keys(root, packed, 64)
     assert len(calls) == 4
@@ -78,14 +84,8 @@ def test_a_remembered_prefix_is_not_hashed_again(monkeypatch):
 
 
 def test_whole_groups_are_one_probe_and_a_longer_prompt_hashes_only_its_new_blocks(fresh_memo, monkeypatch):
-    hashed = []
-
-    def counting(data):
-        hashed.append(data)
-        return sha256(data)
-
     parent = root_key(None, None)
-    monkeypatch.setattr(keys, "sha256", counting)
+    hashed = _count_sha256(monkeypatch, keys)
     packed = os.urandom(16 * (2 * GROUP + 8))  # two whole groups, then 8 blocks
     first = chain_keys(parent, packed, 16)
     assert len(hashed) == 2 * GROUP + 8
@@ -111,14 +111,8 @@ def test_groups_of_different_block_sizes_never_meet(fresh_memo):
 def test_memo_rotates_two_generations_and_stays_bounded(monkeypatch):
     memo = KeyMemo(8)
     monkeypatch.setattr(keys, "MEMO", memo)
-    hashed = []
-
-    def counting(data):
-        hashed.append(data)
-        return sha256(data)
-
     parent = root_key(None, None)
-    monkeypatch.setattr(keys, "sha256", counting)
+    hashed = _count_sha256(monkeypatch, keys)
     first = os.urandom(16 * 6)
     first_keys = chain_keys(parent, first, 16)
     assert (len(memo.recent), len(memo.older), len(hashed)) == (6, 0, 6)
@@ -174,19 +168,13 @@ def test_generated_blocks_are_remembered_at_publish(fresh_memo):
 
 
 def test_probe_hashes_only_what_the_memo_lacks(fresh_memo, monkeypatch):
-    hashed = []
-
-    def counting(data):
-        hashed.append(data)
-        return sha256(data)
-
     m = make(reuse=True, device=64)
     prompt = list(range(100, 141))  # 10 full blocks of 4, then one token
     run_context(m, req(1, prompt))
     probe = req(9, prompt[:30] + [7, 7, 7])  # 7 published blocks, then a miss
     fresh_memo.clear()
     fresh_memo.size = 8
-    monkeypatch.setattr(prefix, "sha256", counting)
+    hashed = _count_sha256(monkeypatch, prefix)
     assert m.probe_reuse(probe) == 28 and len(hashed) == 8  # 7 hits and the first miss
     assert (len(fresh_memo.recent), len(fresh_memo.older)) == (8, 0)  # at the size: kept
     assert all(sha256(d).digest() == k for d, k in fresh_memo.recent.items())
@@ -231,13 +219,7 @@ def test_several_blocks_hashed_in_one_commit_publish_in_order_with_parents(fresh
 
 
 def test_looked_up_blocks_are_published_without_hashing_again(monkeypatch):
-    hashed = []
-
-    def counting(data):
-        hashed.append(data)
-        return sha256(data)
-
-    monkeypatch.setattr(prefix, "sha256", counting)
+    hashed = _count_sha256(monkeypatch, prefix)
     m = make(reuse=True, device=16)
     r = req(1, list(range(9)))  # keys of blocks 0 and 1 are computed at lookup
     run_context(m, r)
