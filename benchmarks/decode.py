@@ -1,14 +1,18 @@
-"""Batch-1 decode speed, fp32 against the opt-in weight-only int8 path, and int8's greedy agreement.
+"""Batch-1 decode speed, fp32 against the opt-in weight-only int8 and int4 paths, and their greedy agreement.
 
-fp32 decode at batch 1 reads every weight once per token (~540 MB on SmolLM2-135M), so its speed is
-bounded by memory bandwidth; ``quantization="int8"`` reads int8 decoder and head weights instead
-(``kvsched.engine.quant``). Printed, all in one run on the default model:
+fp32 decode at batch 1 reads every weight once per token (the MB per token of each model is printed),
+so its speed is bounded by memory bandwidth; ``quantization="int8"`` / ``"int4"`` read quantized
+weights instead (``kvsched.engine.quant``). Printed, all in one run on the default model:
 
 * decode tok/s of one request generating ``--max-tokens`` tokens (EOS ignored) through the engine, for
-  fp32, int8, and HF ``generate`` on the same GGUF as the baseline (``--no-hf`` skips it), with ratios;
-* a forward of ``--batch`` decoding sequences (fp32 vs int8), since the kernel must not lose at batch;
-* greedy agreement of int8 with fp32 on the built-in chat prompts (``kvsched.bench.prompts``): the
-  fraction of prompts with identical output and the mean length of the matching prefix.
+  fp32, int8, int4, and HF ``generate`` on the same GGUF as the baseline (``--no-hf`` skips it), with
+  ratios;
+* a forward of ``--batch`` decoding sequences (fp32 vs int8 vs int4), since the kernel must not lose at
+  batch;
+* the candidate kernels on one decoder layer's projections at batch 1 and ``--batch``
+  (``--kernel-reps 0`` skips them);
+* greedy agreement of int8 and int4 with fp32 on the built-in chat prompts (``kvsched.bench.prompts``):
+  the fraction of prompts with identical output and the mean length of the matching prefix.
 
 On a busy machine pass ``--threads 1``: with two OpenMP threads per process and more runnable
 processes than cores, threads spin waiting for each other and the figures say little.
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {kind}: identical {same}/{len(prompts)} ({same / len(prompts):.0%}), mean matching prefix "
             f"{prefix:.1f} tokens ({prefix / a.agree_tokens:.0%})"
         )
-    print(f"load average {os.getloadavg()[0]:.1f} at the end (2-core machine shared with other jobs)")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs)")
     return 0
 
 
