@@ -109,11 +109,7 @@ class TierPool:
             add_block(block)  # type: ignore[misc]
             add_stamp(stamp)  # type: ignore[misc]
         self.stamp = stamp
-        n = len(blocks)
-        self.num_cached += n
-        self.entries += n
-        if self.entries > 2 * self.num_cached + _COMPACT_SLACK:
-            self.compact()
+        self._queued(len(blocks))
 
     def push_run(self, blocks: list[Block], priority: int) -> None:
         """``push_many`` for blocks that all take ``priority`` (a request's released blocks): set
@@ -133,6 +129,10 @@ class TierPool:
         queue.blocks.extend(blocks)
         queue.stamps.extend(stamps)
         self.stamp = first + 2 * (n - 1)
+        self._queued(n)
+
+    def _queued(self, n: int) -> None:
+        """Count ``n`` new live entries; compact once stale ones outnumber the live by the slack."""
         self.num_cached += n
         self.entries += n
         if self.entries > 2 * self.num_cached + _COMPACT_SLACK:
