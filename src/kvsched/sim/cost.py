@@ -272,9 +272,7 @@ class LinearCostModel:
     def step_time(self, shape: StepShape) -> float:
         compute = 0.0
         if shape.num_tokens:
-            compute = sum(c * f for c, f in zip(self.coefficients, shape.features()))
-            if self.gemm is not None:
-                compute += self.coefficients[-1] * self.gemm.seconds(shape.num_tokens, shape.num_logits)
+            compute = sum(c * f for c, f in zip(self.coefficients, _features(shape, self.gemm)))
         compute += shape.lora_load_bytes / self.host_link_bandwidth  # the forward waits for its adapters
         if not (shape.copy_calls or shape.h2d_bytes or shape.d2h_bytes):
             return compute
