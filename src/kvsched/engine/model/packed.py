@@ -41,9 +41,7 @@ def set_prepacking(enabled: bool) -> bool:
     _enabled = bool(enabled) and torch.backends.mkldnn.is_available()
     if not _enabled:  # every module has its own weight again at once, not only at its next call
         for owner in list(_owners):
-            for value in list(owner.__dict__.values()):
-                if isinstance(value, PackedLinear):
-                    value.restore()
+            restore_weights(owner)
     return previous
 
 
