@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from kvsched.engine.lora.adapter import TARGET_MODULES, LoraAdapter
-from kvsched.engine.model.packed import restore_weights
 
 
 @dataclass(slots=True)
@@ -88,8 +87,6 @@ def wrap_targets(
     """Wrap the linears ``adapter`` targets that are not wrapped yet (also for an adapter loaded at
     runtime); a wrapper without deltas costs the base path nothing but a dict lookup."""
     layers: Any = model.model.layers  # type: ignore[union-attr]
-    if any(key not in wrappers for key in adapter.weights):
-        restore_weights(model)  # the wrappers read their base's weight: unpack it (the forward re-packs)
     for layer, module in adapter.weights:
         if (layer, module) in wrappers:
             continue

@@ -51,8 +51,9 @@ def prepacking_enabled() -> bool:
 
 def restore_weights(model: nn.Module) -> int:
     """Give every module under ``model`` its own weights back and drop their packed copies; returns how
-    many packed weights were dropped. Code that reads or replaces projections directly (quantization,
-    LoRA wrapping) calls it first: a released weight reads as NaN. The next forward packs again."""
+    many packed weights were dropped. Code that reads a projection's weight values directly
+    (quantization) calls it first: a released weight reads as NaN. A module merely swapped for a
+    wrapper (LoRA) needs nothing: ``packed`` restores it at the owner's next call."""
     dropped = 0
     for mod in model.modules():
         slots = [k for k, v in mod.__dict__.items() if isinstance(v, PackedLinear)]
