@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvsched.core.config import CacheConfig
+from kvsched.sim import decode_window, replica
 from kvsched.sim.cost import RooflineCostModel
 from kvsched.sim.hardware import GPU_PRESETS
 from kvsched.sim.models import MODEL_PRESETS
@@ -70,14 +71,36 @@ def _same(a, b, exact: bool) -> None:  # noqa: ANN001
         assert sorted(getattr(a.recorder, key)) == sorted(getattr(b.recorder, key))
 
 
+def _count_windows(monkeypatch) -> dict[str, int]:  # noqa: ANN001
+    """Count the windows replicas run (``run_window`` not None) and the new blocks they take."""
+    ran = {"windows": 0, "grows": 0}
+    run_window, grow = decode_window.run_window, decode_window._grow
+
+    def counted_run(*args):  # noqa: ANN002, ANN202
+        finished = run_window(*args)
+        ran["windows"] += finished is not None
+        return finished
+
+    def counted_grow(*args):  # noqa: ANN002, ANN202
+        ran["grows"] += 1
+        return grow(*args)
+
+    monkeypatch.setattr(replica, "run_window", counted_run)
+    monkeypatch.setattr(decode_window, "_grow", counted_grow)
+    return ran
+
+
 @pytest.mark.parametrize(("kind", "kw"), POLICIES)
-def test_windows_change_nothing_under_memory_pressure(kind, kw):
+def test_windows_change_nothing_under_memory_pressure(kind, kw, monkeypatch):
     specs = synthetic_workload(
         30, 20.0, LengthDist("uniform", 20, 300), LengthDist("uniform", 2, 120), shared_prefix_len=48,
         num_shared_prefixes=3, seed=4, vocab_size=1000,
     )  # fmt: skip
     host = 0 if kind != "unified" else 400
+    ran = _count_windows(monkeypatch)
     on = _run(specs, _cache(60, host), kind, kw, True)
+    # windows did run here, and took new blocks inside (else "identical" would prove nothing)
+    assert ran["windows"] > 0 and ran["grows"] > 0
     off = _run(specs, _cache(60, host), kind, kw, False)
     _same(on, off, exact=True)
     # the pool was tight enough to displace requests (guaranteed_no_evict never does: it waits)
