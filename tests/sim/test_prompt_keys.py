@@ -119,6 +119,10 @@ def _decisions(specs, keyed: bool, replicas: int = 1):
         for rep in sim.replicas:
             rep.kv.set_prompt_keys(None)
     res = sim.run()
+    if keyed:  # the simulator installed one source on every replica, and it keyed segments
+        sources = {id(rep.kv._prompt_keys) for rep in sim.replicas}
+        source = sim.replicas[0].kv._prompt_keys
+        assert len(sources) == 1 and isinstance(source, SegmentKeys) and len(source) > 0
     return res.decisions, res.kv_stats
 
 
