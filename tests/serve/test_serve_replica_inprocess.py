@@ -10,6 +10,7 @@ from tiny_engine import ENGINE_KW, TINY, tiny_engine
 
 from kvsched.core.errors import InvalidRequestError, RequestTooLargeError
 from kvsched.core.request import SamplingParams
+from kvsched.core.routing import prompt_keys
 from kvsched.serve.metrics import EngineSnapshot
 from kvsched.serve.replicas.frontend import check_request
 from kvsched.serve.replicas.replica import EngineReplica
@@ -44,12 +45,15 @@ def test_front_end_checks_raise_what_the_engine_raises(replica, token_ids, param
 
 
 def test_replica_step_reply_carries_outputs_results_events_and_load(replica) -> None:
-    replica.add([1, 2, 3] * 12, GREEDY, "a", 0, 0.5, None, None)
+    prompt = [1, 2, 3] * 12  # 36 tokens: two whole blocks of 16
+    replica.add(prompt, GREEDY, "a", 0, 0.5, None, None)
     replica.add([4, 5], GREEDY, "b", 0, 0.0, None, "no-such-adapter")  # refused: reported with the step
     first = replica.step()
     assert first.rejected and first.rejected[0][0] == "b"
     assert first.snapshot.num_running == 1 and first.num_unfinished == 1
-    assert {e.kind for e in first.events} == {"stored"}  # the prompt's two whole blocks
+    keys = prompt_keys(prompt, replica.info().tokens_per_block)
+    assert len(keys) == 2  # the prompt's two whole blocks, each published once, in chain order
+    assert [(e.kind, e.block_hash) for e in first.events] == [("stored", k) for k in keys]
     tokens = [t for o in first.outputs for t in o.new_token_ids]
     while True:
         reply = replica.step()
@@ -86,7 +90,6 @@ def _adapter(path, rank: int = 2) -> str:
 def test_lora_requests_are_keyed_as_the_router_keys_them(tmp_path) -> None:
     """The replica names its adapters' ids (``ReplicaInfo.lora_ids``); the router's keys for a prompt
     under that id are the block hashes the replica's KV events report for it."""
-    from kvsched.core.routing import prompt_keys
     from kvsched.engine.engine import Engine
     from kvsched.engine.engine_args import EngineArgs
     from kvsched.engine.parts import build_engine_parts
