@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-ROUTERS = ("round_robin", "least_loaded", "sticky", "kv_aware")
+from kvsched.core.routing import ROUTER_KINDS
 
 
 def _free_port() -> int:
@@ -95,7 +95,7 @@ def run_router(router: str, args: argparse.Namespace, workdir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--replicas", type=int, default=2)
-    p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--routers", default=",".join(ROUTER_KINDS))
     p.add_argument("--num-prompts", type=int, default=60)
     p.add_argument("--prefix-len", type=int, default=256)
     p.add_argument("--num-prefixes", type=int, default=15)
