@@ -107,13 +107,16 @@ def faulty_engine(path, *, model_fail_on=None, storage_fault=None, tokenizer=Non
 
 
 def run_checked(ex: Engine) -> dict:
-    """Step to the end, checking the KV manager's invariants after every step; the results by id."""
+    """Step to the end, checking the KV manager's invariants after every step, and that the engine's
+    active list is exactly its unfinished book (a failed request leaves both in its step); the results
+    by id."""
     results = {}
     while ex.has_unfinished_requests():
         for o in ex.step():
             if o.finished:
                 results[o.request_id] = ex.pop_output(o.request_id)
         check_invariants(ex.kv)
+        assert sorted(r.request_id for r in ex._active) == sorted(ex.book.tracked)
     stats = ex.kv.stats()
     assert stats.num_requests == 0 and stats.used_device_blocks == stats.used_host_blocks == 0
     return results

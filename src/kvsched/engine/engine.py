@@ -244,7 +244,8 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _end_step(self, finished: list[Request], outputs: list[StepOutput]) -> None:
-        """After a step's outputs: drop the finished from the active list, publish the KV events."""
+        """After a step's outputs (also a contained fault's, engine/overlap.py's too): drop the finished
+        from the active list, publish the KV events."""
         if finished or any(o.finished for o in outputs):
             self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
         self._publish_kv_events()
@@ -284,8 +285,7 @@ class Engine:
         if hit is None:
             raise exc
         outputs = fail_requests(self.book, hit[0], hit[1], exc)
-        self._active = [r for r in self._active if r.state != RequestState.GENERATION_COMPLETE]
-        self._publish_kv_events()
+        self._end_step([], outputs)
         return outputs
 
     def _publish_kv_events(self) -> None:

@@ -287,6 +287,5 @@ class OverlapLoop:
         if not failed:
             raise exc
         outputs = fail_requests(eng.book, failed, step_failed_message(exc), exc)
-        eng._active = [r for r in eng._active if r.state != _DONE]
-        eng._publish_kv_events()
+        eng._end_step([], outputs)
         return outputs
