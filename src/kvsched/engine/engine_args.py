@@ -26,6 +26,14 @@ SPECULATIVE_KINDS = ("ngram", "draft")
 QUANTIZATION_KINDS = ("int8", "int4")
 
 
+def check_quantization(kind: str | None) -> None:
+    """``kind`` is None or one of QUANTIZATION_KINDS (EngineArgs and ``quant.quantize_model`` both check)."""
+    if kind is not None and kind not in QUANTIZATION_KINDS:
+        raise ConfigError(
+            f"quantization={kind!r} is invalid: must be None or one of {', '.join(QUANTIZATION_KINDS)}"
+        )
+
+
 @dataclass(slots=True)
 class EngineArgs:
     """Everything the engine needs to start; ``model=None`` is the default SmolLM2 GGUF."""
@@ -83,11 +91,7 @@ class EngineArgs:
     def validate(self) -> None:
         if self.dtype not in _DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is invalid: must be one of {', '.join(_DTYPES)}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_KINDS:
-            raise ConfigError(
-                f"quantization={self.quantization!r} is invalid: must be None or one of "
-                f"{', '.join(QUANTIZATION_KINDS)}"
-            )
+        check_quantization(self.quantization)
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device={self.device!r} is invalid: must be 'cpu' or 'cuda[:N]'")
         if self.quantization == "int4" and self.device != "cpu":

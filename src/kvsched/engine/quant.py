@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from kvsched.core.errors import ConfigError
-from kvsched.engine.engine_args import QUANTIZATION_KINDS
+from kvsched.engine.engine_args import check_quantization
 from kvsched.engine.model.packed import restore_weights
 
 #: Projections of a decoder layer that are quantized (HF names; attention, then MLP).
@@ -156,12 +156,9 @@ def quantize_model(model: nn.Module, quantization: str | None) -> int:
     in place; returns how many linears were quantized. ``None`` leaves the model as it is (fp32 stays the
     default). A layer already quantized is skipped, so calling it twice is harmless. A tied LM head gets
     its own int8 copy; the embedding it was tied to stays fp32."""
+    check_quantization(quantization)
     if quantization is None:
         return 0
-    if quantization not in QUANTIZATION_KINDS:
-        raise ConfigError(
-            f"quantization={quantization!r} is invalid: must be None or one of {', '.join(QUANTIZATION_KINDS)}"
-        )
     make = Int8Linear.from_linear if quantization == "int8" else Int4Linear
     restore_weights(model)  # a forward may have packed the projections and released their weights
     count = 0
