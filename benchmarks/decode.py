@@ -9,8 +9,10 @@ weights instead (``kvsched.engine.quant``). Printed, all in one run on the defau
   ratios;
 * a forward of ``--batch`` decoding sequences (fp32 vs int8 vs int4), since the kernel must not lose at
   batch;
-* the candidate kernels on one decoder layer's projections at batch 1 and ``--batch``
-  (``--kernel-reps 0`` skips them);
+* the candidate kernels on one decoder layer's projections at batch 1 and ``--batch``, the engine's
+  default fp32 path (oneDNN-prepacked, ``engine/model/packed.py``) among them (``--kernel-reps 0``
+  skips them). Measured, 1 thread, 20 reps, loaded 2-core machine, ratio to ``F.linear``: fp32
+  prepacked 0.85x at batch 1, 1.13x / 1.22x / 1.19x at ``--batch`` 8 / 32 / 64;
 * greedy agreement of int8 and int4 with fp32 on the built-in chat prompts (``kvsched.bench.prompts``):
   the fraction of prompts with identical output and the mean length of the matching prefix.
 
@@ -137,9 +139,15 @@ def kernel_us(batch: int, reps: int) -> dict[str, float]:
     qt = [(q.t().contiguous(), s) for q, s in qs]  # [K, N] for _int_mm
     wb = [w.bfloat16() for w in ws]
     mm8 = torch.ops.aten._weight_int8pack_mm
+    from kvsched.engine.model.packed import packed
     from kvsched.engine.quant import Int4Linear
 
     int4 = [Int4Linear(nn.Linear(w.shape[1], w.shape[0], bias=False)) for w in ws]
+    prepacked = []  # the engine's default fp32 CPU path (engine/model/packed.py), one weight each
+    for w in ws:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False).requires_grad_(False)
+        lin.weight.data = w
+        prepacked.append((packed(lin, "w", (lin,), release=False), w.shape[1]))
 
     def int_mm() -> None:  # int8 activations, one scale per token
         for q, s in qt:
@@ -149,12 +157,15 @@ def kernel_us(batch: int, reps: int) -> dict[str, float]:
 
     cands = {
         "fp32 linear": lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in ws],
+        "fp32 prepacked": lambda: [p(xs[k]) for p, k in prepacked],
         "bf16 linear": lambda: [torch.nn.functional.linear(xb[w.shape[1]], w) for w in wb],
         "int8pack fp32 act": lambda: [mm8(xs[q.shape[1]], q, s) for q, s in qs],
         "int8pack bf16 act": lambda: [mm8(xb[q.shape[1]], q, s.bfloat16()) for q, s in qs],
         "_int_mm int8 act": int_mm,
         "int4pack bf16 act": lambda: [m(xs[m.in_features]) for m in int4],
     }
+    if any(p is None for p, _ in prepacked):  # no oneDNN in this torch build: nothing to compare
+        del cands["fp32 prepacked"]
     out: dict[str, list[float]] = {name: [] for name in cands}
     with torch.inference_mode():
         for fn in cands.values():
