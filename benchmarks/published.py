@@ -217,13 +217,14 @@ def calibrate(rows: list[Row], scale: float, policy: str) -> dict[str, float]:
         return memo[idx]
 
     best = (4, 3, 2)  # mfu 0.6, attention 0.6, hbm 0.8
+    sizes = [len(values) for values in GRID.values()]
     improved = True
     while improved:
         improved = False
         for axis, step in itertools.product(range(len(GRID)), (-1, 1)):
             cand = list(best)
             cand[axis] += step
-            if 0 <= cand[axis] < len(GRID[list(GRID)[axis]]) and error(tuple(cand)) < error(best):
+            if 0 <= cand[axis] < sizes[axis] and error(tuple(cand)) < error(best):
                 best, improved = tuple(cand), True
     return {k: GRID[k][i] for k, i in zip(GRID, best)}
 
