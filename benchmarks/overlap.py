@@ -3,8 +3,8 @@ and the share of wall time spent outside the model's forward.
 
 The same prompts (the built-in chat prompts, greedy) go through two engines built over one loaded copy
 of the weights (each with its own KV pool, so neither inherits the other's cached prefixes), in
-alternating runs (after one unmeasured run of the same workload); each mode's best run is printed. "outside forward" is 1 - (time inside the model's
-forward) / wall time: the scheduling, batch building, sampling, step update and detokenizing that the
+alternating runs (after one unmeasured run of the same workload); every run is printed, then each
+mode's best. "outside forward" is 1 - (time inside the model's forward) / wall time: the scheduling, batch building, sampling, step update and detokenizing that the
 overlap hides behind the forward (with the overlap on, what is left of it is the time the worker waits
 for the engine thread). CPU time per output token is printed too: on a loaded machine, two runnable
 threads get a larger share of the cores than one, which flatters the overlap's wall time. The outputs of
