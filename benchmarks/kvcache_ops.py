@@ -5,7 +5,8 @@
 
 Prints one line per figure. Targets: a decode grow that needs no new block well under 1 us; prefix
 matching (a 32k-token prompt) at most 50 ns per token; host<->device copies of 64+ blocks with
-scattered ids at least 50 % of one flat ``copy_`` of the same bytes, timed in the same run.
+scattered ids at least 50 % of one flat ``copy_`` of the same bytes, timed in the same run (on CPU a
+one-thread numpy memcpy of those bytes is printed beside it: ``copy_`` is OpenMP-parallel).
 """
 
 from __future__ import annotations
