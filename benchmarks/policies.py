@@ -51,11 +51,12 @@ def run_all(title: str, scenario: Scenario, specs: list, policies: tuple[str, ..
     for pol in policies:
         t0 = time.perf_counter()
         res = scenario.simulator(specs, pol).run()
-        wall += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        wall += dt
         results.append(res)
         s = res.summary
         print(
-            f"  {pol:30s} {time.perf_counter() - t0:6.1f} s wall, {s['cpu_s']:6.1f} s CPU, {s['steps']} steps, {s['sim_steps_per_s']:.0f} steps/s"
+            f"  {pol:30s} {dt:6.1f} s wall, {s['cpu_s']:6.1f} s CPU, {s['steps']} steps, {s['sim_steps_per_s']:.0f} steps/s"
         )
     oracle = results[0]
     held = oracle.recorder.timeline()["device_blocks"]
