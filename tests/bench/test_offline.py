@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from kvsched.bench import serve_cli
 from kvsched.bench.offline import run_offline
 from kvsched.bench.prompts import SHARED_SYSTEM_PROMPT, chat_conversations
 from kvsched.cli import build_parser
@@ -16,10 +17,10 @@ def test_bench_offline_flags_and_serve_registered():
     parser = build_parser()
     args = parser.parse_args(["bench", "offline", "--num-prompts", "8", "--scheduler", "recompute"])
     assert args.num_prompts == 8 and args.scheduler == "recompute" and args.max_tokens == 64
-    assert args.device_kv_bytes is not None and args.host_kv_bytes is not None  # bench defaults
+    assert (args.device_kv_bytes, args.host_kv_bytes) == (128 << 20, 1 << 30)  # bench defaults, not None
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "offline", "--scheduler", "nope"])
-    assert parser.parse_args(["bench", "serve"]).func is not None
+    assert parser.parse_args(["bench", "serve"]).func is serve_cli.run  # not `bench`'s print-help default
 
 
 @pytest.mark.parametrize(
