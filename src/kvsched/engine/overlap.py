@@ -102,7 +102,10 @@ class OverlapLoop:
             if out is not None and (out.context_requests or out.generation_requests):
                 cur = self._submit(out, prev)
             outputs = failed + self._finish(prev) if prev is not None else failed
-            if any(o.finished for o in outputs):  # the ones ended by the last update stay till emitted
+            # Drop the finished now, before _apply: the requests its update ends (max_tokens, known at
+            # submission) must stay active until their token is emitted next call (Engine._end_step at
+            # the end of the step would drop them too early).
+            if any(o.finished for o in outputs):
                 eng._active = [r for r in eng._active if r.state != _DONE]
             if prev is None and cur is None and not failed:
                 return eng._idle(out)  # nothing in flight and nothing scheduled
