@@ -95,7 +95,7 @@ def test_recycled_block_objects_start_clean():
     blocks = m._caches[2].blocks
     assert old & {id(p) for p in blocks}  # objects were reused
     assert [p.slot for p in blocks] == m.block_table(b)
-    assert all(p.locks == 1 and p.holds == 0 and p.bucket is None for p in blocks)
+    assert all(p.locks == 1 and p.holds == 0 and not p.cached for p in blocks)
     assert sum(p.key is not None for p in blocks) == 4  # b's own 4 full blocks, published anew
     check_invariants(m)
     m.free_request(b)

@@ -34,7 +34,7 @@ def test_pool_alloc_low_ids_first_and_lru_priority_order():
         pool.push_cached(p)
     assert pool.available == 4 + 4
     pool.remove_cached(blocks[0])
-    assert blocks[0].bucket is None and pool.num_cached == 3
+    assert not blocks[0].cached and pool.num_cached == 3
     # lowest priority first, then oldest first within a priority
     assert pool.pop_victims(2) == [blocks[2], blocks[1]]
     assert pool.pop_victims(1) == [blocks[3]]
@@ -91,3 +91,32 @@ def test_different_lora_or_salt_never_share_blocks():
         m.advance(r, r.context_remaining_length)
     assert (b.num_reused_tokens, c.num_reused_tokens) == (0, 0)
     assert d.num_reused_tokens == 8
+
+
+def test_a_long_queue_evicts_in_order_and_cuts_its_consumed_entries():
+    """Eviction takes runs of entries by slice (``LruQueue``); consumed ones are cut off the lists
+    once they are most of them, and the order survives every cut."""
+    pool = TierPool(0, 20000)
+    blocks = [Block(0, s) for s in range(20000)]
+    pool.push_many(blocks)
+    queue = pool.buckets[0]
+    out: list[Block] = []
+    while pool.num_cached:
+        out += pool.pop_victims(min(97, pool.num_cached))
+        assert len(queue.blocks) - queue.head == pool.num_cached == pool.entries or not pool.num_cached
+        assert len(queue.blocks) <= 2 * pool.num_cached + 4096 + 97 or not pool.num_cached
+    assert out == blocks
+    assert not pool.buckets and pool.entries == 0
+
+
+def test_stale_entries_inside_a_run_are_skipped_and_the_rest_of_the_run_is_kept():
+    pool = TierPool(0, 16)
+    blocks = [Block(0, s) for s in range(8)]
+    pool.push_many(blocks)
+    pool.remove_cached(blocks[2])  # stale entries at positions 2 and 5
+    pool.remove_cached(blocks[5])
+    assert pool.pop_victims(3) == [blocks[0], blocks[1], blocks[3]]
+    assert pool.pop_victims(2) == [blocks[4], blocks[6]]  # the run check fails again (entry 5)
+    pool.push_cached(blocks[2])
+    assert pool.pop_victims(2) == [blocks[7], blocks[2]]
+    assert pool.num_cached == pool.entries == 0 and not pool.buckets

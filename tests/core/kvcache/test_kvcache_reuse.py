@@ -1,5 +1,7 @@
 """Prefix reuse: matching, sharing, eviction order, the host tier, events, stats."""
 
+import pytest
+
 from kvc_helpers import decode, make, req, run_context
 from kvsched.core.kvcache import Tier
 from kvsched.core.kvcache.invariants import check_invariants
@@ -198,14 +200,22 @@ def test_host_tier_full_drops_oldest_host_blocks():
     assert m.prepare_context(newer) and newer.context_current_position == 4
 
 
-def test_concurrent_identical_blocks_keep_one_published_copy():
-    m = make(tpb=4, device=8, reuse=True)
+@pytest.mark.parametrize("events", [True, False])
+def test_concurrent_identical_blocks_keep_one_published_copy(events):
+    """Without events, ``commit_blocks`` publishes a looked-up run in one pass when none of its
+    keys is taken, else block by block: b's blocks stay private either way."""
+    m = make(tpb=4, device=8, reuse=True, enable_kv_events=events)
     a, b = req(1, list(range(9))), req(2, list(range(9)))
     assert m.prepare_context(a) and m.prepare_context(b)  # neither sees the other yet
     for r in (a, b):
         m.resize_context(r, 9)
         m.advance(r, 9)
     assert m.block_table(a)[0] != m.block_table(b)[0]
+    published = m._store.index
+    assert len(published) == 2 and {id(p) for p in published.values()} == {
+        id(p) for p in m._caches[1].blocks[:2]
+    }
+    check_invariants(m)
     m.free_request(a)
     m.free_request(b)
     s = m.stats()

@@ -9,6 +9,7 @@ total per tier) has one owner. Making room on the device evicts cached blocks le
 from __future__ import annotations
 
 from collections import deque
+from operator import attrgetter
 
 from kvsched.core.errors import KVTransferError
 from kvsched.core.kvcache.blocks import Block, TierPool
@@ -17,6 +18,7 @@ from kvsched.core.kvcache.types import DEVICE, HOST, KVCacheStats, KVEvent, Tier
 
 MAX_EVENTS = 65536
 _TIERS = (Tier.DEVICE, Tier.HOST)
+_slot_of = attrgetter("slot")
 
 
 class BlockStore:
@@ -100,7 +102,7 @@ class BlockStore:
                 self._recycle(gone)
 
     def _recycle(self, blocks: list[Block]) -> None:
-        """Keep unreferenced Block objects (no locks, holds, key or LRU bucket) for reuse."""
+        """Keep unreferenced Block objects (no locks, holds or key; not cached) for reuse."""
         if len(self.spare) < self.device.size:
             self.spare.extend(blocks)
 
@@ -183,19 +185,17 @@ class BlockStore:
         return n
 
     def _drop_many(self, blocks: list[Block], tier: int) -> None:
-        """Forget cached blocks of ``tier``: their keys leave the index and their slots are freed."""
+        """Forget cached blocks of ``tier`` (``TierPool.pop_victims``' victims): their keys leave the
+        index and their slots are freed. A cached block always owns its key's index entry."""
         index = self.index
-        events = self.events_on
-        slots = []
+        if self.events_on:
+            for block in blocks:
+                self._event("removed", block.key, tier)  # type: ignore[arg-type]
         for block in blocks:
-            key = block.key
-            if key is not None:  # a block carries a key only while it owns the index entry
-                del index[key]
-                if events:
-                    self._event("removed", key, tier)
-                block.key = None
-            slots.append(block.slot)
-        self.pool(tier).free.extend(slots)
+            del index[block.key]
+            block.key = None
+            block.stamp = -1  # no longer cached (``pop_victims`` leaves it to the caller)
+        self.pool(tier).free += map(_slot_of, blocks)
         self._recycle(blocks)
         if tier == DEVICE:
             self.counters.dropped_device_blocks += len(blocks)
@@ -213,18 +213,15 @@ class BlockStore:
         if not self.reserve(HOST, n):
             raise RuntimeError(f"offload: {n} blocks do not fit the host tier")  # caller bug
         dst_slots = host.alloc(n)
-        src_slots = [p.slot for p in blocks]
+        src_slots = list(map(_slot_of, blocks))
         try:
             self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
         except COPY_ERRORS:
             host.free.extend(dst_slots)
             self._drop_many(blocks, DEVICE)
             return
-        self.device.free.extend(src_slots)
-        for block, slot in zip(blocks, dst_slots):
-            block.tier = HOST
-            block.slot = slot
-        host.push_many(blocks)
+        self.device.free += src_slots
+        host.push_moved(blocks, dst_slots)
         if self.events_on:
             for block in blocks:
                 self._event("removed", block.key, DEVICE)  # type: ignore[arg-type]

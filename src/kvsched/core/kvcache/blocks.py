@@ -6,20 +6,24 @@ carries a reuse key and waits in its tier's LRU ("cached"), or its slot goes str
 free list.
 
 The LRU of one priority is a FIFO queue with lazy deletion (the scheme of a timer wheel's cancelled
-entries): taking a cached block back for reuse only clears its ``bucket``, and its stale entry is
+entries): taking a cached block back for reuse only clears its ``stamp``, and its stale entry is
 skipped when eviction reaches it. Every entry carries the stamp the block had when it was queued, so a
 block released again (a fresh entry at the tail) is evicted at its new place, as an ordered dict's
-delete-and-reinsert would. A deque append / popleft is cheaper than an ``OrderedDict`` insert / pop and
-touches memory in order, which matters when millions of blocks pass through a pool (the simulator).
+delete-and-reinsert would. A queue is two plain lists read from a head index: appends are cheap,
+eviction takes a whole run of entries with one slice and checks it with one list comparison, and
+memory is touched in order, which matters when millions of blocks pass through a pool (the
+simulator).
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 # Stale entries allowed beyond the live ones before a pool's queues are rebuilt (amortised O(1)).
 _COMPACT_SLACK = 1024
+# Consumed entries allowed at a queue's front before its lists are cut (amortised O(1)).
+_CUT_SLACK = 4096
 
 
 @dataclass(slots=True, eq=False)
@@ -33,31 +37,54 @@ class Block:
     key: bytes | None = None
     # Retention priority used when the block becomes cached (higher survives longer).
     priority: int = 0
-    # LRU bucket (priority) the block sits in while cached, else None.
-    bucket: int | None = None
-    # Stamp of the block's latest LRU entry; an entry with another stamp is stale.
+    # Stamp of the block's LRU entry while it is cached, else -1; an entry with another stamp is
+    # stale. One field is both the "cached" flag and the entry check, so eviction validates a run
+    # of entries by comparing two lists (one C-level pass) instead of reading two fields per block.
     stamp: int = -1
+
+    @property
+    def cached(self) -> bool:
+        """Waiting in its tier's LRU (nobody references it)."""
+        return self.stamp >= 0
+
+
+_stamp_of = attrgetter("stamp")
 
 
 class LruQueue:
-    """Cached blocks of one priority, oldest first, with the stamp each was queued with."""
+    """Cached blocks of one priority, oldest first, with the stamp each was queued with.
 
-    __slots__ = ("blocks", "stamps")
+    Two lists read from ``head``: eviction takes a run of entries with one slice each (C-level),
+    and consumed entries are cut off once they are more than half of the lists (amortised O(1)).
+    """
+
+    __slots__ = ("blocks", "stamps", "head")
 
     def __init__(self) -> None:
-        self.blocks: deque[Block] = deque()
-        self.stamps: deque[int] = deque()
+        self.blocks: list[Block] = []
+        self.stamps: list[int] = []
+        self.head = 0
 
     def live(self) -> list[Block]:
         """The blocks whose entry is current, oldest first (O(entries): checks and compaction)."""
-        return [p for p, s in zip(self.blocks, self.stamps) if p.stamp == s and p.bucket is not None]
+        h = self.head
+        return [p for p, s in zip(self.blocks[h:], self.stamps[h:]) if p.stamp == s]
+
+    def consume(self, end: int) -> None:
+        """Entries before ``end`` are gone; cut them off the lists when they are most of them."""
+        if 2 * end > len(self.blocks) + _CUT_SLACK:
+            del self.blocks[:end]
+            del self.stamps[:end]
+            end = 0
+        self.head = end
 
 
 class TierPool:
     """Slots of one tier: free slots (a stack) and cached blocks (LRU queues keyed by priority).
 
     ``num_cached`` counts live entries, ``entries`` all queued ones (live + stale). Stamps step by 2
-    from the tier's id, so the two pools of a store never hand out the same stamp.
+    from the tier's id + 2, so the two pools of a store never hand out the same stamp and a stamp
+    is never negative.
     """
 
     __slots__ = ("tier", "size", "free", "buckets", "num_cached", "entries", "stamp")
@@ -91,11 +118,17 @@ class TierPool:
 
     def push_many(self, blocks: list[Block]) -> None:
         """``push_cached`` for a batch (in order); one bucket lookup per run of equal priorities."""
+        self.push_moved(blocks, None)
+
+    def push_moved(self, blocks: list[Block], slots: list[int] | None) -> None:
+        """``push_many`` for blocks that arrive in this tier at ``slots`` (an offload's victims),
+        which are set in the same pass; None: they are already here."""
         buckets = self.buckets
         stamp = self.stamp
+        tier = self.tier
         prio: int | None = None
         add_block = add_stamp = None
-        for block in blocks:
+        for i, block in enumerate(blocks):
             p = block.priority
             if p != prio:
                 prio = p
@@ -103,9 +136,11 @@ class TierPool:
                 if queue is None:
                     queue = buckets[p] = LruQueue()
                 add_block, add_stamp = queue.blocks.append, queue.stamps.append
+            if slots is not None:
+                block.tier = tier
+                block.slot = slots[i]
             stamp += 2
             block.stamp = stamp
-            block.bucket = p
             add_block(block)  # type: ignore[misc]
             add_stamp(stamp)  # type: ignore[misc]
         self.stamp = stamp
@@ -113,7 +148,7 @@ class TierPool:
 
     def push_run(self, blocks: list[Block], priority: int) -> None:
         """``push_many`` for blocks that all take ``priority`` (a request's released blocks): set
-        here, and queued with one ``extend`` per deque."""
+        here, and queued with one ``extend`` per list."""
         queue = self.buckets.get(priority)
         if queue is None:
             queue = self.buckets[priority] = LruQueue()
@@ -125,9 +160,8 @@ class TierPool:
         for block, stamp in zip(blocks, stamps):
             block.priority = priority
             block.stamp = stamp
-            block.bucket = priority
-        queue.blocks.extend(blocks)
-        queue.stamps.extend(stamps)
+        queue.blocks += blocks
+        queue.stamps += stamps
         self.stamp = first + 2 * (n - 1)
         self._queued(n)
 
@@ -140,33 +174,42 @@ class TierPool:
 
     def remove_cached(self, block: Block) -> None:
         """Take ``block`` out of the LRU (it is being reused or moved); its entry goes stale."""
-        block.bucket = None
+        block.stamp = -1
         self.num_cached -= 1
 
     def pop_victims(self, n: int) -> list[Block]:
         """Remove and return ``n`` cached blocks (``n <= num_cached``): lowest priority first,
-        oldest first within it; stale entries met on the way are dropped."""
+        oldest first within it; stale entries met on the way are dropped.
+
+        The victims keep their stamp: the caller re-queues them (``push_many``) or drops them
+        (``BlockStore._drop_many`` clears it), which writes the field once instead of twice."""
         out: list[Block] = []
-        append = out.append
         buckets = self.buckets
         left = n
         while left:
             prio = min(buckets)
             queue = buckets[prio]
-            blocks = queue.blocks
-            before = len(blocks)
-            pop_block, pop_stamp = blocks.popleft, queue.stamps.popleft
-            for _ in range(before):
-                p = pop_block()
-                if p.stamp == pop_stamp() and p.bucket is not None:
-                    p.bucket = None
-                    append(p)
-                    left -= 1
-                    if not left:
-                        break
-            self.entries -= before - len(blocks)
-            if not blocks:
+            blocks, stamps = queue.blocks, queue.stamps
+            head = end = queue.head
+            size = len(blocks)
+            stop = min(head + left, size)
+            run = blocks[head:stop]
+            if list(map(_stamp_of, run)) == stamps[head:stop]:  # no stale entry: the usual case
+                out += run
+                left -= stop - head
+                end = stop
+            else:
+                while left and end < size:  # entry by entry, skipping the stale ones
+                    p = blocks[end]
+                    if p.stamp == stamps[end]:
+                        out.append(p)
+                        left -= 1
+                    end += 1
+            self.entries -= end - head
+            if end == size:
                 del buckets[prio]
+            else:
+                queue.consume(end)
         self.num_cached -= n
         if not self.num_cached:  # only stale entries can be left: forget them
             buckets.clear()
@@ -180,8 +223,9 @@ class TierPool:
             queue = buckets[prio]
             live = queue.live()
             if live:
-                queue.blocks = deque(live)
-                queue.stamps = deque([p.stamp for p in live])
+                queue.blocks = live
+                queue.stamps = [p.stamp for p in live]
+                queue.head = 0
             else:
                 del buckets[prio]
         self.entries = self.num_cached

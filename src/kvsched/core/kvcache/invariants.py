@@ -54,7 +54,7 @@ def check_invariants(manager: KVCacheManager) -> None:
             (locks if c.active else holds)[id(p)] += 1
     for p in blocks.values():
         assert p.locks == locks[id(p)] and p.holds == holds[id(p)], f"bad refcount {p}"
-        assert p.bucket is None, f"referenced block in the LRU {p}"
+        assert not p.cached, f"referenced block in the LRU {p}"
     assert store.num_locked == sum(1 for p in blocks.values() if p.locks), "bad locked count"
     parked = {id(p) for p in blocks.values() if p.tier == DEVICE and not p.locks and p.holds}
     assert parked == {id(p) for p in store.parked}, "parked set out of date"

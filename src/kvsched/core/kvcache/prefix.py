@@ -62,11 +62,11 @@ def hold_prefix(store: BlockStore, keys: list[bytes]) -> tuple[list[Block], int]
             break
         if p.tier:
             on_host += 1
-            if p.bucket is not None:
-                p.bucket = None
+            if p.stamp >= 0:
+                p.stamp = -1
                 cached_host += 1
-        elif p.bucket is not None:
-            p.bucket = None
+        elif p.stamp >= 0:
+            p.stamp = -1
             cached_device += 1
         p.holds += 1
         append(p)
@@ -97,8 +97,8 @@ def lock_prefix(store: BlockStore, keys: list[bytes]) -> tuple[list[Block], int,
             store.device.num_cached -= cached
             rest, on_host = hold_prefix(store, keys[len(blocks) :])
             return blocks + rest, on_host, False
-        if p.bucket is not None:
-            p.bucket = None
+        if p.stamp >= 0:
+            p.stamp = -1
             cached += 1
         if not p.locks:
             newly_locked += 1
@@ -129,17 +129,28 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
         # Blocks of the looked-up context: their keys were hashed at lookup.
         # One probe each: publish unless another block holds the key. Blocks past ``committed`` were
         # never published (their key is None), so it need not be read.
-        claim = store.index.setdefault
-        events = store.events_on
         stop = min(last, len(keys))
-        for b in range(idx, stop):
-            key = keys[b]
-            block = blocks[b]
-            if claim(key, block) is block:
+        index = store.index
+        run = keys[idx:stop]
+        if not store.events_on and index.keys().isdisjoint(run):
+            # The usual case (nobody published these blocks meanwhile): the index takes the run in
+            # C-level passes, and each block its key.
+            mine = blocks[idx:stop]
+            index.update(zip(run, mine))
+            for block, key in zip(mine, run):
                 block.key = key
-                if events:
-                    store._event("stored", key, block.tier, parent if b else None)
-            parent = key
+            parent = run[-1]
+        else:
+            claim = index.setdefault
+            events = store.events_on
+            for b in range(idx, stop):
+                key = keys[b]
+                block = blocks[b]
+                if claim(key, block) is block:
+                    block.key = key
+                    if events:
+                        store._event("stored", key, block.tier, parent if b else None)
+                parent = key
         idx = stop
     if idx < last:
         pack = _block_struct(tokens_per_block).pack
