@@ -106,8 +106,9 @@ class BlockStore:
         if len(self.spare) < self.device.size:
             self.spare.extend(blocks)
 
-    def new_device_blocks(self, n: int) -> list[Block]:
-        """``n`` fresh locked device blocks; the caller has reserved the room."""
+    def new_device_blocks(self, n: int) -> tuple[list[Block], list[int]]:
+        """``n`` fresh locked device blocks and their slots (the request's block table grows by
+        them); the caller has reserved the room."""
         self.num_locked += n
         self.counters.allocated_blocks += n
         slots = self.device.alloc(n)
@@ -121,7 +122,7 @@ class BlockStore:
             p.locks = 1  # priority is set when the block is released into the LRU
         if len(blocks) < n:  # too few spares: build the rest
             blocks += [Block(DEVICE, slot, 1) for slot in slots[len(blocks) :]]
-        return blocks
+        return blocks, slots
 
     # -- publishing ----------------------------------------------------------------------------
     def publish(self, block: Block, key: bytes, parent: bytes | None) -> None:

@@ -322,9 +322,9 @@ class KVCacheManager:
         add = nb - len(c.blocks)
         if not store.reserve(DEVICE, add):
             return False
-        blocks = store.new_device_blocks(add)
-        c.blocks.extend(blocks)
-        c.table.extend([p.slot for p in blocks])
+        blocks, slots = store.new_device_blocks(add)
+        c.blocks += blocks
+        c.table += slots
         c.capacity = need
         c.alloc_tokens = nb * tpb
         return True
