@@ -193,7 +193,7 @@ class BlockStore:
             for block in blocks:
                 self._event("removed", block.key, tier)  # type: ignore[arg-type]
         for block in blocks:
-            del index[block.key]
+            del index[block.key]  # type: ignore[arg-type]  # a cached block carries its key
             block.key = None
             block.stamp = -1  # no longer cached (``pop_victims`` leaves it to the caller)
         self.pool(tier).free += map(_slot_of, blocks)
