@@ -174,3 +174,19 @@ def test_an_offload_that_fails_on_a_bug_raises_instead_of_dropping(error):
     with pytest.raises(type(error), match=str(error.args[0])):
         run_context(m, req(2, 16, max_new=1))
     assert m.stats().dropped_device_blocks == 0
+
+
+@pytest.mark.parametrize("error", [ValueError("2 sources but 3 destinations"), IndexError("slot 9")])
+def test_a_suspend_whose_copy_fails_on_a_bug_raises_it_as_itself_and_moves_nothing(error):
+    """Not wrapped in ``KVTransferError`` (which callers treat as a failed copy and contain): the
+    bug surfaces, and the host slots taken for the copy are returned."""
+    st = RaisingStorage()
+    m = make(tpb=4, device=4, host=4, storage=st)
+    r = req(1, 8, max_new=2)
+    run_context(m, r)
+    st.error = error
+    with pytest.raises(type(error), match=str(error.args[0])):
+        m.suspend_request(r)
+    s = m.stats()
+    assert m.is_request_active(1) and (s.used_host_blocks, s.free_host_blocks) == (0, 4)
+    check_invariants(m)

@@ -234,6 +234,10 @@ class BlockStore:
     def migrate(self, blocks: list[Block], dst: int) -> None:
         """Move blocks (all on the other tier, none cached) to ``dst`` with one batched copy.
 
+        A copy that fails at run time (``COPY_ERRORS``) raises ``KVTransferError`` and moves
+        nothing; any other exception from the copy is a bug and propagates as itself, the
+        destination slots returned all the same (the rule of ``_offload``).
+
         The caller has made sure ``dst`` can take them (``reserve``); this call reserves again,
         which is then a no-op or evicts what the caller counted as evictable.
         """
@@ -249,6 +253,8 @@ class BlockStore:
             self.storage.copy_blocks(_TIERS[src], src_slots, _TIERS[dst], dst_slots)
         except Exception as exc:
             dst_pool.free.extend(dst_slots)  # nothing moved: the blocks keep their source slots
+            if not isinstance(exc, COPY_ERRORS):
+                raise  # a caller bug (bad slot, length mismatch), not a failed copy: as itself
             raise KVTransferError(
                 f"copying {n} KV blocks {Tier(src).name} -> {Tier(dst).name} failed: {type(exc).__name__}: {exc}"
             ) from exc
