@@ -126,15 +126,15 @@ def commit_blocks(store: BlockStore, cache: RequestCache, req: Request, tokens_p
     parent = cache.last_key
     keys = cache.keys
     if keys is not None and idx < len(keys):
-        # Blocks of the looked-up context: their keys were hashed at lookup.
-        # One probe each: publish unless another block holds the key. Blocks past ``committed`` were
-        # never published (their key is None), so it need not be read.
+        # Blocks of the looked-up context: their keys were hashed at lookup. Each is published
+        # unless another block holds its key (then it stays private). Blocks past ``committed``
+        # were never published (their key is None), so it need not be read.
         stop = min(last, len(keys))
         index = store.index
         run = keys[idx:stop]
         if not store.events_on and index.keys().isdisjoint(run):
-            # The usual case (nobody published these blocks meanwhile): the index takes the run in
-            # C-level passes, and each block its key.
+            # The usual case (nobody published these keys meanwhile): the index takes the run in
+            # C-level passes, and each block its key. With events, block by block (one each).
             mine = blocks[idx:stop]
             index.update(zip(run, mine))
             for block, key in zip(mine, run):
