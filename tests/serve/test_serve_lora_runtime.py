@@ -137,14 +137,30 @@ def _wait(cond) -> None:
         time.sleep(0.01)
 
 
+def _hold(engine):  # noqa: ANN001, ANN202 - the server's AsyncEngine
+    """Hold the engine thread on a gate (an ``AsyncEngine.call``) and return once it waits there, so
+    every command queued afterwards stays queued, in the order it came. Returning as soon as the call
+    is queued let a test's count of queued commands include the gate's own: under load the next two
+    commands could then queue in either order (seen in CI: an unload answered 409)."""
+    gate, inside = threading.Event(), threading.Event()
+
+    def wait() -> None:
+        inside.set()
+        gate.wait()
+
+    held = asyncio.run_coroutine_threadsafe(engine.call(wait), engine._loop)
+    assert inside.wait(30), "the engine thread never reached the gate"
+    return gate, held
+
+
 def test_unload_while_in_use_is_409_then_succeeds(paths) -> None:
     """A request queued before the unload command is live when the unload runs: 409. The engine thread
     is held on a gate (an ``AsyncEngine.call``) so both commands queue behind it in a known order."""
     with LiveServer(_engine(enable_lora=True), ON) as srv:
         loaded = _post(srv, "load_lora_adapter", {"lora_name": "sql", "lora_path": paths["sql"]})
         assert loaded.status_code == 200
-        gate, engine = threading.Event(), srv.engine
-        held = asyncio.run_coroutine_threadsafe(engine.call(gate.wait), engine._loop)
+        engine = srv.engine
+        gate, held = _hold(engine)
         with ThreadPoolExecutor(2) as pool:
             body = {"model": "sql", "prompt": PROMPT, "max_tokens": 4}
             gen = pool.submit(_post, srv, "completions", body)
@@ -165,8 +181,8 @@ def test_request_admitted_before_an_unload_that_runs_first_is_404(paths) -> None
     with LiveServer(_engine(enable_lora=True), ON) as srv:
         loaded = _post(srv, "load_lora_adapter", {"lora_name": "sql", "lora_path": paths["sql"]})
         assert loaded.status_code == 200
-        gate, engine = threading.Event(), srv.engine
-        held = asyncio.run_coroutine_threadsafe(engine.call(gate.wait), engine._loop)
+        engine = srv.engine
+        gate, held = _hold(engine)
         with ThreadPoolExecutor(2) as pool:
             unload = pool.submit(_post, srv, "unload_lora_adapter", {"lora_name": "sql"})
             _wait(lambda: len(engine._cmds) == 1)
