@@ -38,6 +38,8 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.kvcache import KVCacheManager
@@ -68,6 +70,29 @@ def run(kind: str, extra: dict, n: int, steps: int) -> tuple[float, float, float
     one = [7]
     sampled = {r.request_id: one for r in reqs}
     apply_step(out, sampled, kv)
+
+    def check(out) -> None:  # noqa: ANN001
+        assert len(out.generation_requests) == n, (kind, len(out.generation_requests))
+
+    return timed_steps(
+        n,
+        steps,
+        lambda: sched.schedule(reqs),
+        lambda out, s: apply_step(out, sampled, kv, now=float(s)),
+        check,
+    )
+
+
+def timed_steps(
+    n: int,
+    steps: int,
+    schedule: Callable[[], Any],
+    update: Callable[[Any, int], object],
+    check: Callable[[Any], None],
+) -> tuple[float, float, float]:
+    """Time ``steps`` steps of ``n`` running requests, the cyclic GC off: ``schedule()`` and
+    ``update(output, step)`` each on the thread's CPU clock, ``check(output)`` untimed. Returns (best
+    schedule, best update, median total) in us per request; both sides of the comparison use it."""
     sched_t: list[float] = []
     step_t: list[float] = []
     gc.collect()
@@ -75,11 +100,11 @@ def run(kind: str, extra: dict, n: int, steps: int) -> tuple[float, float, float
     try:
         for s in range(steps):
             t0 = time.thread_time()
-            out = sched.schedule(reqs)
+            out = schedule()
             t1 = time.thread_time()
-            apply_step(out, sampled, kv, now=float(s))
+            update(out, s)
             t2 = time.thread_time()
-            assert len(out.generation_requests) == n, (kind, len(out.generation_requests))
+            check(out)
             sched_t.append(t1 - t0)
             step_t.append(t2 - t1)
     finally:
@@ -171,28 +196,17 @@ def vllm_step(n: int, steps: int) -> tuple[float, float, float] | None:
         out = sched.schedule()  # the prefill step, not timed (as in ``run``)
         assert len(out.scheduled_new_reqs) == n, len(out.scheduled_new_reqs)
         sched.update_from_output(out, fake)
-        sched_t: list[float] = []
-        step_t: list[float] = []
-        gc.collect()
-        gc.disable()
-        try:
-            for _ in range(steps):
-                t0 = time.thread_time()
-                out = sched.schedule()
-                t1 = time.thread_time()
-                sched.update_from_output(out, fake)
-                t2 = time.thread_time()
-                assert len(out.num_scheduled_tokens) == n and out.total_num_scheduled_tokens == n
-                assert not out.preempted_req_ids, "the pool must hold every request"
-                sched_t.append(t1 - t0)
-                step_t.append(t2 - t1)
-        finally:
-            gc.enable()
+
+        def check(out) -> None:  # noqa: ANN001
+            assert len(out.num_scheduled_tokens) == n and out.total_num_scheduled_tokens == n
+            assert not out.preempted_req_ids, "the pool must hold every request"
+
+        return timed_steps(
+            n, steps, sched.schedule, lambda out, s: sched.update_from_output(out, fake), check
+        )
     except Exception as exc:  # noqa: BLE001 - an API this code does not know: say so
         print(f"vLLM v1 Scheduler: importable but could not be driven ({type(exc).__name__}: {exc})")
         return None
-    total = statistics.median(a + b for a, b in zip(sched_t, step_t))
-    return min(sched_t) / n * 1e6, min(step_t) / n * 1e6, total / n * 1e6
 
 
 def main() -> None:
