@@ -9,24 +9,18 @@ this is what the engine loop adds around them (tokens per request, acceptance me
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
-
-import torch
 
 from kvsched.core.kvcache import KVCacheManager
-from kvsched.core.request import Request, SamplingParams
 from kvsched.core.scheduler.output import SchedulerOutput
 from kvsched.engine.engine_args import EngineArgs
 from kvsched.engine.outputs import StepOutput
 from kvsched.engine.parts import EngineParts
 from kvsched.engine.request_book import RequestBook
 from kvsched.engine.sampler import Sampler
+from kvsched.engine.speculative.proposers import ParamsOf
 from kvsched.engine.speculative.speculator import Speculator
 
 __all__ = ["SpeculativeStep", "make_speculator"]
-
-ParamsOf = Callable[[Request], tuple[SamplingParams, torch.Generator | None]]
-
 
 def make_speculator(
     args: EngineArgs, parts: EngineParts, sampler: Sampler, params_of: ParamsOf
