@@ -30,7 +30,9 @@ from torch import nn
 #: Batch-size hint of the reorder; the blocked layout it picks served M = 1..1,500 (measured).
 _BATCH_HINT = 32
 
-_enabled = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+#: oneDNN and its prepacked linear op are in this torch build (decided once: both checks read it).
+_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_enabled = _AVAILABLE
 
 
 def set_prepacking(enabled: bool) -> bool:
@@ -38,7 +40,7 @@ def set_prepacking(enabled: bool) -> bool:
     previous setting. Off, every projection is a plain ``nn.Linear`` call (``F.linear``)."""
     global _enabled
     previous = _enabled
-    _enabled = bool(enabled) and torch.backends.mkldnn.is_available()
+    _enabled = bool(enabled) and _AVAILABLE
     if not _enabled:  # every module has its own weight again at once, not only at its next call
         for owner in list(_owners):
             restore_weights(owner)
