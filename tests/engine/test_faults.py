@@ -90,12 +90,18 @@ def test_full_host_tier_degrades_and_every_request_finishes_exactly(tiny_llama_d
     assert ex.stats.num_preempted > 0  # the host could not take the victims: they were recomputed
 
 
-def test_tokenizer_faults_fail_that_request_alone(tiny_llama_dir, hf_ref):
+@pytest.mark.parametrize("speculative", [None, "ngram"])
+def test_tokenizer_faults_fail_that_request_alone(tiny_llama_dir, hf_ref, speculative):
+    """With speculation the tokens of a step go out through ``emit_many``: the same rule."""
     healthy = random_prompts([7, 12], seed=23)
     want = [hf_ref.greedy(p, 8) for p in healthy]
     poison = min(set(range(256)) - {t for seq in healthy + want for t in seq})  # only one request meets it
     ex = faulty_engine(
-        tiny_llama_dir, tokenizer=FaultyTokenizer(poison), tokens_per_block=8, num_device_blocks=64
+        tiny_llama_dir,
+        tokenizer=FaultyTokenizer(poison),
+        tokens_per_block=8,
+        num_device_blocks=64,
+        speculative=speculative,
     )
     with pytest.raises(InvalidRequestError, match="tokenizer failed on the prompt: InjectedFault"):
         ex.add_request("boom", SamplingParams(max_tokens=4))

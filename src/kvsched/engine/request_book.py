@@ -101,11 +101,8 @@ class RequestBook:
             tracked.top_logprobs.append(top)
         try:
             delta, stopped = tracked.stream.push([token], final=req.is_finished)
-        except Exception as exc:  # a detokenizer fault fails this request alone
-            return self.fail(
-                tracked,
-                f"the engine failed this request: detokenizing its output raised {type(exc).__name__}: {exc}",
-            )
+        except Exception as exc:
+            return self._detokenize_failed(tracked, exc)
         if stopped:  # a stop string: the text stream is its one owner
             if req.is_finished:
                 req.finish_reason = "stop"  # it ends the text, so it names the reason (as in vLLM)
@@ -133,7 +130,10 @@ class RequestBook:
         for j, tok in enumerate(tokens):
             last = j == len(tokens) - 1
             emitted += 1
-            delta, stopped = tracked.stream.push([tok], final=req.is_finished and last)
+            try:
+                delta, stopped = tracked.stream.push([tok], final=req.is_finished and last)
+            except Exception as exc:
+                return self._detokenize_failed(tracked, exc)
             delta_all += delta
             if stopped:
                 if not req.is_finished:
@@ -159,6 +159,13 @@ class RequestBook:
             finish_reason=req.finish_reason,
             logprobs=sampled,
             top_logprobs=top,
+        )
+
+    def _detokenize_failed(self, tracked: Tracked, exc: Exception) -> StepOutput:
+        """A detokenizer fault fails this request alone (``emit`` and ``emit_many`` alike)."""
+        return self.fail(
+            tracked,
+            f"the engine failed this request: detokenizing its output raised {type(exc).__name__}: {exc}",
         )
 
     def fail(self, tracked: Tracked, message: str) -> StepOutput:
