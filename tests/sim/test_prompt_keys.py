@@ -157,3 +157,27 @@ def test_segment_keys_change_no_decision(workload):
     assert keyed == plain and len(keyed) > 10
     assert keyed_stats == plain_stats
     assert keyed_stats["reuse_hit_blocks_device"] + keyed_stats["reuse_hit_blocks_host"] > 0
+
+
+def test_a_draft_cache_of_another_block_size_gets_keys_of_its_own_size():
+    """The simulator keys each cache with a source of its own block size: a 32-token draft cache
+    given the 16-token source's keys would match the wrong blocks."""
+    from kvsched.sim.speculation import DrawnAcceptance, SimSpeculation
+
+    specs = load_mooncake(limit=6)
+    cost = RooflineCostModel(MODEL_PRESETS["llama-3.1-8b"], GPU_PRESETS["h200"])
+    cache = CacheConfig(tokens_per_block=16, num_device_blocks=4096, enable_block_reuse=True)
+    draft = CacheConfig(tokens_per_block=32, num_device_blocks=4096, enable_block_reuse=True)
+    spec = SimSpeculation(2, DrawnAcceptance(0.5), draft_cost=cost, draft_cache=draft)
+    sim = Simulator(specs, cost, cache, speculation=spec, max_batch_size=8, max_num_tokens=8192)
+    rep = sim.replicas[0]
+    assert rep.draft is not None
+    root = root_key(None, None)
+    for kv, tpb in ((rep.kv, 16), (rep.draft.kv, 32)):
+        source = kv._prompt_keys
+        for spec_ in specs:
+            req = make_request(spec_, 0.0)
+            nfull = (req.num_context_tokens - 1) // tpb
+            assert source(req, root, nfull) == _want(req, root, nfull, tpb), (tpb, spec_.request_id)
+    res = sim.run()
+    assert res.summary["requests"] == len(specs) and res.summary["rejected"] == 0

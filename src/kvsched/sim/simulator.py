@@ -105,11 +105,15 @@ class Simulator:
             for i in range(num_replicas)
         ]  # fmt: skip
         if cache_config.enable_block_reuse:  # trace blocks keyed once per segment (sim/prompt_keys.py)
-            keys = SegmentKeys(self.specs, cache_config.tokens_per_block)
+            # One source per block size: a draft cache may use blocks of another size.
+            sources: dict[int, SegmentKeys] = {}
             for rep in self.replicas:
-                rep.kv.set_prompt_keys(keys)
-                if rep.draft is not None:
-                    rep.draft.kv.set_prompt_keys(keys)
+                for kv in (rep.kv,) if rep.draft is None else (rep.kv, rep.draft.kv):
+                    tpb = kv.tokens_per_block
+                    source = sources.get(tpb)
+                    if source is None:
+                        source = sources[tpb] = SegmentKeys(self.specs, tpb)
+                    kv.set_prompt_keys(source)
         self.routing.attach(self.replicas)
         self.kv = self.replicas[0].kv
         self.scheduler = self.replicas[0].scheduler
