@@ -31,7 +31,7 @@ def test_pool_alloc_low_ids_first_and_lru_priority_order():
     assert pool.alloc(2) == [0, 1]
     blocks = [Block(0, s, priority=prio) for s, prio in zip(range(4), (0, 5, 0, 5))]
     for p in blocks:
-        pool.push_cached(p)
+        pool.push_many([p])
     assert pool.available == 4 + 4
     pool.remove_cached(blocks[0])
     assert not blocks[0].cached and pool.num_cached == 3
@@ -48,7 +48,7 @@ def test_a_block_taken_back_and_released_again_is_evicted_at_its_new_place():
     a, b, c = (Block(0, s) for s in range(3))
     pool.push_many([a, b, c])
     pool.remove_cached(a)  # a hit: a is held for a while ...
-    pool.push_cached(a)  # ... then released again: now the newest
+    pool.push_many([a])  # ... then released again: now the newest
     assert pool.num_cached == 3 and pool.entries == 4
     assert pool.cached_blocks() == [b, c, a]
     assert pool.pop_victims(2) == [b, c]
@@ -61,7 +61,7 @@ def test_stale_entries_stay_bounded_by_compaction():
     pool.push_many([cold, hot])
     for _ in range(5000):  # a hot prefix hit and released again and again, never evicted
         pool.remove_cached(hot)
-        pool.push_cached(hot)
+        pool.push_many([hot])
     assert pool.num_cached == 2 and pool.entries <= 2 * 2 + 1024 + 1
     assert pool.cached_blocks() == [cold, hot]
     assert pool.pop_victims(2) == [cold, hot]
@@ -74,7 +74,7 @@ def test_a_block_cached_again_under_another_priority_is_not_evicted_twice():
     pool.push_many([a, b])
     pool.remove_cached(a)
     a.priority = -1
-    pool.push_cached(a)
+    pool.push_many([a])
     assert pool.pop_victims(2) == [a, b]  # not [a, a]
     assert pool.num_cached == 0 and not pool.buckets
 
@@ -117,6 +117,6 @@ def test_stale_entries_inside_a_run_are_skipped_and_the_rest_of_the_run_is_kept(
     pool.remove_cached(blocks[5])
     assert pool.pop_victims(3) == [blocks[0], blocks[1], blocks[3]]
     assert pool.pop_victims(2) == [blocks[4], blocks[6]]  # the run check fails again (entry 5)
-    pool.push_cached(blocks[2])
+    pool.push_many([blocks[2]])
     assert pool.pop_victims(2) == [blocks[7], blocks[2]]
     assert pool.num_cached == pool.entries == 0 and not pool.buckets

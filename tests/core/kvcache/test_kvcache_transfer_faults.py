@@ -173,7 +173,10 @@ def test_an_offload_that_fails_on_a_bug_raises_instead_of_dropping(error):
     st.error = error
     with pytest.raises(type(error), match=str(error.args[0])):
         run_context(m, req(2, 16, max_new=1))
-    assert m.stats().dropped_device_blocks == 0
+    s = m.stats()
+    assert s.dropped_device_blocks == 0
+    assert (s.cached_device_blocks, s.used_host_blocks, s.offload_blocks) == (2, 0, 0)
+    check_invariants(m)
 
 
 @pytest.mark.parametrize("error", [ValueError("2 sources but 3 destinations"), IndexError("slot 9")])

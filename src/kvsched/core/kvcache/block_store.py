@@ -208,7 +208,8 @@ class BlockStore:
 
         A copy that fails at run time (``COPY_ERRORS``) drops the blocks instead: only cached copies
         were moving, and the room is made all the same. Anything else (a bad slot, a length
-        mismatch) is a bug and propagates."""
+        mismatch) is a bug and propagates, with the host slots returned and the blocks cached on the
+        device again: nothing is lost or owned twice."""
         n = len(blocks)
         host = self.host
         if not self.reserve(HOST, n):
@@ -217,10 +218,13 @@ class BlockStore:
         src_slots = list(map(_slot_of, blocks))
         try:
             self.storage.copy_blocks(Tier.DEVICE, src_slots, Tier.HOST, dst_slots)
-        except COPY_ERRORS:
-            host.free.extend(dst_slots)
-            self._drop_many(blocks, DEVICE)
-            return
+        except Exception as exc:
+            host.free += dst_slots
+            if isinstance(exc, COPY_ERRORS):
+                self._drop_many(blocks, DEVICE)
+                return
+            self.device.push_many(blocks)  # a bug: nothing moved, the victims are cached again
+            raise
         self.device.free += src_slots
         host.push_moved(blocks, dst_slots)
         if self.events_on:

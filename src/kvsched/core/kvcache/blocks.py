@@ -112,12 +112,9 @@ class TierPool:
         out.reverse()
         return out
 
-    def push_cached(self, block: Block) -> None:
-        """Make ``block`` the most recently used cached block of its priority."""
-        self.push_many([block])
-
     def push_many(self, blocks: list[Block]) -> None:
-        """``push_cached`` for a batch (in order); one bucket lookup per run of equal priorities."""
+        """Make ``blocks`` (in order) the most recently used cached blocks of their priorities; one
+        bucket lookup per run of equal priorities."""
         self.push_moved(blocks, None)
 
     def push_moved(self, blocks: list[Block], slots: list[int] | None) -> None:
@@ -181,7 +178,7 @@ class TierPool:
         """Remove and return ``n`` cached blocks (``n <= num_cached``): lowest priority first,
         oldest first within it; stale entries met on the way are dropped.
 
-        The victims keep their stamp: the caller re-queues them (``push_many``) or drops them
+        The victims keep their stamp: the caller re-queues them (``push_moved``, ``push_many``) or drops them
         (``BlockStore._drop_many`` clears it), which writes the field once instead of twice."""
         out: list[Block] = []
         buckets = self.buckets
