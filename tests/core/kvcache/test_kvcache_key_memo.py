@@ -251,3 +251,17 @@ def test_a_private_duplicate_stays_private_when_the_published_one_is_dropped():
     m.advance(b, 5)
     assert list(m._store.index) == [chain[2]]  # b's block 2 only: 0 and 1 stay private
     assert m._store.index[chain[2]] is b_blocks[2] and b_blocks[0].key is None
+
+
+def test_a_probe_finds_a_looked_up_prompt_in_the_memo_groups_without_hashing(fresh_memo, monkeypatch):
+    """The lookup remembers a prompt's aligned runs of ``GROUP`` blocks as group entries only; the
+    probe walks the same memo (``keys.known_keys``), so nothing is hashed again."""
+    m = make(reuse=True, device=64)
+    prompt = list(range(100, 100 + 4 * (2 * GROUP + 3) + 1))  # two groups and three blocks of 4, + 1
+    run_context(m, req(1, prompt))
+    assert len(fresh_memo.groups) == 2
+    root = root_key(None, None)
+    hashed = (_count_sha256(monkeypatch, prefix), _count_sha256(monkeypatch, keys))
+    assert m.probe_reuse(req(2, prompt)) == 4 * (2 * GROUP + 3) and hashed == ([], [])
+    blocks, _ = prefix.match_prefix(m._store.index, root, prompt, 4)
+    assert len(blocks) == 2 * GROUP + 3 and hashed == ([], [])

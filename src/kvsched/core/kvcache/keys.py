@@ -52,13 +52,34 @@ GROUP = 16
 def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
     """Keys of every whole block in ``packed`` (a trailing partial block is ignored).
 
-    Remembered groups first (a probe each), then remembered single blocks (generated blocks, an
-    earlier prompt's tail); after the first block the memo does not know, the rest of the chain is
-    new as well (its parent key is): hashed, then remembered as groups, the tail block by block.
+    The keys the memo remembers first (``known_keys``); after the first block it does not know, the
+    rest of the chain is new as well (its parent key is): hashed, then remembered as groups, the
+    tail block by block.
     """
     memo = MEMO
+    n = len(packed) // block_bytes
+    full = n // GROUP
+    keys, g = known_keys(parent, packed, block_bytes)
+    known = len(keys)
+    if known < n:
+        last = keys[-1] if keys else parent
+        append = keys.append
+        for chunk in split_blocks(packed[known * block_bytes :] if known else packed, block_bytes):
+            last = sha256(last + chunk).digest()
+            append(last)
+    if g < full or known < n:
+        _remember(memo, parent, packed, keys, block_bytes, g, known)
+    memo.trim()
+    return keys
+
+
+def known_keys(parent: bytes, packed: bytes, block_bytes: int) -> tuple[list[bytes], int]:
+    """Keys of the leading whole blocks of ``packed`` that the memo remembers, up to the first one it
+    does not know, and how many whole groups of ``GROUP`` blocks were found as one entry each:
+    remembered groups first (a probe each), then remembered single blocks (generated blocks, an
+    earlier prompt's tail). Entries found in the older generation move to the recent one."""
+    memo = MEMO
     groups, older_groups = memo.groups, memo.older_groups
-    root = parent
     n = len(packed) // block_bytes
     span = GROUP * block_bytes
     full = n // GROUP
@@ -75,13 +96,11 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
         keys += run
         parent = run[-1]
         g += 1
-    start = g * GROUP
-    chunks = split_blocks(packed[start * block_bytes :] if start else packed, block_bytes)
     recent, older = memo.recent, memo.older
     append = keys.append
-    i = 0
-    for chunk in chunks:
-        data = parent + chunk
+    # Sliced as probed, so a cold rest is not split here as well as in chain_keys.
+    for offset in range(g * span, n * block_bytes, block_bytes):
+        data = parent + packed[offset : offset + block_bytes]
         key = recent.get(data)
         if key is None:
             key = older.get(data)
@@ -90,14 +109,7 @@ def chain_keys(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
             recent[data] = key
         append(key)
         parent = key
-        i += 1
-    for chunk in chunks[i:] if i else chunks:
-        parent = sha256(parent + chunk).digest()
-        append(parent)
-    if g < full or start + i < n:
-        _remember(memo, root, packed, keys, block_bytes, g, start + i)
-    memo.trim()
-    return keys
+    return keys, g
 
 
 def _remember(
@@ -132,7 +144,8 @@ def hash_chain(parent: bytes, packed: bytes, block_bytes: int) -> list[bytes]:
 class KeyMemo:
     """Recently hashed ``parent || packed tokens -> key`` pairs, two generations of ``size``.
 
-    Lookups read both; new and re-used pairs go to ``recent``; when it remembers more than ``size``
+    Lookups read both; new and re-used entries go to the recent generation (``recent``, and
+    ``groups`` for whole runs of ``GROUP`` blocks); when it remembers more than ``size``
     blocks it becomes ``older`` and the previous ``older`` is dropped (an approximate LRU at one
     dict swap per ``size`` blocks). At most ``2 * size`` blocks plus one call's: with 16-token
     blocks and ``size = 65536`` about 2M tokens of prefixes, ~30 MB. Safe to share between threads

@@ -14,7 +14,7 @@ from hashlib import sha256
 
 from kvsched.core.kvcache.block_store import BlockStore
 from kvsched.core.kvcache.blocks import Block
-from kvsched.core.kvcache.keys import MEMO, pack_tokens, split_blocks
+from kvsched.core.kvcache.keys import MEMO, known_keys, pack_tokens
 from kvsched.core.kvcache.request_cache import RequestCache
 from kvsched.core.request import Request
 
@@ -24,21 +24,27 @@ def match_prefix(
 ) -> tuple[list[Block], bytes]:
     """Blocks of the longest run of whole blocks of ``tokens`` that is published, and the last key.
 
-    Keys block by block (a remembered block is one dict probe, see ``keys.KeyMemo``) and stops at
-    the first miss, so a cold prompt costs one hash.
+    The keys the memo remembers first (``keys.known_keys``: a probe per remembered group or block),
+    then block by block, hashed and remembered, up to the first block that is not published: past
+    what the memo knows, a cold prompt costs one hash.
     """
-    memo = MEMO
-    recent, older = memo.recent, memo.older
+    block_bytes = tokens_per_block * 4
+    packed = pack_tokens(tokens)
+    known, _ = known_keys(parent, packed, block_bytes)
     blocks: list[Block] = []
     get = index.get
-    for chunk in split_blocks(pack_tokens(tokens), tokens_per_block * 4):
-        data = parent + chunk
-        key = recent.get(data)
-        if key is None:
-            key = older.get(data)
-            if key is None:
-                key = sha256(data).digest()
-            recent[data] = key
+    memo = MEMO
+    for key in known:
+        block = get(key)
+        if block is None:
+            memo.trim()
+            return blocks, parent
+        blocks.append(block)
+        parent = key
+    recent = memo.recent
+    for offset in range(len(known) * block_bytes, len(packed) // block_bytes * block_bytes, block_bytes):
+        data = parent + packed[offset : offset + block_bytes]
+        key = recent[data] = sha256(data).digest()
         block = get(key)
         if block is None:
             break
