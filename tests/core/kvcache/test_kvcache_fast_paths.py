@@ -106,14 +106,17 @@ def test_recycled_block_objects_start_clean():
 def _mixed(m, fills):
     """Prefix hits of every kind: cached device blocks, blocks an active request locks, blocks
     suspended requests park on the device or keep on the host, cached host blocks; a snapshot of
-    tables, counters and positions after each."""
+    tables, counters, positions, each tier's LRU order and the parked blocks' order after each."""
     shared = list(range(12))
     snaps = []
 
     def snap(*rs):
         check_invariants(m)
         tables = [m.block_table(r) if m.is_request_active(r.request_id) else None for r in rs]
-        snaps.append((tables, m.stats(), [r.context_current_position for r in rs]))
+        store = m._store
+        lru = [[(p.slot, p.key) for p in pool.cached_blocks()] for pool in (store.device, store.host)]
+        parked = [p.slot for p in store.parked]  # oldest first: the order they go to the host
+        snaps.append((tables, m.stats(), [r.context_current_position for r in rs], lru, parked))
 
     a = req(1, shared + [50], max_new=4)
     run_context(m, a)
