@@ -111,7 +111,7 @@ class Replica:
             make_scheduler(scheduler, self.kv, **scheduler_kwargs), step_kv, self._run, self._now
         )
         self.cost = cost_model
-        # LoRA residency on the device, least recently used first: adapter id -> its pages
+        # LoRA residency on the device (core/lora_residency.AdapterLRU: least recently used first)
         self._adapter_bytes = float(getattr(cost_model, "lora_adapter_bytes", 0.0))
         self.resident = AdapterLRU()
         self._has_lora = False

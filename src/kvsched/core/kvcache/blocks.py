@@ -178,8 +178,8 @@ class TierPool:
         """Remove and return ``n`` cached blocks (``n <= num_cached``): lowest priority first,
         oldest first within it; stale entries met on the way are dropped.
 
-        The victims keep their stamp: the caller re-queues them (``push_moved``, ``push_many``) or drops them
-        (``BlockStore._drop_many`` clears it), which writes the field once instead of twice."""
+        The victims keep their stamp: the caller re-queues them (``push_moved``, ``push_many``) or
+        drops them (``BlockStore._drop_many`` clears it), which writes the field once, not twice."""
         out: list[Block] = []
         buckets = self.buckets
         left = n
