@@ -178,13 +178,15 @@ def _paged_attention(
     flat = cache.view(-1, kv_heads, head_dim)
     flat.index_copy_(0, plan.write_k_rows, k.to(flat.dtype))
     flat.index_copy_(0, plan.write_k_rows + tpb, v.to(flat.dtype))
-    if len(plan.groups) == 1 and plan.groups[0].q_rows is None:
+    groups = plan.groups
+    if len(groups) == 1 and groups[0].q_rows is None:
         return _causal_self(q, k, v).reshape(num_tokens, num_heads * head_dim)
-    out = q.new_empty(num_tokens, num_heads * head_dim)
+    whole = len(groups) == 1 and groups[0].q_range == (0, num_tokens)  # SDPA's output is the output
+    out = None if whole else q.new_empty(num_tokens, num_heads * head_dim)
     per_block = cache.view(cache.shape[0], 2, -1)  # gathering whole blocks of K (or V) yields [G, L, Hkv, D]
     k_blocks, v_blocks = per_block[:, 0], per_block[:, 1]
     prof = plan.profile
-    for grp in plan.groups:
+    for grp in groups:
         if grp.q_rows is None:
             a, b = grp.q_slice
             out[a:b] = _causal_self(q[a:b], k[a:b], v[a:b]).reshape(b - a, num_heads * head_dim)
@@ -218,9 +220,9 @@ def _paged_attention(
             enable_gqa=kv_heads != num_heads,
         ).transpose(1, 2)
         og = og.reshape(g * qn, num_heads * head_dim)
+        if out is None:  # the whole batch in one range (a pure decode step)
+            return og
         if rng is not None:
-            if rng[1] - rng[0] == num_tokens:  # the whole batch (a pure decode step)
-                return og
             out[rng[0] : rng[1]] = og
         elif g * qn == grp.out_src.shape[0]:
             out.index_copy_(0, grp.out_dst, og)
