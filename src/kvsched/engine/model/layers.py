@@ -36,26 +36,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and the signed sin table (first half negated) that ``apply_rotary_signed`` takes."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]: broadcast over heads
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """``sin`` with its first half negated, for ``apply_rotary_signed`` (computed once per forward)."""
-    half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        sin = emb.sin()
+        sin[..., : sin.shape[-1] // 2].neg_()  # exact: HF's table, its first half negated
+        return emb.cos().to(dtype), sin.to(dtype)
 
 
 def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary`` bit for bit with one op less per call: HF's ``(-x2) * sin`` equals
+    """HF's rotate-half rotary bit for bit with one op less per call: HF's ``(-x2) * sin`` equals
     ``x2 * (-sin)`` exactly (IEEE products only XOR the signs), so the negation moves into the table.
     x: [T, H, D], any row stride (q and k heads of the fused projection are rotated in one call)."""
     half = x.shape[-1] // 2

@@ -15,7 +15,7 @@ from torch import nn
 
 from kvsched.engine.forward_batch import ForwardBatch
 from kvsched.engine.model.attention import AttentionPlan, paged_attention
-from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_signed, signed_sin
+from kvsched.engine.model.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_signed
 from kvsched.engine.model.packed import linear, packed
 from kvsched.engine.model_config import ModelConfig
 
@@ -48,7 +48,7 @@ class LlamaAttention(nn.Module):
         cache: torch.Tensor,
         plan: AttentionPlan,
     ) -> torch.Tensor:
-        """``sin`` is ``signed_sin`` of the rotary table (see ``apply_rotary_signed``)."""
+        """``sin`` is the signed table of ``RotaryEmbedding`` (see ``apply_rotary_signed``)."""
         t, nh, hd = x.shape[0], self.num_heads, self.head_dim
         fused = packed(self, "_kvsched_packed_qkv", (self.q_proj, self.k_proj, self.v_proj))
         if fused is None:
@@ -127,8 +127,7 @@ class LlamaForCausalLM(nn.Module):
     def _forward(self, batch: ForwardBatch, caches: list[torch.Tensor], plan: AttentionPlan) -> torch.Tensor:
         m = self.model
         x = m.embed_tokens(batch.input_ids)
-        cos, sin = m.rotary(batch.positions, x.dtype)
-        sin = signed_sin(sin)
+        cos, sin = m.rotary(batch.positions, x.dtype)  # sin signed (RotaryEmbedding.forward)
         for layer, cache in zip(m.layers, caches):
             x = layer(x, cos, sin, cache, plan)
         x = m.norm(x.index_select(0, batch.logits_indices))
