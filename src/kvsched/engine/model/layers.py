@@ -60,12 +60,11 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
-        self.intermediate = intermediate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = packed(self, "_kvsched_packed_gate_up", (self.gate_proj, self.up_proj))
         if fused is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:  # one matmul over gate|up
-            gate, up = fused(x).split(self.intermediate, dim=1)
+            gate, up = fused(x).split(self.gate_proj.out_features, dim=1)
         return linear(self, "_kvsched_packed_down", self.down_proj, nn.functional.silu(gate) * up)

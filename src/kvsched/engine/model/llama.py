@@ -34,7 +34,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_sizes = (q_out, kv_out, kv_out)
+        self.qk_out = q_out + kv_out  # where v starts in the fused q|k|v output
         self.q_proj = nn.Linear(cfg.hidden_size, q_out, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, kv_out, bias=cfg.attention_bias)
@@ -57,7 +57,7 @@ class LlamaAttention(nn.Module):
             v = self.v_proj(x).view(t, self.num_kv_heads, hd)
         else:  # one matmul over q|k|v; RoPE once over the q and k heads together
             qkv = fused(x)
-            qk_out = self.qkv_sizes[0] + self.qkv_sizes[1]
+            qk_out = self.qk_out
             qk = apply_rotary_signed(qkv[:, :qk_out].view(t, -1, hd), cos, sin)
             q, k = qk[:, :nh], qk[:, nh:]
             v = qkv[:, qk_out:].view(t, self.num_kv_heads, hd)
