@@ -7,7 +7,7 @@ import pytest
 from kvsched.core.errors import InvalidRequestError, UnknownRequestError
 from kvsched.core.request import Request, RequestState, SamplingParams
 from kvsched.core.scheduler import SchedulerOutput
-from kvsched.core.step import apply_step, finish_request
+from kvsched.core.step import apply_step, finish_request, token_stop
 
 
 class StepKV:
@@ -142,3 +142,12 @@ def test_finish_request_is_idempotent_and_tolerates_requests_without_kv():
     assert r.metrics["finished"] == 5.0
     finish_request(r, "stop", kv)
     assert r.finish_reason == "abort"
+
+
+def test_token_stop_follows_eos_ignore_eos_and_stop_ids():
+    plain = Request(0, [1, 2], 4, sampling_params=SamplingParams(), eos_token_ids=[9])
+    ignoring = Request(1, [1, 2], 4, sampling_params=SamplingParams(ignore_eos=True), eos_token_ids=[9])
+    stops = Request(2, [1, 2], 4, sampling_params=SamplingParams(stop_token_ids=[5]), eos_token_ids=[9])
+    assert token_stop(plain, 9) and not token_stop(plain, 5)
+    assert not token_stop(ignoring, 9)
+    assert token_stop(stops, 5) and token_stop(stops, 9) and not token_stop(stops, 4)

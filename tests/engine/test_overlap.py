@@ -277,18 +277,6 @@ def test_a_stop_token_on_the_last_allowed_token_names_stop(tiny_llama_dir):
     assert outs[0] == outs[1] == (tokens[: k + 1], "stop")
 
 
-def test_token_stop_follows_eos_ignore_eos_and_stop_ids():
-    from kvsched.core.request import Request
-    from kvsched.engine.overlap import token_stop
-
-    plain = Request(0, [1, 2], 4, sampling_params=SamplingParams(), eos_token_ids=[9])
-    ignoring = Request(1, [1, 2], 4, sampling_params=SamplingParams(ignore_eos=True), eos_token_ids=[9])
-    stops = Request(2, [1, 2], 4, sampling_params=SamplingParams(stop_token_ids=[5]), eos_token_ids=[9])
-    assert token_stop(plain, 9) and not token_stop(plain, 5)
-    assert not token_stop(ignoring, 9)
-    assert token_stop(stops, 5) and token_stop(stops, 9) and not token_stop(stops, 4)
-
-
 def test_llm_generate_with_async_scheduling_keyword(tiny_llama_dir):
     from kvsched import LLM
 

@@ -39,13 +39,12 @@ from kvsched.engine.outputs import RequestOutput, StepOutput
 from kvsched.engine.overlap import OverlapLoop
 from kvsched.engine.parts import EngineParts, build_engine_parts
 from kvsched.engine.request_book import RequestBook
-from kvsched.engine.request_checks import check_priority
 from kvsched.engine.sampler import Sampler, SampleResult
 from kvsched.engine.spec_step import SpeculativeStep, make_speculator
 from kvsched.engine.step_faults import fail_requests, victims_of
 from kvsched.engine.step_profile import StepProfile
 
-__all__ = ["Engine", "check_priority"]  # check_priority: re-exported for callers of this module
+__all__ = ["Engine"]
 
 
 class Engine:

@@ -10,9 +10,10 @@ from tqdm import tqdm
 
 from kvsched.core.errors import InvalidRequestError
 from kvsched.core.request import SamplingParams
-from kvsched.engine.engine import Engine, check_priority
+from kvsched.engine.engine import Engine
 from kvsched.engine.engine_args import EngineArgs
 from kvsched.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvsched.engine.request_checks import check_priority
 
 __all__ = ["LLM", "RequestOutput", "CompletionOutput", "RequestMetrics"]
 

@@ -48,7 +48,7 @@ from kvsched.engine.step_faults import fail_requests, step_failed_message, victi
 if TYPE_CHECKING:
     from kvsched.engine.engine import Engine
 
-__all__ = ["PLACEHOLDER", "OverlapLoop", "token_stop"]
+__all__ = ["PLACEHOLDER", "OverlapLoop"]
 
 #: The token a step's update appends before the real one is known; never a valid id, so a forward
 #: that was not given the real token fails loudly (embedding index) instead of computing garbage.
