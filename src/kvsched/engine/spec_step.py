@@ -22,6 +22,7 @@ from kvsched.engine.speculative.speculator import Speculator
 
 __all__ = ["SpeculativeStep", "make_speculator"]
 
+
 def make_speculator(
     args: EngineArgs, parts: EngineParts, sampler: Sampler, params_of: ParamsOf
 ) -> Speculator | None:
