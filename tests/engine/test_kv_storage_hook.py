@@ -4,6 +4,7 @@ KV copies through it (no copy runs while a forward is in flight)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -69,6 +70,9 @@ def test_async_scheduling_copies_wait_for_the_forward_in_flight(tiny_llama_dir):
     def forward(batch, kv_storage):  # noqa: ANN001, ANN202
         running.set()
         try:
+            # Held open long enough that a copy made while it runs, unfenced, is seen every time
+            # (the tiny model's own forward is about a millisecond).
+            time.sleep(0.01)
             return model(batch, kv_storage)
         finally:
             running.clear()
