@@ -62,15 +62,19 @@ def test_mixed_batch_decodes_after_a_prefill_use_their_range():
 
 
 def test_decode_lengths_far_apart_are_split_with_bounded_padding():
-    lengths = [8] * 10 + [600] * 6
-    plan = att.AttentionPlan.build(_decode(lengths))
+    """Two clusters of uneven lengths: one group each, and each group's padded work (its members
+    padded to its longest, read from the group's own mask) within the bound."""
+    short, long = [8, 13, 21, 30, 40, 9, 17, 25, 33, 12], [500, 533, 560, 600, 517, 588]
+    plan = att.AttentionPlan.build(_decode(short + long))
     assert len(plan.groups) == 2
-    kv = sorted(lengths)
-    start = 0
-    for g in sorted(plan.groups, key=lambda g: g.num_seqs, reverse=True):
-        members = kv[start : start + g.num_seqs]
-        start += g.num_seqs
-        assert g.num_seqs * max(members) <= att._PAD_FACTOR * sum(members) + att._PAD_SLACK
+    clusters = []
+    for g in plan.groups:
+        kv = g.mask[:, 0, 0, :].sum(-1).tolist()  # a decode row attends to its whole length
+        length = g.mask.shape[-1]
+        assert len(kv) == g.num_seqs and length >= max(kv)
+        assert g.num_seqs * length <= att._PAD_FACTOR * sum(kv) + att._PAD_SLACK
+        clusters.append(sorted(kv))
+    assert sorted(clusters) == [sorted(short), sorted(long)]
 
 
 def test_interleaved_decode_group_uses_the_index_path():
