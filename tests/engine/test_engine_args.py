@@ -74,6 +74,7 @@ def test_required_integer_fields_refuse_none_and_non_integers(name, value):
 
 
 def test_optional_integer_fields_take_none():
+    """None is accepted (no ConfigError) and kept, not replaced by a default."""
     args = EngineArgs(max_lora_pages=None, draft_num_layers=None, draft_kv_bytes=None)
     assert args.max_lora_pages is args.draft_num_layers is args.draft_kv_bytes is None
     assert EngineArgs(lora_page_bytes=1).lora_page_bytes == 1

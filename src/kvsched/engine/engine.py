@@ -2,7 +2,8 @@
 
 The schedule → run → ``apply_step`` order is the core's :class:`~kvsched.core.loop.StepLoop`, shared
 with the simulator; this module supplies the runner (model forward + sampler) and what surrounds a step
-here: request intake, text and stop strings, metrics, KV events.
+here: metrics and KV events, with request intake in ``intake.py``, text and stop strings in
+``request_book.py``, speculative steps in ``spec_step.py`` and step faults in ``step_faults.py``.
 
 The scheduler allocates KV and may suspend requests to the host tier (``paused_requests``); the
 engine leaves those alone (no reset, no recompute) and counts them. Requests with bad input are

@@ -168,7 +168,7 @@ class EngineArgs:
             if mods and self.speculative is not None:
                 raise ConfigError("lora_modules with speculative decoding is not supported yet")
         self._check_int("max_lora_pages", low=0)
-        self._check_int("lora_page_bytes", optional=False)  # an int field: None is no page size
+        self._check_int("lora_page_bytes", optional=False)  # None refused: the field has an int default
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> EngineArgs:

@@ -27,7 +27,8 @@ def step_failed_message(exc: BaseException) -> str:
 def victims_of(
     exc: Exception, scheduled: SchedulerOutput | None, book: RequestBook
 ) -> tuple[list[Tracked], str] | None:
-    """The requests a fault of the synchronous step fails, and why; None if it is not the step's.
+    """The requests a step's fault fails, and why; None if it is not the step's (the synchronous
+    step, or async scheduling's schedule pass with ``scheduled=None``).
 
     A failed KV copy (:class:`KVTransferError`: nothing moved, no slot lost) fails the request whose
     suspend or resume needed it. An exception once the step was scheduled (forward pass, sampler,
