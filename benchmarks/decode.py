@@ -6,9 +6,9 @@ weights instead (``kvsched.engine.quant``). Printed, all in one run on the defau
 
 * decode tok/s of one request generating ``--max-tokens`` tokens (EOS ignored) through the engine, for
   fp32, fp32 with the prepacked linears off (``F.linear``), int8, int4, and HF ``generate`` on the
-  same GGUF as the baseline (``--no-hf`` skips it), with ratios. Measured, 64 tokens, 2 threads, idle:
-  fp32 29.2 tok/s, ``F.linear`` 18.9 (0.65x): the LM head and the fused projections gain at batch 1
-  even where one layer's projections alone do not (below);
+  same GGUF as the baseline (``--no-hf`` skips it), with ratios; every engine takes its turn in each
+  repetition, ``F.linear`` included. Measured with the defaults (128 tokens), 2 threads, idle: fp32
+  28.7 tok/s, ``F.linear`` 18.3 (0.64x);
 * a forward of ``--batch`` decoding sequences (fp32 vs int8 vs int4), since the kernel must not lose at
   batch;
 * the candidate kernels on one decoder layer's projections at batch 1 and ``--batch``, the engine's
@@ -47,27 +47,49 @@ def _engine(loaded: Any, max_batch_size: int) -> Any:
     return Engine(args, parts=build_engine_parts(args, loaded=loaded))
 
 
-def decode_tok_s(loaded: dict[str, Any], prompt: list[int], max_tokens: int, reps: int) -> dict:
+def decode_tok_s(
+    loaded: dict[str, Any],
+    prompt: list[int],
+    max_tokens: int,
+    reps: int,
+    unpacked: frozenset[str] = frozenset(),
+) -> dict:
     """Per model: the best of ``reps`` of output tokens after the first over the wall time after the
     first (TTFT excluded), and the same tokens per CPU second of this process (steadier on a busy
-    machine). The models take turns within each rep, so a change of machine load hits them alike."""
+    machine). The models take turns within each rep, so a change of machine load hits them alike.
+    The turns of the names in ``unpacked`` run with the prepacked linears off (``F.linear``); the
+    switch, and the repacking after it, happen before the untimed prefill of a turn."""
     from kvsched.core.request import SamplingParams
+    from kvsched.engine.model.packed import set_prepacking
 
     engines = {name: _engine(m, 1) for name, m in loaded.items()}
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     best = {name: (0.0, 0.0) for name in engines}
-    for _ in range(reps + 1):  # the first round warms up
-        for name, ex in engines.items():
-            rid = ex.add_request(prompt, params)
-            ex.step()  # the prefill and the first token
-            start, cpu = time.perf_counter(), time.process_time()
-            while ex.has_unfinished_requests():
-                ex.step()
-            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-            assert len(ex.pop_output(rid).outputs[0].token_ids) == max_tokens
-            wall, per_cpu = best[name]
-            best[name] = (max(wall, (max_tokens - 1) / seconds), max(per_cpu, (max_tokens - 1) / cpu))
+    previous = set_prepacking(True)
+    try:
+        for _ in range(reps + 1):  # the first round warms up
+            for name, ex in engines.items():
+                set_prepacking(name not in unpacked)
+                best[name] = _best(best[name], _decode_once(ex, prompt, params, max_tokens))
+    finally:
+        set_prepacking(previous)
     return best
+
+
+def _best(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    return max(a[0], b[0]), max(a[1], b[1])
+
+
+def _decode_once(ex: Any, prompt: list[int], params: Any, max_tokens: int) -> tuple[float, float]:
+    """One request: (tokens after the first per wall second, per CPU second), TTFT excluded."""
+    rid = ex.add_request(prompt, params)
+    ex.step()  # the prefill and the first token
+    start, cpu = time.perf_counter(), time.process_time()
+    while ex.has_unfinished_requests():
+        ex.step()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert len(ex.pop_output(rid).outputs[0].token_ids) == max_tokens
+    return (max_tokens - 1) / seconds, (max_tokens - 1) / cpu
 
 
 def greedy_outputs(loaded: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -224,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from kvsched.bench.prompts import chat_conversations
-    from kvsched.engine.model.packed import set_prepacking
     from kvsched.engine.quant import quantize_model
     from kvsched.engine.weights.loader import load_model
 
@@ -243,15 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{k} {weight_mb_per_token(m):.0f}" for k, m in models.items())
     )
 
-    speeds = decode_tok_s({k: (m, config, tok) for k, m in models.items()}, prompt, a.max_tokens, a.reps)
+    # fp32 a second time with the prepacked linears off (F.linear, MKL's sgemm), taking its turns
+    # beside the others: what prepacking gains end to end.
+    loaded = {k: (m, config, tok) for k, m in models.items()}
+    loaded = {"fp32": loaded["fp32"], "fp32 F.linear": loaded["fp32"], **loaded}
+    speeds = decode_tok_s(loaded, prompt, a.max_tokens, a.reps, unpacked=frozenset({"fp32 F.linear"}))
     rows = [(f"kvsched {k}", v) for k, v in speeds.items()]
-    # fp32 again with the prepacked linears off (F.linear, MKL's sgemm): what prepacking gains end to end.
-    previous = set_prepacking(False)
-    try:
-        plain = decode_tok_s({"fp32": (model, config, tok)}, prompt, a.max_tokens, a.reps)["fp32"]
-    finally:
-        set_prepacking(previous)
-    rows.insert(1, ("kvsched fp32 F.linear", plain))
     if not a.no_hf:
         try:
             rows.append(("HF generate fp32", hf_decode_tok_s(prompt, a.max_tokens)))
