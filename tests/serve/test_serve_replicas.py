@@ -343,3 +343,6 @@ def test_ray_serve_application_refuses_bad_flags() -> None:
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="bad kvsched.serve.ray_app arguments"):
         build_serve_app({"router": "random"})
+    # a server option is checked when the application is built, not on the Serve replica later
+    with pytest.raises(ConfigError, match="tenant"):
+        build_serve_app({"tenant_salt_header": "bad header"})

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import serve
 
 from kvsched.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kvsched.serve.app import ServerOptions
 
 DEFAULT_REPLICAS = 2
 
@@ -50,21 +53,18 @@ def parse_args(args: Mapping[str, Any]) -> argparse.Namespace:
         ns = parser.parse_args(["serve", *argv])
     except SystemExit:
         raise ConfigError(f"bad kvsched.serve.ray_app arguments {dict(args)!r} (flags {argv})") from None
-    if ns.replicas < 1:
-        raise ConfigError("replicas must be >= 1")
     return ns
 
 
-def _asgi_builder(ns: argparse.Namespace) -> Any:
+def _asgi_builder(ns: argparse.Namespace, options: ServerOptions) -> Any:
     """A function Serve calls on its replica to make the ASGI app (it starts the engine replicas)."""
 
     def build() -> Any:
         from kvsched.engine.engine_args import engine_args_from_namespace
         from kvsched.serve.app import build_app
-        from kvsched.serve.cli import served_name, server_options
+        from kvsched.serve.cli import served_name
         from kvsched.serve.replicas.flags import replicas_from_flags
 
-        options = server_options(ns)  # a bad flag fails before any replica starts
         engine_args = engine_args_from_namespace(ns)
         backend = replicas_from_flags(ns, engine_args)
         return build_app(backend, served_name(engine_args.model, ns.served_model_name), options)
@@ -78,11 +78,15 @@ class _Ingress:
 
 def build_app(args: Mapping[str, Any] | None = None) -> Any:
     """A Ray Serve ``Application`` (``serve.run(build_app({...}))`` or ``serve run ...:build_app k=v``)."""
+    from kvsched.serve.cli import server_options
     from kvsched.serve.replicas.flags import check_replica_flags
 
     ns = parse_args(args or {})
     check_replica_flags(ns)
-    ingress = serve.ingress(_asgi_builder(ns))(_Ingress)
+    # Here, not on the Serve replica: a bad flag fails at ``serve run`` as the others do (the API key
+    # is resolved from this process's environment).
+    options = server_options(ns)
+    ingress = serve.ingress(_asgi_builder(ns, options))(_Ingress)
     deployment = serve.deployment(name="kvsched", num_replicas=1, ray_actor_options={"num_cpus": 0})
     return deployment(ingress).bind()
 
