@@ -27,11 +27,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _cpu_s() -> float:
-    """CPU seconds of this process, all threads: less sensitive than wall time to a busy machine."""
-    return time.process_time()  # user + system time of every thread (getrusage RUSAGE_SELF)
-
-
 def _prompts(num: int) -> tuple[list[list[int]], tuple[int, ...]]:
     """The built-in chat prompts as token ids (chat template applied), and the EOS ids."""
     from kvsched.bench.prompts import chat_conversations
@@ -61,13 +56,13 @@ def run_kvsched(
     prof = llm.engine.profile
     if prof is not None:
         prof.reset()  # the warm-up step is not part of the figures
-    start, cpu0 = time.perf_counter(), _cpu_s()
+    start, cpu0 = time.perf_counter(), time.process_time()
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(max_tokens=max_tokens, temperature=0.0),
         use_tqdm=False,
     )
-    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
     tokens = [o.outputs[0].token_ids for o in outs]
     kv = llm.engine.kv.stats()
     extra = f"suspends={kv.num_suspends} resumes={kv.num_resumes} reuse_hit_rate={kv.reuse_hit_rate:.1%}"
@@ -97,7 +92,7 @@ def run_hf_static(
     batch = opts["batch_size"]
     pad = eos[0]
     tokens: list[list[int]] = []
-    start, cpu0 = time.perf_counter(), _cpu_s()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), batch):
         group = prompts[i : i + batch]
         width = max(len(p) for p in group)
@@ -111,7 +106,7 @@ def run_hf_static(
                 ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
             )
         tokens += [_trim(row[width:].tolist(), eos) for row in out]
-    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
     return {
         "tokens": tokens,
         "seconds": seconds,
@@ -132,9 +127,9 @@ def run_hf_cb(prompts: list[list[int]], max_tokens: int, eos: tuple[int, ...], o
     cb = ContinuousBatchingConfig(
         num_blocks=opts["num_blocks"], max_batch_tokens=opts["max_batch_tokens"], page_size=256
     )
-    start, cpu0 = time.perf_counter(), _cpu_s()
+    start, cpu0 = time.perf_counter(), time.process_time()
     result = model.generate_batch(prompts, generation_config=gen, continuous_batching_config=cb)
-    seconds, cpu = time.perf_counter() - start, _cpu_s() - cpu0
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
     outs = list(result.values())
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for o in outs:

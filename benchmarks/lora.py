@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import resource
 import tempfile
 import time
 import warnings
@@ -39,11 +38,6 @@ from kvsched.engine.parts import build_engine_parts
 from kvsched.engine.weights.hf import load_hf_folder
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def write_checkpoint(path: Path, hidden: int, layers: int, vocab: int) -> None:
@@ -128,7 +122,7 @@ def run_once(
     names = sorted(adapters)
     ex.add_request(prompts[0][:8], SamplingParams(max_tokens=2), lora_id=names[0] if names else None)
     ex.run()  # warm-up: first forward, first adapter copy
-    start, cpu0 = time.perf_counter(), _cpu_s()
+    start, cpu0 = time.perf_counter(), time.process_time()
     for i, p in enumerate(prompts):
         ex.add_request(p, sp, lora_id=names[i % len(names)] if names else None)
     produced = 0
@@ -137,7 +131,7 @@ def run_once(
             n = sum(len(o.new_token_ids) for o in ex.step())
             produced += n
             bar.update(n)
-    wall, cpu = time.perf_counter() - start, _cpu_s() - cpu0
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     return {"run": label, "tokens": produced, "tok_s": produced / wall, "cpu_ms_tok": 1e3 * cpu / produced}
 
 
