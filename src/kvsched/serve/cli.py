@@ -15,7 +15,7 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # as serve/guards.py (not imported:
 DEFAULT_MAX_TOKENS_CAP = 4096  # as serve/app.py
 
 
-def _count(minimum: int):  # noqa: ANN202 - an argparse type
+def count_type(minimum: int):  # noqa: ANN202 - an argparse type
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -52,14 +52,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-request-bytes",
-        type=_count(1),
+        type=count_type(1),
         default=DEFAULT_MAX_REQUEST_BYTES,
         metavar="N",
         help="larger request bodies get a 413, refused before they are read (default: 4 MiB)",
     )
     p.add_argument(
         "--max-tokens-cap",
-        type=_count(0),
+        type=count_type(0),
         default=DEFAULT_MAX_TOKENS_CAP,
         metavar="N",
         help="max_tokens is at most N: a larger or missing one is clamped (default: 4096; 0: only the "

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvsched.core.errors import ConfigError
-from kvsched.serve.cli import _count  # the serve flags' integer type (stdlib imports only)
+from kvsched.serve.cli import count_type  # the serve flags' integer type (stdlib imports only)
 
 #: As ``kvsched.core.routing.ROUTER_KINDS`` (not imported here: the parser stays light).
 ROUTER_CHOICES = ("round_robin", "least_loaded", "sticky", "kv_aware")
@@ -27,7 +27,7 @@ def add_replica_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine replicas (Ray; pip install 'kvsched[ray]')")
     g.add_argument(
         "--replicas",
-        type=_count(1),
+        type=count_type(1),
         default=1,
         metavar="N",
         help="engine replicas, each a Ray actor with its own KV pools (default 1: one engine in this "
