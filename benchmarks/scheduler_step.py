@@ -8,11 +8,11 @@ schedule and step update: the best step and the median step. Time is this thread
 
     python benchmarks/scheduler_step.py [--sizes 256 1024 4096 16384] [--steps 32] [--vllm-size 4096]
 
-When ``vllm`` is importable, the same decode-only work runs through vLLM v1's ``Scheduler``
+When ``vllm`` is importable, kvsched's unified scheduler runs again at the same size (first, before
+vLLM's import grows the process), then the same decode-only work through vLLM v1's ``Scheduler``
 (``schedule`` + ``update_from_output``, real KV cache manager, no prefix caching on either side, same
 block size, a fake ``ModelRunnerOutput`` of one token per request built once, as ``run`` builds its
-``sampled`` dict once), then kvsched's unified scheduler again at the same size, and both rows, the load
-average and the ratio vLLM / kvsched are printed; otherwise one line says it was skipped. vLLM needs no
+``sampled`` dict once), and both rows, the load average and the ratio vLLM / kvsched are printed; otherwise one line says it was skipped. vLLM needs no
 GPU and none of its compiled ops for this: install its wheel and the few small packages its scheduler's
 import chain needs into a folder of their own (never into this environment: vLLM pins a CUDA torch), e.g.
 
