@@ -24,24 +24,33 @@ def replica() -> EngineReplica:
     return EngineReplica(engine=tiny_engine(num_device_blocks=8, max_model_len=256))
 
 
-BAD = [
-    ([], GREEDY, InvalidRequestError),  # empty prompt
-    ([1, 10**6], GREEDY, InvalidRequestError),  # a token outside the vocabulary
-    ([1] * 250, SamplingParams(max_tokens=10), InvalidRequestError),  # beyond max_model_len
-    ([1] * 150, SamplingParams(max_tokens=10), RequestTooLargeError),  # more blocks than the pool
-    ([1, 2], SamplingParams(max_tokens=2, logprobs=10**6), InvalidRequestError),  # too many logprobs
+BAD = [  # token ids, sampling params, priority, cache salt, error
+    ([], GREEDY, 0, None, InvalidRequestError),  # empty prompt
+    ([1, 10**6], GREEDY, 0, None, InvalidRequestError),  # a token outside the vocabulary
+    ([1] * 250, SamplingParams(max_tokens=10), 0, None, InvalidRequestError),  # beyond max_model_len
+    ([1] * 150, SamplingParams(max_tokens=10), 0, None, RequestTooLargeError),  # more blocks than the pool
+    ([1, 2], SamplingParams(max_tokens=2, logprobs=10**6), 0, None, InvalidRequestError),  # too many logprobs
+    ([1, 2], GREEDY, True, None, InvalidRequestError),  # a bool is not a priority
+    ([1, 2], GREEDY, 0, "s", InvalidRequestError),  # a salt is an int
 ]
 
 
-@pytest.mark.parametrize(("token_ids", "params", "error"), BAD)
-def test_front_end_checks_raise_what_the_engine_raises(replica, token_ids, params, error) -> None:
+@pytest.mark.parametrize(("token_ids", "params", "priority", "salt", "error"), BAD)
+def test_front_end_checks_raise_what_the_engine_raises(
+    replica, token_ids, params, priority, salt, error
+) -> None:
     with pytest.raises(error) as engine_err:
-        replica.engine.add_request(token_ids, params, request_id="x")
+        replica.engine.add_request(token_ids, params, request_id="x", priority=priority, cache_salt=salt)
     with pytest.raises(error) as front_err:
-        check_request(replica.info(), token_ids, params, 0, None, None)
+        check_request(replica.info(), token_ids, params, priority, salt, None)
     assert type(front_err.value) is type(engine_err.value)
-    front = str(front_err.value)  # the same words; the engine's name the request when they are its own
+    front = str(front_err.value)  # the same words; the engine's messages may start with "request 'x': "
     assert str(engine_err.value) in (front, f"request 'x': {front}")
+
+
+def test_front_end_refuses_an_adapter_the_replica_does_not_have(replica) -> None:
+    with pytest.raises(InvalidRequestError, match="^unknown LoRA adapter 'nope'; loaded: \\[\\]$"):
+        check_request(replica.info(), [1, 2], GREEDY, 0, None, "nope")
 
 
 def test_replica_step_reply_carries_outputs_results_events_and_load(replica) -> None:
