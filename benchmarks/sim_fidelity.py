@@ -42,8 +42,8 @@ import argparse
 import numpy as np
 
 from kvsched.engine.gemm_timing import measure_gemm_profile
-from kvsched.sim.calibration import GemmProfile
-from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, fit_copy_cost
+from kvsched.sim.calibration import GemmProfile, fit_copy_cost
+from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel
 from kvsched.sim.simulator import Simulator
 from kvsched.sim.synthetic import LengthDist, synthetic_workload
 from sim_fidelity_engine import SCHED, EngineRun, latencies, make_engine, median_times, repeat, run_engine
@@ -88,11 +88,11 @@ def _predict(title: str, engs: list[EngineRun], clock: str, model: LinearCostMod
     ]
     print(f"  {title} ({len(specs)} requests):")
     print(f"  {'metric':16s} {'engine':>10s} {'simulated':>10s} {'error':>8s}")
+    errors = {name: (sv - e) / e for name, e, sv in rows if e}
     for name, e, sv in rows:
-        err = f"{(sv - e) / e:8.1%}" if e else f"{'-':>8s}"
+        err = f"{errors[name]:8.1%}" if name in errors else f"{'-':>8s}"
         print(f"  {name:16s} {e:10.4g} {sv:10.4g} {err}")
-    return title, [(s_ttft.mean() - e_ttft.mean()) / e_ttft.mean(), (s_tpot.mean() - e_tpot.mean()) / e_tpot.mean(),
-                   (sim.summary["duration_s"] - e_total) / e_total]  # fmt: skip
+    return title, [errors["mean TTFT (s)"], errors["mean TPOT (s)"], errors["total time (s)"]]
 
 
 def _copy_fit(runs: list[EngineRun], clock: str) -> tuple[float, float]:
@@ -113,7 +113,8 @@ def _copy_fit(runs: list[EngineRun], clock: str) -> tuple[float, float]:
 
 def _decode_by_batch(runs: list[EngineRun], clock: str, gemm: GemmProfile) -> None:
     """C's measured decode step time per batch size, and the GEMM profile's dense-layer time at that
-    many rows: a CPU GEMM is not monotone in M (batch 3 slower than 4 here), which a line cannot follow."""
+    many rows: a CPU GEMM is not monotone in M (measured here: batch 2 slower than 3 with the
+    prepacked linears, batch 3 slower than 4 with ``--no-prepack``), which a line cannot follow."""
     times = median_times(runs, clock)
     shapes, kinds = runs[0].shapes, runs[0].kinds
     parts = []
@@ -138,7 +139,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: CPU time = work)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each workload (interleaved)")
-    ap.add_argument("--save", default="", help="pickle the engine runs here (for offline analysis)")
     ap.add_argument(
         "--no-prepack",
         action="store_true",
@@ -168,11 +168,6 @@ def main() -> None:
         repeat(ex, target, engs)
         repeat(tight, calib_p, pcals)
         repeat(tight, pressure, prs)
-    if a.save:
-        import pickle
-
-        with open(a.save, "wb") as f:
-            pickle.dump({"A": cals, "B": engs, "P": pcals, "C": prs, "gemm": profiles}, f)
     for clock in ("cpu", "wall"):
         report(clock, {"A": cals, "B": engs, "P": pcals, "C": prs}, profiles, target, pressure)
 

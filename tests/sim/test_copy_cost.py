@@ -7,7 +7,8 @@ import pytest
 
 from kvsched.core.config import CacheConfig
 from kvsched.core.errors import ConfigError
-from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, RooflineCostModel, StepShape, fit_copy_cost
+from kvsched.sim.calibration import fit_copy_cost
+from kvsched.sim.cost import FEATURE_NAMES, LinearCostModel, RooflineCostModel, StepShape
 from kvsched.sim.hardware import GPU_PRESETS
 from kvsched.sim.models import MODEL_PRESETS
 from kvsched.sim.simulator import Simulator
